@@ -1,0 +1,148 @@
+"""An :class:`Average`: a named method with its per-tensor rules and accumulators.
+
+It decides, tensor by tensor, which method applies (rules, integer tensors),
+owns the :class:`~ckptavg.methods.Slot` of every tensor, and handles models
+that grow: a tensor seen for the first time starts its average at that
+checkpoint; one whose shape or dtype changes restarts (policy ``reset``, logged)
+or stops the run (policy ``error``). Counts are kept per tensor, so LAWA and
+SWA means stay right for tensors that joined late.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from .dtypes import is_averageable, short_name
+from .errors import TensorMismatchError, UsageError
+from .formats.refs import TensorRef
+from .methods import EMA, Latest, Method, Slot
+from .rules import Rule, match_rule
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Average", "ON_SHAPE_CHANGE"]
+
+ON_SHAPE_CHANGE = ("error", "reset")
+_LATEST = Latest()
+
+
+@dataclass
+class FoldRecord:
+    path: str
+    step: int | None
+    fingerprint: str
+    weight: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"path": self.path, "step": self.step, "fingerprint": self.fingerprint}
+        if self.weight is not None:
+            d["weight"] = self.weight
+        return d
+
+
+@dataclass
+class Average:
+    name: str
+    method: Method
+    rules: Sequence[Rule] = ()
+    accum_dtype: torch.dtype = torch.float32
+    on_shape_change: str = "error"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    slots: dict[str, Slot] = field(default_factory=dict)
+    folded: list[FoldRecord] = field(default_factory=list)
+    _rule_methods: dict[float, Method] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.on_shape_change not in ON_SHAPE_CHANGE:
+            raise UsageError(f"--on-shape-change must be one of {', '.join(ON_SHAPE_CHANGE)}, got {self.on_shape_change!r}")
+        if self.accum_dtype not in (torch.float32, torch.float64):
+            raise UsageError(f"--accum-dtype must be float32 or float64, got {short_name(self.accum_dtype)}")
+        self.device = torch.device(self.device)
+
+    # -- which method a tensor gets ------------------------------------------------
+    def method_for(self, name: str, dtype: torch.dtype) -> Method | None:
+        """The method for tensor ``name``, or None if a rule excludes it."""
+        rule = match_rule(self.rules, name)
+        if rule is not None and rule.action == "exclude":
+            return None
+        if not is_averageable(dtype) or (rule is not None and rule.action == "latest"):
+            return _LATEST
+        if rule is not None and rule.action == "ema":
+            assert rule.half_life is not None
+            if isinstance(self.method, EMA) and self.method.half_life == rule.half_life:
+                return self.method
+            return self._rule_methods.setdefault(rule.half_life, EMA(half_life=rule.half_life))
+        return self.method
+
+    def needs_steps(self) -> bool:
+        return self.method.needs_steps() or any(r.action == "ema" for r in self.rules)
+
+    # -- growth and shape checks ------------------------------------------------------
+    def check(self, ref: TensorRef, *, path: Any = None) -> bool:
+        """Check a tensor against its slot. True if its slot must restart (policy reset).
+
+        Raises :class:`TensorMismatchError` under policy ``error``. Never mutates.
+        """
+        slot = self.slots.get(ref.name)
+        if slot is None:
+            return False
+        if slot.shape == ref.shape and slot.dtype == ref.dtype:
+            return False
+        if ref.numel == 0 and slot.numel > 0:
+            what = f"is empty (shape {list(ref.shape)}) where earlier checkpoints had {list(slot.shape)}"
+            hint = "a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first"
+        elif slot.shape != ref.shape:
+            what = f"changed shape from {list(slot.shape)} to {list(ref.shape)}"
+            hint = "use --on-shape-change reset to restart its average (progressive training)"
+        else:
+            what = f"changed dtype from {short_name(slot.dtype)} to {short_name(ref.dtype)}"
+            hint = "use --on-shape-change reset to restart its average"
+        if self.on_shape_change == "error":
+            raise TensorMismatchError(what, path=path or ref.file, tensor=ref.name, hint=hint)
+        return True
+
+    def slot_for(self, ref: TensorRef, method: Method, *, path: Any = None) -> Slot:
+        """The slot of ``ref``, created (new tensor) or restarted (shape change, policy reset)."""
+        slot = self.slots.get(ref.name)
+        if slot is not None and self.check(ref, path=path):
+            log.warning("%s: tensor %r %s; its %s average restarts here",
+                        path or ref.file, ref.name,
+                        f"changed from {list(slot.shape)} {short_name(slot.dtype)} to {list(ref.shape)} {short_name(ref.dtype)}",
+                        self.name)
+            slot = None
+        if slot is None:
+            slot = method.new_slot(ref.shape, ref.dtype, self.accum_dtype, self.device)
+            self.slots[ref.name] = slot
+        else:
+            slot.dtype = ref.dtype
+        return slot
+
+    # -- results ---------------------------------------------------------------------
+    def result(self, name: str) -> torch.Tensor:
+        """The average of tensor ``name`` in its source dtype and shape."""
+        slot = self.slots[name]
+        method = self.method_for(name, slot.dtype)
+        assert method is not None
+        value = method.value(slot)
+        return value.to(slot.dtype).reshape(slot.shape)
+
+    def names(self) -> Iterator[str]:
+        return iter(self.slots)
+
+    def drop(self, name: str) -> None:
+        self.slots.pop(name, None)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "method": self.method.name,
+            "options": self.method.options(),
+            "reference": self.method.reference,
+            "rules": [str(r) for r in self.rules],
+            "accum_dtype": short_name(self.accum_dtype),
+            "on_shape_change": self.on_shape_change,
+        }

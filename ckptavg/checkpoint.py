@@ -1,0 +1,281 @@
+"""A checkpoint on disk: what format it is, which step, which tensors, and how to read them.
+
+:func:`open_checkpoint` recognises a checkpoint whichever way it was saved:
+
+* a folder with ``*.safetensors.index.json`` (sharded safetensors), ``model.safetensors``
+  (or a single ``*.safetensors``), ``pytorch_model.bin.index.json`` or
+  ``pytorch_model.bin`` / a single ``.pt``/``.pth``/``.ckpt``;
+* a file: ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt``, or an index.
+
+Opening reads headers only (pickles: a data-free ``meta`` load). Tensor bytes are
+read later, one tensor at a time, by :class:`CheckpointReader`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointNotFoundError, UnknownFormatError, UnsupportedCheckpointError
+from .fileio import FileCache, FileIdentity
+from .formats import pickle as pkl
+from .formats import safetensors as st
+from .formats.refs import TensorRef
+from .steps import step_from_name
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint", "PICKLE_SUFFIXES", "SIDE_FILES"]
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+# pickles of arbitrary objects written beside the weights: never unpickled
+SIDE_FILES = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "meta.pt", ".metadata"}
+_SIDE_PREFIXES = ("rng_state", "optimizer", "scheduler")
+
+
+def _is_side_file(name: str) -> bool:
+    return name in SIDE_FILES or name.startswith(_SIDE_PREFIXES)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint indexed from headers: tensors, step, fingerprint. Holds no tensor data."""
+
+    path: Path
+    format: str  # safetensors | safetensors-sharded | torch | torch-sharded | lightning
+    tensors: dict[str, TensorRef]
+    step: int | None
+    step_source: str
+    fingerprint: str
+    files: list[Path]
+    meta_dir: Path | None = None  # where config.json / tokenizer files live
+    weights_name: str = "model"
+    aliases: dict[str, str] = field(default_factory=dict)  # tied name -> stored name
+    metadata: dict[str, str] = field(default_factory=dict)
+    incomplete: str | None = None  # why the writer may not be done, or None
+    _pickles: list[pkl.PickleIndex] = field(default_factory=list, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def label(self) -> str:
+        return f"{self.path.name} (step {self.step})" if self.step is not None else self.path.name
+
+    def reader(self, files: FileCache | None = None) -> "CheckpointReader":
+        return CheckpointReader(self, files)
+
+    def with_step(self, step: int, source: str) -> "Checkpoint":
+        self.step, self.step_source = step, source
+        return self
+
+
+class CheckpointReader:
+    """Reads one tensor at a time into private CPU memory (never a memory map).
+
+    safetensors tensors are read with ``pread`` straight from their byte range; a
+    pickle file is loaded whole (with ``weights_only=True``) the first time one of
+    its tensors is asked for, and dropped when another file is needed.
+    """
+
+    def __init__(self, checkpoint: Checkpoint, files: FileCache | None = None) -> None:
+        self.checkpoint = checkpoint
+        self._own = files is None
+        self._files = files or FileCache()
+        self._loaded_file: Path | None = None
+        self._loaded: dict[str, torch.Tensor] = {}
+
+    def read(self, name: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        ref = self.checkpoint.tensors[name]
+        if ref.offset is not None:
+            raw = self._files.read(ref.file, ref.identity, ref.offset, ref.nbytes, out=out)
+            return raw.view(ref.dtype).reshape(ref.shape)
+        if self._loaded_file != ref.file:
+            self._loaded = {}
+            index = next(p for p in self.checkpoint._pickles if p.path == ref.file)
+            self._loaded = pkl.load_tensors(
+                ref.file, ref.identity, state_key=index.state_key,
+                key_of={n: r.key for n, r in index.tensors.items() if r.key is not None},
+            )
+            self._loaded_file = ref.file
+        t = self._loaded[name]
+        if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
+            raise UnknownFormatError("tensor differs from the file's index", path=ref.file, tensor=name)
+        return t.contiguous()
+
+    def release(self) -> None:
+        """Drop a loaded pickle (safetensors reads keep nothing)."""
+        self._loaded, self._loaded_file = {}, None
+
+    def close(self) -> None:
+        self.release()
+        if self._own:
+            self._files.close()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _combine(parts: list[str]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+    return h.hexdigest()[:32]
+
+
+def _trainer_step(folder: Path) -> int | None:
+    state = folder / "trainer_state.json"
+    try:
+        data = json.loads(state.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    step = data.get("global_step") if isinstance(data, dict) else None
+    return step if isinstance(step, int) else None
+
+
+def _from_safetensors(path: Path, kind: str, index_or_file: Path, meta_dir: Path | None, weights_name: str) -> Checkpoint:
+    if kind == "safetensors-sharded":
+        tensors, headers = st.index_sharded(index_or_file)
+    else:
+        tensors, headers = st.index_file(index_or_file)
+    metadata = headers[0].metadata or {} if len(headers) == 1 else {}
+    return Checkpoint(
+        path=path, format=kind, tensors=tensors, step=None, step_source="", files=[h.path for h in headers],
+        fingerprint=_combine([h.fingerprint for h in headers]), meta_dir=meta_dir, weights_name=weights_name,
+        metadata=dict(metadata),
+    )
+
+
+def _from_pickles(path: Path, kind: str, indexes: list[pkl.PickleIndex], meta_dir: Path | None) -> Checkpoint:
+    tensors: dict[str, TensorRef] = {}
+    aliases: dict[str, str] = {}
+    for idx in indexes:
+        for name, ref in idx.tensors.items():
+            if name in tensors:
+                raise UnknownFormatError("tensor appears in two shards", path=ref.file, tensor=name)
+            tensors[name] = ref
+        aliases.update(idx.aliases)
+    ckpt = Checkpoint(
+        path=path, format=kind, tensors=tensors, step=None, step_source="", files=[i.path for i in indexes],
+        fingerprint=_combine([i.fingerprint for i in indexes]), meta_dir=meta_dir, aliases=aliases,
+        _pickles=indexes,
+    )
+    if kind == "lightning" and indexes[0].global_step is not None:
+        ckpt.step, ckpt.step_source = indexes[0].global_step, "global_step in the .ckpt"
+    return ckpt
+
+
+def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, meta_dir: Path | None) -> Checkpoint:
+    name = path.name
+    if _is_side_file(name):
+        raise pkl.refuse_side_file(path)
+    if name.endswith(".safetensors.index.json"):
+        return _from_safetensors(path, "safetensors-sharded", path, meta_dir, name[: -len(".safetensors.index.json")])
+    if name.endswith(".bin.index.json") or name.endswith(".pt.index.json"):
+        idx = pkl.index_pickle_sharded(path, state_key=state_key, strip_prefix=strip_prefix)
+        return _from_pickles(path, "torch-sharded", idx, meta_dir)
+    if name.endswith(".safetensors"):
+        return _from_safetensors(path, "safetensors", path, meta_dir, "model")
+    if name.endswith(PICKLE_SUFFIXES):
+        idx = pkl.index_pickle(path, state_key=state_key, strip_prefix=strip_prefix)
+        return _from_pickles(path, "lightning" if name.endswith(".ckpt") else "torch", [idx], meta_dir)
+    # unknown suffix: sniff the first bytes
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK":
+        idx = pkl.index_pickle(path, state_key=state_key, strip_prefix=strip_prefix)
+        return _from_pickles(path, "torch", [idx], meta_dir)
+    if len(head) == 9 and head[8:9] == b"{":
+        return _from_safetensors(path, "safetensors", path, meta_dir, "model")
+    raise UnknownFormatError(
+        "not a checkpoint ckptavg can read",
+        path=path, hint="expected .safetensors, a *.safetensors.index.json, .pt/.pth/.bin or Lightning .ckpt",
+    )
+
+
+def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None) -> Checkpoint:
+    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    if (folder / ".metadata").exists() or any(n.endswith(".distcp") for n in entries):
+        raise UnsupportedCheckpointError(
+            "is a torch.distributed.checkpoint (DCP) folder, which this version cannot read "
+            "(its .metadata is a pickle and is never loaded)",
+            path=folder,
+            hint="convert it with `python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save` "
+            "or save with safetensors",
+        )
+    st_indexes = [n for n in entries if n.endswith(".safetensors.index.json")]
+    if st_indexes:
+        chosen = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]
+        if len(st_indexes) > 1 and chosen != "model.safetensors.index.json":
+            raise UnknownFormatError(f"holds several safetensors indexes ({', '.join(st_indexes)})", path=folder,
+                                     hint="pass the index file you want instead of the folder")
+        return _from_safetensors(folder, "safetensors-sharded", folder / chosen, folder, chosen[: -len(".safetensors.index.json")])
+    singles = [n for n in entries if n.endswith(".safetensors")]
+    if singles:
+        chosen = "model.safetensors" if "model.safetensors" in singles else (singles[0] if len(singles) == 1 else None)
+        if chosen is None:
+            raise UnknownFormatError(f"holds several .safetensors files and no index ({', '.join(singles)})", path=folder,
+                                     hint="pass the file you want instead of the folder")
+        return _from_safetensors(folder, "safetensors", folder / chosen, folder, chosen[: -len(".safetensors")])
+    bin_indexes = [n for n in entries if n.endswith((".bin.index.json", ".pt.index.json"))]
+    if bin_indexes:
+        idx = pkl.index_pickle_sharded(folder / bin_indexes[0], state_key=state_key, strip_prefix=strip_prefix)
+        return _from_pickles(folder, "torch-sharded", idx, folder)
+    pickles = [n for n in entries if n.endswith(PICKLE_SUFFIXES) and not _is_side_file(n) and (folder / n).is_file()]
+    if pickles:
+        chosen = "pytorch_model.bin" if "pytorch_model.bin" in pickles else (pickles[0] if len(pickles) == 1 else None)
+        if chosen is None:
+            raise UnknownFormatError(f"holds several checkpoint files ({', '.join(pickles)})", path=folder,
+                                     hint="pass the file you want, or the run folder with --last N")
+        ckpt = _open_file(folder / chosen, state_key=state_key, strip_prefix=strip_prefix, meta_dir=folder)
+        ckpt.path = folder
+        return ckpt
+    subdirs = [n for n in entries if (folder / n).is_dir()]
+    hint = "this looks like a run folder: pass it with --last N, or pass the checkpoints themselves" if subdirs else None
+    raise CheckpointNotFoundError("holds no model weights (.safetensors, .bin, .pt, .pth or .ckpt)", path=folder, hint=hint)
+
+
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    step: int | None = None,
+    state_key: str | None = None,
+    strip_prefix: str | None = None,
+) -> Checkpoint:
+    """Index the checkpoint at ``path`` (a folder or a file) from headers only."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError("no such file or folder", path=path)
+    if path.is_dir():
+        ckpt = _open_folder(path, state_key=state_key, strip_prefix=strip_prefix)
+    else:
+        meta_dir = path.parent if (path.parent / "config.json").is_file() and path.name.startswith(("model", "pytorch_model")) else None
+        ckpt = _open_file(path, state_key=state_key, strip_prefix=strip_prefix, meta_dir=meta_dir)
+    if not ckpt.tensors:
+        raise CheckpointNotFoundError("holds no tensors", path=path)
+    if step is not None:
+        ckpt.step, ckpt.step_source = step, "given"
+    else:
+        named = step_from_name(path)
+        folder = path if path.is_dir() else path.parent
+        if named is not None:
+            ckpt.step, ckpt.step_source = named, "name"
+        elif ckpt.step is None and (s := _trainer_step(folder)) is not None:
+            ckpt.step, ckpt.step_source = s, "trainer_state.json"
+    if path.is_dir() and step_from_name(path.name) is not None and path.name.lower().startswith("checkpoint"):
+        if not (path / "trainer_state.json").exists():
+            ckpt.incomplete = "trainer_state.json not written yet (HF Trainer writes it last)"
+    return ckpt
+
+
+

@@ -1,0 +1,143 @@
+"""Finding the checkpoints of a run folder.
+
+A run folder (a Trainer's ``output_dir``, a Lightning ``checkpoints/`` folder, a
+plain loop's save folder) is walked a few levels deep. A candidate is a folder
+or weight file whose name carries a step (``checkpoint-500``, ``step_500.pt``,
+``epoch=1-step=500.ckpt``). Staging names that writers use before the final
+rename are ignored (``tmp-checkpoint-*``, ``*.tmp``, ``*.orbax-checkpoint-tmp-*``,
+``.metadata.tmp``, dotfiles). Symbolic links are followed only inside the root,
+each file or folder is taken once (by ``(st_dev, st_ino)``, so ``last.ckpt`` →
+``epoch=3-step=900.ckpt`` is one checkpoint), and a directory loop cannot hang
+the walk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint, _is_side_file, open_checkpoint
+from .errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
+from .steps import step_from_name
+
+log = logging.getLogger(__name__)
+
+__all__ = ["is_noise", "find_candidates", "latest_complete"]
+
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+
+
+def is_noise(name: str) -> bool:
+    """Names that writers use while a checkpoint is not final yet, and hidden files."""
+    return (
+        name.startswith(".")
+        or name.startswith("tmp-checkpoint")
+        or name.endswith((".tmp", ".partial", ".incomplete"))
+        or ".orbax-checkpoint-tmp" in name
+        or ".ckptavg-tmp-" in name
+    )
+
+
+def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
+    """Every path under ``root`` that names a step and may hold a checkpoint, sorted by step."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointNotFoundError("run folder not found", path=root)
+    real_root = root.resolve()
+    seen: set[tuple[int, int]] = set()
+    found: list[tuple[int, Path]] = []
+
+    def inside(p: Path) -> bool:
+        try:
+            real = p.resolve()
+        except (OSError, RuntimeError):  # symlink loop
+            return False
+        return real == real_root or real_root in real.parents
+
+    def visit(folder: Path, depth: int) -> None:
+        try:
+            st = folder.stat()
+        except OSError:
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            return
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as e:
+            log.warning("cannot list %s: %s", folder, e.strerror)
+            return
+        for entry in entries:
+            if is_noise(entry.name):
+                continue
+            path = Path(entry.path)
+            if entry.is_symlink() and not inside(path):
+                log.warning("security: %s links outside %s; not followed", path, root)
+                continue
+            try:
+                is_dir = entry.is_dir()
+                st_e = entry.stat()
+            except OSError:
+                continue
+            step = step_from_name(entry.name)
+            if is_dir:
+                if step is not None and _holds_weights(path):
+                    if (st_e.st_dev, st_e.st_ino) not in seen:
+                        seen.add((st_e.st_dev, st_e.st_ino))
+                        found.append((step, path))
+                elif depth < max_depth:
+                    visit(path, depth + 1)
+            elif step is not None and entry.name.endswith(WEIGHT_SUFFIXES) and not _is_side_file(entry.name):
+                key_e = (st_e.st_dev, st_e.st_ino)
+                if key_e in seen:
+                    log.info("%s is the same file as one already found; taken once", path)
+                    continue
+                seen.add(key_e)
+                found.append((step, path))
+
+    visit(root, 0)
+    found.sort(key=lambda t: (t[0], str(t[1])))
+    return [p for _, p in found]
+
+
+def _holds_weights(folder: Path) -> bool:
+    try:
+        return any(
+            not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")) and not _is_side_file(n)
+            for n in os.listdir(folder)
+        )
+    except OSError:
+        return False
+
+
+def latest_complete(root: Path, n: int, **open_options: object) -> list[Checkpoint]:
+    """The newest ``n`` complete checkpoints of a run folder, oldest first.
+
+    Incomplete ones (still being written: a missing shard, a truncated file, no
+    ``trainer_state.json`` yet) are skipped with a warning.
+    """
+    chosen: list[Checkpoint] = []
+    for path in reversed(find_candidates(root)):
+        try:
+            ckpt = open_checkpoint(path, **open_options)  # type: ignore[arg-type]
+        except IncompleteCheckpointError as e:
+            log.warning("skipping incomplete checkpoint: %s", e)
+            continue
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", path, e)
+            continue
+        if ckpt.incomplete:
+            log.warning("skipping %s: %s", path, ckpt.incomplete)
+            continue
+        if chosen and chosen[-1].step == ckpt.step:
+            log.warning("skipping %s: same step %s as %s", path, ckpt.step, chosen[-1].path)
+            continue
+        chosen.append(ckpt)
+        if len(chosen) == n:
+            break
+    if not chosen:
+        raise CheckpointNotFoundError("no complete checkpoint with a step in its name was found", path=root,
+                                      hint="expected checkpoint-<N>/, step-<N>, epoch=E-step=N.ckpt ...")
+    return list(reversed(chosen))

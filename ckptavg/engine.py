@@ -1,0 +1,493 @@
+"""The streaming fold: read each tensor once, fold it into every average.
+
+Two schedules share one per-tensor fold (:meth:`Engine._fold_tensor`), so they
+produce bit-identical averages:
+
+* **checkpoint-major** (:meth:`Engine.fold`): one checkpoint into long-lived
+  accumulators — the daemon's mode, and the one-shot mode for pickles (which
+  can only be read a whole file at a time). Memory: the accumulators plus the
+  staging window.
+* **tensor-major** (:meth:`Engine.average`): for each tensor, its value in every
+  input checkpoint, then the finished average goes to the writer and its
+  accumulators are freed — the one-shot mode for safetensors. Memory: one
+  tensor's accumulators plus the staging window, whatever the model size or
+  the number of checkpoints.
+
+A reader thread stays ahead of the arithmetic by at most ``staging_bytes``.
+On CUDA, tensors are read into pinned chunks and copied to the device with
+non-blocking copies on a side stream, overlapped with the next read and with
+the fold kernels on the main stream. Casting to the accumulator dtype goes
+through small reused scratch chunks (``chunk_elems``), never a whole-tensor
+copy.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+
+from .average import Average, FoldRecord
+from .checkpoint import Checkpoint, CheckpointReader
+from .errors import CkptavgError, NonFiniteError, StepError, TensorMismatchError, UsageError
+from .fileio import FileCache
+from .formats.refs import TensorRef
+from .methods import FoldInfo, Latest, Method, Plan, Slot
+from .progress import Progress
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Engine", "resolve_device"]
+
+DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of fp32 scratch: stays in cache
+DEFAULT_STAGING_BYTES = 256 << 20
+_PIN_CHUNK_BYTES = 16 << 20
+
+
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``."""
+    if spec is None or str(spec) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec}: CUDA is not available on this machine", hint="use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class _Job:
+    average: Average
+    method: Method
+    slot: Slot
+    plan: Plan
+
+
+@dataclass
+class _Request:
+    ckpt_index: int
+    name: str
+    nbytes: int
+
+
+class _Prefetcher:
+    """Runs ``load`` over ``requests`` in a thread, at most ``max_bytes`` ahead of the consumer."""
+
+    _DONE = object()
+
+    def __init__(self, requests: Iterable[_Request], load: Callable[[_Request], Any], max_bytes: int) -> None:
+        self._requests = requests
+        self._load = load
+        self._max = max_bytes
+        self._inflight = 0
+        self._cond = threading.Condition()
+        self._queue: queue.Queue = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ckptavg-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for req in self._requests:
+                with self._cond:
+                    while self._inflight > 0 and self._inflight + req.nbytes > self._max and not self._stop.is_set():
+                        self._cond.wait(0.5)
+                    if self._stop.is_set():
+                        return
+                    self._inflight += req.nbytes
+                self._queue.put((req, self._load(req)))
+            self._queue.put((None, self._DONE))
+        except BaseException as e:  # handed to the consumer, raised there
+            self._queue.put((None, e))
+
+    def __iter__(self) -> Iterator[tuple[_Request, Any]]:
+        while True:
+            req, item = self._queue.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            try:
+                yield req, item
+            finally:
+                with self._cond:
+                    self._inflight -= req.nbytes
+                    self._cond.notify()
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on nothing; drop staged tensors
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+
+
+class Engine:
+    """Streams checkpoint tensors into averages. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        device: str | torch.device | None = "cpu",
+        chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        staging_bytes: int = DEFAULT_STAGING_BYTES,
+        check_finite: bool = True,
+        progress: Progress | None = None,
+    ) -> None:
+        self.device = resolve_device(device)
+        self.chunk_elems = int(chunk_elems)
+        self.staging_bytes = int(staging_bytes)
+        self.check_finite = check_finite
+        self.progress = progress or Progress()
+        self.files = FileCache()
+        self._scratch: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._cuda = self.device.type == "cuda"
+        if self._cuda:
+            self._side = torch.cuda.Stream(device=self.device)
+            self._pinned = [torch.empty(_PIN_CHUNK_BYTES, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            self._pin_events = [torch.cuda.Event() for _ in range(2)]
+            self._pin_next = 0
+
+    def close(self) -> None:
+        self.files.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- staging ------------------------------------------------------------------------
+    def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int) -> torch.Tensor:
+        key = (dtype, slot)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, min(self.chunk_elems, 1 << 16)), dtype=dtype, device=self.device)
+            self._scratch[key] = buf
+        return buf[:n]
+
+    def _load(self, reader: CheckpointReader, name: str) -> tuple[torch.Tensor, Any]:
+        """Read one tensor and stage it on the engine's device. Runs in the prefetch thread."""
+        ref = reader.checkpoint.tensors[name]
+        if not self._cuda:
+            return reader.read(name), None
+        if ref.offset is None:  # pickle: already in memory after the file load
+            with torch.cuda.stream(self._side):
+                dev = reader.read(name).to(self.device, non_blocking=False)
+                done = torch.cuda.Event()
+                done.record(self._side)
+            return dev, done
+        with torch.cuda.stream(self._side):
+            dev = torch.empty(ref.nbytes, dtype=torch.uint8, device=self.device)
+            for off in range(0, ref.nbytes, _PIN_CHUNK_BYTES):
+                n = min(_PIN_CHUNK_BYTES, ref.nbytes - off)
+                i = self._pin_next
+                self._pin_next ^= 1
+                self._pin_events[i].synchronize()  # the copy out of this buffer has finished
+                buf = self._pinned[i][:n]
+                self.files.read(ref.file, ref.identity, ref.offset + off, n, out=buf)
+                dev[off : off + n].copy_(buf, non_blocking=True)
+                self._pin_events[i].record(self._side)
+            done = torch.cuda.Event()
+            done.record(self._side)
+        return dev.view(ref.dtype).reshape(ref.shape), done
+
+    def _ready(self, staged: tuple[torch.Tensor, Any]) -> torch.Tensor:
+        x, done = staged
+        if done is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(done)
+            x.record_stream(stream)
+        return x
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device)
+
+    # -- the per-tensor fold ------------------------------------------------------------
+    def _jobs(self, ref: TensorRef, averages: Sequence[Average], info: FoldInfo, path: Any) -> list[_Job]:
+        jobs = []
+        for avg in averages:
+            method = avg.method_for(ref.name, ref.dtype)
+            if method is None or not avg.method.accepts(info.step):
+                continue
+            slot = avg.slot_for(ref, method, path=path)
+            jobs.append(_Job(avg, method, slot, method.prepare(slot, info)))
+        return jobs
+
+    def _fold_tensor(
+        self,
+        x: torch.Tensor,
+        jobs: Sequence[_Job],
+        info: FoldInfo,
+        read_old: Callable[[Hashable, Slot], torch.Tensor],
+    ) -> None:
+        if not jobs:
+            return
+        flat = x.reshape(-1)
+        n = flat.numel()
+        olds = {id(j): read_old(j.plan.old, j.slot).reshape(-1) for j in jobs if j.plan.old is not None}
+        floats = [j for j in jobs if not isinstance(j.method, Latest)]
+        acc_dtypes = {j.average.accum_dtype for j in floats}
+        for lo in range(0, n, self.chunk_elems):
+            hi = min(lo + self.chunk_elems, n)
+            raw = flat[lo:hi]
+            cast = {dt: self._scratch_chunk(0, dt, hi - lo).copy_(raw) for dt in acc_dtypes}
+            for j in jobs:
+                if isinstance(j.method, Latest):
+                    j.method.apply(j.slot, j.plan, raw, None, lo, hi, raw)
+                    continue
+                dt = j.average.accum_dtype
+                old = None
+                if j.plan.old is not None:
+                    old = self._scratch_chunk(2, dt, hi - lo).copy_(olds[id(j)][lo:hi])
+                j.method.apply(j.slot, j.plan, cast[dt], old, lo, hi, self._scratch_chunk(1, dt, hi - lo))
+        for j in jobs:
+            j.method.commit(j.slot, j.plan, info)
+
+    # -- checkpoint-major -----------------------------------------------------------------
+    def fold(
+        self,
+        ckpt: Checkpoint,
+        averages: Sequence[Average],
+        *,
+        ident: Hashable,
+        weight: float = 1.0,
+        history: Mapping[Hashable, Checkpoint] | Callable[[Hashable], Checkpoint] | None = None,
+    ) -> int:
+        """Fold one checkpoint into every average that accepts its step. Returns bytes read.
+
+        Shapes and dtypes are checked against every average before any tensor is
+        read. ``ident`` names this checkpoint uniquely within the run (its step, or
+        its position); ``history`` maps the ``ident`` of earlier checkpoints to
+        themselves (LAWA reads the member leaving its window).
+        """
+        info = FoldInfo(ident=ident, step=ckpt.step, weight=weight)
+        _check_steps([ckpt], averages)
+        accepting = [a for a in averages if a.method.accepts(ckpt.step)]
+        for avg in accepting:
+            for ref in ckpt.tensors.values():
+                if avg.method_for(ref.name, ref.dtype) is not None:
+                    avg.check(ref, path=ckpt.path)
+        get_old = _history_lookup(history)
+        old_readers: dict[Hashable, CheckpointReader] = {}
+
+        def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
+            reader = old_readers.get(old_ident)
+            if reader is None:
+                reader = old_readers[old_ident] = get_old(old_ident).reader(self.files)
+            return self._to_device(_read_matching(reader, current_name, slot))
+
+        reader = ckpt.reader(self.files)
+        requests = [_Request(0, name, ref.nbytes) for name, ref in ckpt.tensors.items()]
+        stream = _Prefetcher(requests, lambda r: self._load(reader, r.name), self.staging_bytes)
+        start = time.perf_counter()
+        total = 0
+        try:
+            for req, staged in stream:
+                current_name = req.name
+                ref = ckpt.tensors[req.name]
+                x = self._ready(staged)
+                if self.check_finite and ref.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+                    raise NonFiniteError("holds NaN or Inf values; the checkpoint is not folded", path=ref.file, tensor=ref.name,
+                                         hint="pass --allow-nonfinite to average it anyway")
+                self._fold_tensor(x, self._jobs(ref, accepting, info, ckpt.path), info, read_old)
+                total += ref.nbytes
+                self.progress.advance(ref.nbytes)
+        finally:
+            stream.close()
+            reader.release()
+            for r in old_readers.values():
+                r.release()
+        for avg in accepting:
+            avg.folded.append(FoldRecord(str(ckpt.path), ckpt.step, ckpt.fingerprint, weight if avg.method.options().get("weighted") else None))
+        self.progress.checkpoint_done(ckpt, total, time.perf_counter() - start)
+        return total
+
+    # -- tensor-major ---------------------------------------------------------------------
+    def average(
+        self,
+        ckpts: Sequence[Checkpoint],
+        averages: Sequence[Average],
+        emit: Callable[[Average, str, torch.Tensor], None],
+        *,
+        weights: Sequence[float] | None = None,
+    ) -> None:
+        """Average ``ckpts`` (in step order) tensor by tensor; ``emit(average, name, tensor)``
+        receives each finished tensor (on CPU, source dtype) in :func:`output_order`."""
+        if weights is not None and len(weights) != len(ckpts):
+            raise UsageError(f"--weights has {len(weights)} values for {len(ckpts)} checkpoints")
+        _check_steps(ckpts, averages)
+        validate_sequence(ckpts, averages)
+        idents = list(range(len(ckpts)))  # position in the run: headers of a run's checkpoints are often identical
+        by_ident = dict(zip(idents, ckpts))
+        infos = [FoldInfo(ident=i, step=c.step, weight=1.0 if weights is None else float(weights[k]))
+                 for k, (i, c) in enumerate(zip(idents, ckpts))]
+        names = output_order(ckpts)
+        requests = [_Request(k, name, c.tensors[name].nbytes) for name in names for k, c in enumerate(ckpts) if name in c.tensors]
+        readers = [c.reader(self.files) for c in ckpts]
+        remaining = [len(c.tensors) for c in ckpts]
+        read_bytes = [0] * len(ckpts)
+        started = time.perf_counter()
+        old_readers: dict[Hashable, CheckpointReader] = {}
+
+        def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
+            reader = old_readers.get(old_ident)
+            if reader is None:
+                reader = old_readers[old_ident] = by_ident[old_ident].reader(self.files)
+            return self._to_device(_read_matching(reader, current_name, slot))
+
+        stream = _Prefetcher(requests, lambda r: self._load(readers[r.ckpt_index], r.name), self.staging_bytes)
+        pending = {name: sum(1 for c in ckpts if name in c.tensors) for name in names}
+        try:
+            for req, staged in stream:
+                current_name = req.name
+                ckpt = ckpts[req.ckpt_index]
+                ref = ckpt.tensors[req.name]
+                x = self._ready(staged)
+                self._fold_tensor(x, self._jobs(ref, averages, infos[req.ckpt_index], ckpt.path), infos[req.ckpt_index], read_old)
+                del x, staged
+                self.progress.advance(ref.nbytes)
+                read_bytes[req.ckpt_index] += ref.nbytes
+                remaining[req.ckpt_index] -= 1
+                if remaining[req.ckpt_index] == 0:
+                    self.progress.checkpoint_done(ckpt, read_bytes[req.ckpt_index], time.perf_counter() - started)
+                pending[req.name] -= 1
+                if pending[req.name] == 0:
+                    self._finish_tensor(req.name, ckpts, averages, emit)
+        finally:
+            stream.close()
+            for r in [*readers, *old_readers.values()]:
+                r.release()
+        for avg in averages:
+            for c, info in zip(ckpts, infos):
+                if avg.method.accepts(c.step):
+                    avg.folded.append(FoldRecord(str(c.path), c.step, c.fingerprint, info.weight if weights is not None else None))
+
+    def _finish_tensor(self, name: str, ckpts: Sequence[Checkpoint], averages: Sequence[Average],
+                       emit: Callable[[Average, str, torch.Tensor], None]) -> None:
+        for avg in averages:
+            if name not in avg.slots:
+                continue
+            value = avg.result(name)
+            if self.check_finite and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+                raise self._find_nonfinite(name, ckpts, avg)
+            emit(avg, name, value.cpu())
+            avg.drop(name)
+
+    def _find_nonfinite(self, name: str, ckpts: Sequence[Checkpoint], avg: Average) -> CkptavgError:
+        """Name the input that poisoned ``name`` (only runs when something did)."""
+        for c in ckpts:
+            if name in c.tensors and avg.method.accepts(c.step):
+                with c.reader() as r:
+                    if not bool(torch.isfinite(r.read(name)).all()):
+                        return NonFiniteError("holds NaN or Inf values", path=c.tensors[name].file, tensor=name,
+                                              hint="drop this checkpoint, or pass --allow-nonfinite to average it anyway")
+        return NonFiniteError(f"the {avg.name} average overflowed to Inf/NaN", tensor=name,
+                              hint="use --accum-dtype float64")
+
+
+def _history_lookup(history: Any) -> Callable[[Hashable], Checkpoint]:
+    if history is None:
+        def missing(ident: Hashable) -> Checkpoint:
+            raise UsageError(f"LAWA needs checkpoint {ident!r}, which is no longer available")
+        return missing
+    if callable(history):
+        return history
+    return lambda ident: history[ident]
+
+
+def _read_matching(reader: CheckpointReader, name: str, slot: Slot) -> torch.Tensor:
+    ckpt = reader.checkpoint
+    ref = ckpt.tensors.get(name)
+    if ref is None or ref.shape != slot.shape:
+        raise TensorMismatchError("the checkpoint leaving the LAWA window no longer matches this tensor",
+                                  path=ckpt.path, tensor=name)
+    return reader.read(name)
+
+
+def output_order(ckpts: Sequence[Checkpoint]) -> list[str]:
+    """Tensor order of the outputs: the newest checkpoint's order, then tensors only older ones have."""
+    names: dict[str, None] = {}
+    for c in reversed(ckpts):
+        for name in c.tensors:
+            names.setdefault(name, None)
+    return list(names)
+
+
+def _check_steps(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) -> None:
+    for avg in averages:
+        if avg.needs_steps():
+            for c in ckpts:
+                if c.step is None:
+                    raise StepError(
+                        f"the {avg.name} average needs training steps, and no step could be read from this name",
+                        path=c.path, hint="name checkpoints like checkpoint-<N> or step-<N>, or pass --steps",
+                    )
+
+
+def validate_sequence(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) -> None:
+    """Check, from the indexes alone, that the checkpoints can be folded in this order.
+
+    Raises before any tensor is read: steps out of order or repeated, and (policy
+    ``error``) tensors that change shape or dtype.
+    """
+    steps = [c.step for c in ckpts]
+    if all(s is not None for s in steps):
+        for a, b in zip(ckpts, ckpts[1:]):
+            if b.step <= a.step:  # type: ignore[operator]
+                raise StepError(f"step {b.step} comes after step {a.step} ({a.path}); steps must increase",
+                                path=b.path, hint="two inputs have the same step? pass --steps")
+    for avg in averages:
+        if avg.on_shape_change != "error":
+            continue
+        seen: dict[str, tuple[TensorRef, Checkpoint]] = {}
+        for c in ckpts:
+            if not avg.method.accepts(c.step):
+                continue
+            for ref in c.tensors.values():
+                if avg.method_for(ref.name, ref.dtype) is None:
+                    continue
+                prev = seen.get(ref.name)
+                if prev is not None and (prev[0].shape != ref.shape or prev[0].dtype != ref.dtype):
+                    p = prev[0]
+                    raise TensorMismatchError(
+                        f"is {list(ref.shape)} {str(ref.dtype)[6:]} here but {list(p.shape)} {str(p.dtype)[6:]} in {prev[1].path}",
+                        path=c.path, tensor=ref.name,
+                        hint="a ZeRO-3 placeholder? consolidate first" if ref.numel == 0
+                        else "use --on-shape-change reset to restart its average",
+                    )
+                if ref.shape == (0,) and ref.dtype.is_floating_point:
+                    raise TensorMismatchError(
+                        "is empty (shape [0])", path=c.path, tensor=ref.name,
+                        hint="a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first",
+                    )
+                seen[ref.name] = (ref, c)
+
+
+def expected_outputs(ckpts: Sequence[Checkpoint], avg: Average) -> list[TensorRef]:
+    """The tensors ``avg`` will produce from ``ckpts``, in :func:`output_order`, each as the
+    ref of the newest checkpoint that it was folded from (its output shape and dtype)."""
+    last: dict[str, TensorRef] = {}
+    for c in ckpts:
+        if not avg.method.accepts(c.step):
+            continue
+        for ref in c.tensors.values():
+            if avg.method_for(ref.name, ref.dtype) is not None:
+                last[ref.name] = ref
+    return [last[name] for name in output_order(ckpts) if name in last]

@@ -1,0 +1,237 @@
+"""Write an average as a model folder that ``from_pretrained`` and ``safetensors`` load.
+
+The folder holds sharded safetensors (``model-00001-of-0000N.safetensors`` plus
+``model.safetensors.index.json``, or a single ``model.safetensors``), each
+tensor in its source dtype; the config, tokenizer and generation files of the
+newest input; a ``README.md`` model card; and ``ckptavg.json`` provenance.
+
+Shards are written as a stream: the layout of every shard is planned from the
+inputs' headers, so each shard's header is written first and each tensor's
+bytes are appended as soon as its average is finished. Only one tensor is
+ever held for writing (``safetensors.torch.save_file`` would need every tensor
+of a shard in memory at once). The folder is built in a temporary sibling,
+fsynced and renamed into place (:class:`~ckptavg.atomic.AtomicDir`).
+
+Tied weights: a pickle that stores one tensor under two names (``lm_head.weight``
+sharing ``embed_tokens.weight``) is averaged once and written once, as
+safetensors requires; the alias is recorded in the shard metadata and in
+``ckptavg.json``, and ``from_pretrained`` re-ties it from the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Sequence
+
+import torch
+
+from . import __version__
+from .average import Average
+from .checkpoint import PICKLE_SUFFIXES, Checkpoint
+from .dtypes import TORCH_TO_SAFETENSORS, short_name
+from .errors import OutputError
+from .formats.refs import TensorRef
+from .units import format_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ModelWriter", "plan_shards", "DEFAULT_SHARD_BYTES", "copy_meta_files"]
+
+DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+
+# never copied from an input folder: weights, trainer state, pickles, our own outputs
+_SKIP_SUFFIXES = (".safetensors", ".distcp", ".index.json", ".tmp", *PICKLE_SUFFIXES)
+_SKIP_NAMES = {"trainer_state.json", "README.md", "ckptavg.json", ".metadata", "latest"}
+_SKIP_PREFIXES = ("rng_state", "optimizer", "scheduler", "training_args", ".")
+
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def plan_shards(refs: Sequence[TensorRef], max_bytes: int) -> list[list[_Entry]]:
+    """Split tensors, in order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
+    shards: list[list[_Entry]] = [[]]
+    size = 0
+    for ref in refs:
+        if shards[-1] and size + ref.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(_Entry(ref.name, ref.dtype, ref.shape, ref.nbytes))
+        size += ref.nbytes
+    return shards if shards[0] else []
+
+
+class _ShardFile:
+    """One safetensors file written as a stream: header first, then tensors in planned order."""
+
+    def __init__(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> None:
+        self.path = path
+        self.entries = entries
+        self.next = 0
+        header: dict[str, Any] = {"__metadata__": metadata}
+        offset = 0
+        for e in entries:
+            header[e.name] = {"dtype": TORCH_TO_SAFETENSORS[e.dtype], "shape": list(e.shape),
+                              "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(len(raw)) % 8)  # 8-byte alignment of the data section, as safetensors writes
+        self.data_bytes = offset
+        self.f: IO[bytes] = open(path, "wb")
+        self.f.write(struct.pack("<Q", len(raw)))
+        self.f.write(raw)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        e = self.entries[self.next]
+        if e.name != name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+            raise OutputError(
+                f"internal: expected {e.name} {short_name(e.dtype)} {list(e.shape)}, got "
+                f"{name} {short_name(tensor.dtype)} {list(tensor.shape)}", path=self.path,
+            )
+        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+        if data.numel():
+            self.f.write(memoryview(data.numpy()))
+        self.next += 1
+
+    @property
+    def done(self) -> bool:
+        return self.next == len(self.entries)
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+class ModelWriter:
+    """Writes one average's model folder into ``folder`` (a temporary folder from AtomicDir).
+
+    Call :meth:`write` for every planned tensor in order, then :meth:`finish`.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        refs: Sequence[TensorRef],
+        *,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        weights_name: str = "model",
+        aliases: dict[str, str] | None = None,
+    ) -> None:
+        self.folder = Path(folder)
+        self.aliases = {a: t for a, t in (aliases or {}).items() if t in {r.name for r in refs}}
+        metadata = {"format": "pt"}
+        if self.aliases:
+            metadata["ckptavg.tied"] = json.dumps(self.aliases, sort_keys=True)
+        shards = plan_shards(refs, max_shard_bytes)
+        if not shards:
+            raise OutputError("no tensors to write (every tensor was excluded?)", path=self.folder)
+        n = len(shards)
+        self.files = [
+            f"{weights_name}.safetensors" if n == 1 else f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors"
+            for i in range(n)
+        ]
+        self.weights_name = weights_name
+        self._shards = shards
+        self._metadata = metadata
+        self._current: _ShardFile | None = None
+        self._index = 0
+        self.weight_map = {e.name: self.files[i] for i, shard in enumerate(shards) for e in shard}
+        self.total_bytes = sum(e.nbytes for shard in shards for e in shard)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._current is None:
+            if self._index >= len(self._shards):
+                raise OutputError(f"internal: tensor {name!r} was not planned", path=self.folder)
+            self._current = _ShardFile(self.folder / self.files[self._index], self._shards[self._index], self._metadata)
+        self._current.write(name, tensor)
+        if self._current.done:
+            self._current.close()
+            self._current = None
+            self._index += 1
+
+    def finish(self) -> None:
+        if self._current is not None or self._index != len(self._shards):
+            raise OutputError("internal: output ended before every planned tensor was written", path=self.folder)
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
+            (self.folder / f"{self.weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.f.close()
+            self._current = None
+
+
+def copy_meta_files(src: Path | None, dst: Path) -> list[str]:
+    """Copy config/tokenizer/generation files (not weights, not trainer state) from ``src``."""
+    if src is None or not src.is_dir():
+        return []
+    copied = []
+    for p in sorted(src.iterdir()):
+        name = p.name
+        if (not p.is_file() or p.is_symlink() or name in _SKIP_NAMES or name.endswith(_SKIP_SUFFIXES)
+                or name.startswith(_SKIP_PREFIXES)):
+            continue
+        shutil.copyfile(p, dst / name)
+        copied.append(name)
+    return copied
+
+
+def provenance(avg: Average, ckpts: Sequence[Checkpoint], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "ckptavg_version": __version__,
+        **avg.describe(),
+        "steps": [r.step for r in avg.folded],
+        "inputs": [r.to_json() for r in avg.folded],
+        "formats": sorted({c.format for c in ckpts}),
+        **(extra or {}),
+    }
+
+
+def model_card(avg: Average, prov: dict[str, Any], *, total_bytes: int, n_tensors: int) -> str:
+    opts = ", ".join(f"{k}={v}" for k, v in avg.method.options().items()) or "none"
+    steps = [s for s in prov["steps"] if s is not None]
+    step_text = ", ".join(map(str, steps)) if steps else "(unknown steps)"
+    rules = "\n".join(f"- `{r}`" for r in avg.rules) or "- none"
+    inputs = "\n".join(f"| {r['step']} | `{r['path']}` | `{r['fingerprint'][:16]}` |" for r in prov["inputs"])
+    return f"""---
+tags:
+- ckptavg
+- checkpoint-averaging
+- {avg.method.name}
+---
+
+# {avg.name}: checkpoint average made with ckptavg
+
+This model is the **{avg.method.name}** average (options: {opts}) of {len(prov['inputs'])} training checkpoints,
+made by [ckptavg](https://github.com/ckptavg/ckptavg) {prov['ckptavg_version']}.
+
+- Method: `{avg.method.name}` — {avg.method.reference}
+- Options: {opts}
+- Steps folded: {step_text}
+- Accumulation: {short_name(avg.accum_dtype)}; each tensor is stored in its source dtype
+- Tensors: {n_tensors} ({format_bytes(total_bytes)})
+
+## Per-tensor rules
+{rules}
+
+## Inputs
+
+| step | checkpoint | header fingerprint |
+|---|---|---|
+{inputs}
+
+`ckptavg.json` holds the same provenance in machine-readable form.
+"""

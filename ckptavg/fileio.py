@@ -1,0 +1,157 @@
+"""Where checkpoint bytes are read.
+
+Checkpoint files belong to a trainer that may rewrite, truncate or delete them
+at any moment. A memory map of such a file kills the reader with SIGBUS (or
+silently yields zeros), so ckptavg never maps them: bytes are copied into
+private memory with ``pread``. Every file is identified by
+``(st_dev, st_ino, st_size, st_mtime_ns)`` when it is indexed; the identity is
+checked again when the file is opened for reading and after every read, so a
+file that was replaced, truncated or rewritten in between is rejected instead
+of being half-read.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CheckpointChangedError, CheckpointVanishedError, TruncatedFileError
+
+__all__ = ["FileIdentity", "identify", "read_exact", "FileCache"]
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileIdentity":
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def identify(path: Path) -> FileIdentity:
+    try:
+        return FileIdentity.of(os.stat(path))
+    except FileNotFoundError:
+        raise CheckpointVanishedError("file disappeared", path=path) from None
+
+
+def read_exact(fd: int, n: int, offset: int, *, path: Path, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read ``n`` bytes at ``offset`` into a private uint8 tensor (``out`` if given).
+
+    Short reads are retried; end of file before ``n`` bytes is a truncated file.
+    """
+    buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
+    if n == 0:
+        return buf
+    view = memoryview(buf.numpy()).cast("B")[:n]
+    done = 0
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise TruncatedFileError(
+                f"file ended after {offset + done} bytes while {offset + n} were expected",
+                path=path,
+                hint="the file was truncated or is still being written",
+            )
+        done += got
+    return buf
+
+
+class _Open:
+    __slots__ = ("fd", "identity")
+
+    def __init__(self, fd: int, identity: FileIdentity) -> None:
+        self.fd = fd
+        self.identity = identity
+
+
+class FileCache:
+    """A small LRU of open file descriptors, each checked against the identity
+    recorded when its checkpoint was indexed.
+
+    Holding the descriptor keeps an unlinked file readable, so a rotation that
+    deletes a checkpoint after its files were opened cannot produce a partial
+    read; a file that is deleted before it is opened raises
+    :class:`CheckpointVanishedError`.
+    """
+
+    def __init__(self, max_open: int = 64) -> None:
+        self._max = max_open
+        self._open: OrderedDict[Path, _Open] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(
+        self, path: Path, expected: FileIdentity, offset: int, n: int, *, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        fd = self._fd(path, expected)
+        try:
+            buf = read_exact(fd, n, offset, path=path, out=out)
+        except OSError as e:
+            if isinstance(e, TruncatedFileError):
+                raise
+            raise CheckpointChangedError(f"read failed: {os.strerror(e.errno or errno.EIO)}", path=path) from e
+        self._check(path, fd, expected)
+        return buf
+
+    def _fd(self, path: Path, expected: FileIdentity) -> int:
+        with self._lock:
+            entry = self._open.get(path)
+            if entry is not None:
+                self._open.move_to_end(path)
+                return entry.fd
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointVanishedError(
+                "file was deleted before it could be read", path=path, hint="checkpoint rotation?"
+            ) from None
+        try:
+            self._check(path, fd, expected)
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._lock:
+            self._open[path] = _Open(fd, expected)
+            while len(self._open) > self._max:
+                _, old = self._open.popitem(last=False)
+                os.close(old.fd)
+        return fd
+
+    @staticmethod
+    def _check(path: Path, fd: int, expected: FileIdentity) -> None:
+        now = FileIdentity.of(os.fstat(fd))
+        if now != expected:
+            what = []
+            if (now.dev, now.ino) != (expected.dev, expected.ino):
+                what.append("it was replaced by another file")
+            if now.size != expected.size:
+                what.append(f"its size changed from {expected.size} to {now.size} bytes")
+            if now.mtime_ns != expected.mtime_ns and not what:
+                what.append("it was rewritten")
+            raise CheckpointChangedError(
+                "file changed while ckptavg was reading it: " + ", ".join(what),
+                path=path,
+                hint="the checkpoint is skipped; it is read again only if it becomes stable",
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            for entry in self._open.values():
+                os.close(entry.fd)
+            self._open.clear()
+
+    def __enter__(self) -> "FileCache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,237 @@
+"""PyTorch pickle checkpoints: ``.pt``/``.pth``/``.bin``, sharded ``pytorch_model.bin.index.json``
+and Lightning ``.ckpt``.
+
+Pickles can run code when loaded. ckptavg loads them only through
+``torch.load(..., weights_only=True)``, always passed explicitly so that
+``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off, and refuses pickles
+outright on a torch too old to honour that. Side files that are pickles of
+arbitrary objects (``training_args.bin``, DCP ``.metadata``, Lightning
+``meta.pt``) are never loaded.
+
+Indexing uses ``map_location="meta"``: names, dtypes and shapes come out of the
+pickle without reading any tensor data. A pickle's tensors can only be read by
+loading the whole file, so pickles are read one file at a time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import (
+    CheckpointChangedError,
+    CheckpointVanishedError,
+    IndexMismatchError,
+    MissingShardError,
+    UnknownFormatError,
+    UnsafePickleError,
+    UnsupportedCheckpointError,
+)
+from ..fileio import FileIdentity, identify
+from .refs import TensorRef
+from .safetensors import _safe_member, read_index_json
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PickleIndex", "index_pickle", "index_pickle_sharded", "load_tensors", "torch_version"]
+
+# Containers in which trainers nest the model's state dict, most specific first.
+STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
+# Wrapper prefixes added by DDP (module.) and torch.compile (_orig_mod.): always stripped.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _check_torch(path: Path) -> None:
+    version = torch_version()
+    if version < (2, 6):
+        raise UnsafePickleError(
+            f"refusing to load a pickle with torch {torch.__version__}: before 2.6, weights_only loading "
+            "could be overridden or bypassed",
+            path=path, hint="upgrade torch to 2.6 or newer, or convert the checkpoint to safetensors",
+        )
+    if version < (2, 10) and os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"):
+        warnings.warn(
+            f"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set; ckptavg passes weights_only=True explicitly, "
+            f"which torch {torch.__version__} honours, but prefer unsetting it",
+            stacklevel=3,
+        )
+
+
+def _torch_load(path: Path, map_location: str) -> Any:
+    _check_torch(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
+    except FileNotFoundError:
+        raise CheckpointVanishedError("file was deleted before it could be read", path=path) from None
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        reason = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
+        raise UnsafePickleError(
+            f"pickle needs more than tensors to load and was not executed ({reason.strip()[:200]})",
+            path=path, hint="only weights_only=True loading is allowed; convert the checkpoint to safetensors if you trust it",
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnknownFormatError(
+            f"cannot read as a PyTorch checkpoint: {msg[:200]}", path=path,
+            hint="the file is truncated, corrupt, or not a torch.save file",
+        ) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    )
+
+
+def _find_state_dict(obj: Any, path: Path, state_key: str | None) -> tuple[Mapping[str, torch.Tensor], str | None]:
+    """Return (state_dict, key it was found under)."""
+    if state_key is not None:
+        node = obj
+        for part in state_key.split("/"):
+            if not isinstance(node, Mapping) or part not in node:
+                keys = ", ".join(map(str, list(obj)[:12])) if isinstance(obj, Mapping) else type(obj).__name__
+                raise UnknownFormatError(f"no entry {state_key!r} (top-level keys: {keys})", path=path)
+            node = node[part]
+        tensors = {k: v for k, v in node.items() if isinstance(v, torch.Tensor)} if isinstance(node, Mapping) else {}
+        if not tensors:
+            raise UnknownFormatError(f"entry {state_key!r} holds no tensors", path=path)
+        return tensors, state_key
+    if _is_state_dict(obj):
+        return obj, None
+    if isinstance(obj, Mapping):
+        for key in STATE_KEYS:
+            node = obj.get(key)
+            if isinstance(node, Mapping):
+                tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+                if tensors:
+                    return tensors, key
+        # a flat dict mixing tensors with a few scalars (e.g. {"step": 3, ...weights})
+        tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+        if tensors:
+            return tensors, None
+        keys = ", ".join(map(str, list(obj)[:12]))
+        raise UnknownFormatError(
+            f"found no state dict (top-level keys: {keys})",
+            path=path, hint="pass --state-key KEY to say which entry holds the weights",
+        )
+    raise UnknownFormatError(f"holds a {type(obj).__name__}, not a state dict", path=path)
+
+
+def _strip(names: list[str], *, lightning: bool, strip_prefix: str | None) -> dict[str, str]:
+    """Map original key -> output name."""
+    out = {}
+    for key in names:
+        name = key
+        if strip_prefix and name.startswith(strip_prefix):
+            name = name[len(strip_prefix):]
+        changed = True
+        while changed:
+            changed = False
+            for prefix in WRAPPER_PREFIXES:
+                if name.startswith(prefix):
+                    name, changed = name[len(prefix):], True
+        out[key] = name
+    if lightning and strip_prefix is None:
+        # LightningModule attributes prefix every key, e.g. "model.": strip a single shared one
+        firsts = {n.split(".", 1)[0] for n in out.values()}
+        if len(firsts) == 1 and all("." in n for n in out.values()):
+            prefix = firsts.pop() + "."
+            out = {k: v[len(prefix):] for k, v in out.items()}
+            log.info("stripped the LightningModule prefix %r from every tensor name", prefix)
+    return out
+
+
+class PickleIndex:
+    """Tensors of one pickle file, from a data-free (meta) load."""
+
+    def __init__(self, path: Path, *, state_key: str | None, strip_prefix: str | None, lightning: bool) -> None:
+        self.path = path
+        self.identity: FileIdentity = identify(path)
+        obj = _torch_load(path, "meta")
+        state, self.state_key = _find_state_dict(obj, path, state_key)
+        self.lightning = lightning
+        self.global_step = obj.get("global_step") if isinstance(obj, Mapping) and isinstance(obj.get("global_step"), int) else None
+        names = _strip(list(state), lightning=lightning and self.state_key == "state_dict", strip_prefix=strip_prefix)
+        self.key_of = {v: k for k, v in names.items()}
+        if len(self.key_of) != len(names):
+            raise UnknownFormatError("two tensors have the same name after prefix stripping", path=path,
+                                     hint="pass --strip-prefix none")
+        # tied weights: several names for one storage (meta storages keep their identity)
+        seen: dict[tuple, str] = {}
+        self.aliases: dict[str, str] = {}
+        self.tensors: dict[str, TensorRef] = {}
+        fp = hashlib.sha256()
+        for key, name in names.items():
+            t = state[key]
+            ident = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            if ident in seen:
+                self.aliases[name] = seen[ident]
+                continue
+            seen[ident] = name
+            self.tensors[name] = TensorRef(
+                name=name, dtype=t.dtype, shape=tuple(t.shape), file=path, identity=self.identity,
+                offset=None, nbytes=t.numel() * t.element_size(), key=key,
+            )
+            fp.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        fp.update(str(self.identity.size).encode())
+        self.fingerprint = fp.hexdigest()
+
+
+def index_pickle(path: Path, *, state_key: str | None = None, strip_prefix: str | None = None) -> PickleIndex:
+    return PickleIndex(path, state_key=state_key, strip_prefix=strip_prefix, lightning=path.suffix == ".ckpt")
+
+
+def index_pickle_sharded(index_path: Path, *, state_key: str | None = None, strip_prefix: str | None = None) -> list[PickleIndex]:
+    folder = index_path.parent
+    weight_map = read_index_json(index_path)
+    shards = sorted(set(weight_map.values()))
+    paths = [_safe_member(folder, s, index_path) for s in shards]
+    missing = [s for s, p in zip(shards, paths) if not p.is_file()]
+    if missing:
+        raise MissingShardError(
+            f"index lists {len(shards)} shards but {len(missing)} are missing: {', '.join(missing)}",
+            path=index_path, hint="the checkpoint is incomplete or still being written",
+        )
+    indexes = [index_pickle(p, state_key=state_key, strip_prefix=strip_prefix) for p in paths]
+    for shard, idx in zip(shards, indexes):
+        listed = {t for t, s in weight_map.items() if s == shard}
+        present_keys = set(idx.key_of.values())
+        if listed - present_keys:
+            raise IndexMismatchError("index assigns tensor to this shard but it does not hold it",
+                                     path=idx.path, tensor=sorted(listed - present_keys)[0])
+        if present_keys - listed:
+            raise IndexMismatchError(f"shard holds a tensor that {index_path.name} does not list",
+                                     path=idx.path, tensor=sorted(present_keys - listed)[0])
+    return indexes
+
+
+def load_tensors(path: Path, identity: FileIdentity, *, state_key: str | None, key_of: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """Load every tensor of one pickle into private memory, keyed by output name."""
+    before = identify(path)
+    if before != identity:
+        raise CheckpointChangedError("file changed since it was indexed", path=path)
+    obj = _torch_load(path, "cpu")
+    if identify(path) != identity:
+        raise CheckpointChangedError("file changed while ckptavg was reading it", path=path)
+    state, _ = _find_state_dict(obj, path, state_key)
+    return {name: state[key] for name, key in key_of.items()}
+
+
+def refuse_side_file(path: Path) -> UnsupportedCheckpointError:
+    return UnsupportedCheckpointError(
+        "is a pickle of arbitrary Python objects, not model weights; ckptavg never unpickles it",
+        path=path,
+    )

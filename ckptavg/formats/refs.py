@@ -1,0 +1,29 @@
+"""A tensor known from a checkpoint's index: where it is and what it is."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..fileio import FileIdentity
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    identity: FileIdentity
+    # safetensors: absolute byte offset and length in ``file``; pickles: None / size
+    offset: int | None
+    nbytes: int
+    # pickles: the key inside the loaded object (before prefix stripping)
+    key: str | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)

@@ -1,0 +1,269 @@
+"""safetensors files and sharded folders, indexed from their headers alone.
+
+The header is validated as strictly as the reference implementation does
+(``safetensors/src/tensor.rs``): size limit, UTF-8, JSON object, known dtypes,
+byte ranges that tile the data section exactly (no overlap, no gap, nothing
+out of bounds) and agree with dtype × shape. A bad header is rejected after
+reading at most 100 MB, before any tensor byte is touched.
+
+Tensor bytes are not read here: see :mod:`ckptavg.fileio`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+from ..dtypes import SAFETENSORS_TO_TORCH, itemsize
+from ..errors import (
+    IndexMismatchError,
+    InvalidHeaderError,
+    InvalidOffsetError,
+    MissingShardError,
+    TensorInvalidInfoError,
+    TruncatedFileError,
+    UnknownFormatError,
+    UnsafePathError,
+)
+from ..fileio import FileIdentity
+from .refs import TensorRef
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
+_HEADER_LEN = struct.Struct("<Q")
+
+__all__ = ["SafetensorsHeader", "read_header", "index_file", "index_sharded", "MAX_HEADER_BYTES"]
+
+
+class SafetensorsHeader:
+    """A validated header: tensors in file order with absolute byte ranges."""
+
+    def __init__(
+        self,
+        path: Path,
+        identity: FileIdentity,
+        header_len: int,
+        tensors: dict[str, TensorRef],
+        metadata: dict[str, str] | None,
+        raw: bytes,
+    ) -> None:
+        self.path = path
+        self.identity = identity
+        self.header_len = header_len
+        self.tensors = tensors
+        self.metadata = metadata
+        self.fingerprint = hashlib.sha256(raw + _HEADER_LEN.pack(identity.size)).hexdigest()
+
+    @property
+    def data_start(self) -> int:
+        return 8 + self.header_len
+
+
+def read_header(path: Path, *, file_label: str | None = None) -> SafetensorsHeader:
+    """Read and validate the header of one ``.safetensors`` file."""
+    path = Path(path)
+    label = file_label or path.name
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise MissingShardError("file not found", path=path) from None
+    try:
+        identity = FileIdentity.of(os.fstat(fd))
+        size = identity.size
+        if size < 8:
+            raise TruncatedFileError(
+                f"file is {size} bytes, too short for a safetensors header", path=path,
+                hint="the file is empty or still being written",
+            )
+        (n,) = _HEADER_LEN.unpack(os.pread(fd, 8, 0))
+        if n > MAX_HEADER_BYTES:
+            raise InvalidHeaderError(
+                f"header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit", path=path,
+                hint="not a safetensors file, or a corrupt/malicious one",
+            )
+        if 8 + n > size:
+            raise TruncatedFileError(
+                f"header claims {n} bytes but the file holds only {size - 8} after the length prefix",
+                path=path, hint="the file is truncated or still being written",
+            )
+        raw = os.pread(fd, n, 8)
+        if len(raw) != n:
+            raise TruncatedFileError("file shrank while its header was read", path=path)
+    finally:
+        os.close(fd)
+    header = _parse_json(raw, path)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise InvalidHeaderError("__metadata__ must map strings to strings", path=path)
+    tensors = _validate_entries(header, path, data_start=8 + n, file_size=size, identity=identity)
+    return SafetensorsHeader(path, identity, n, tensors, metadata, raw)
+
+
+def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidHeaderError(f"header is not valid UTF-8 (byte {e.start})", path=path) from None
+    if not text.startswith("{"):
+        raise InvalidHeaderError("header does not start with '{': not a safetensors file", path=path)
+    try:
+        header = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InvalidHeaderError(f"header is not valid JSON ({e.msg} at char {e.pos})", path=path) from None
+    if not isinstance(header, dict):
+        raise InvalidHeaderError("header is not a JSON object", path=path)
+    return header
+
+
+def _validate_entries(
+    header: dict[str, Any], path: Path, *, data_start: int, file_size: int, identity: FileIdentity
+) -> dict[str, TensorRef]:
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise InvalidHeaderError(
+                "entry must have exactly 'dtype', 'shape' and 'data_offsets'", path=path, tensor=name
+            )
+        dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype_name not in SAFETENSORS_TO_TORCH:
+            raise TensorInvalidInfoError(
+                f"unknown dtype {dtype_name!r} (known: {', '.join(SAFETENSORS_TO_TORCH)})", path=path, tensor=name
+            )
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise TensorInvalidInfoError(f"shape {shape!r} is not a list of non-negative integers", path=path, tensor=name)
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or offsets[1] < offsets[0]
+        ):
+            raise InvalidOffsetError(f"data_offsets {offsets!r} are not [begin, end] with begin <= end", path=path, tensor=name)
+        dtype = SAFETENSORS_TO_TORCH[dtype_name]
+        nbytes = math.prod(shape) * itemsize(dtype)
+        if offsets[1] - offsets[0] != nbytes:
+            raise TensorInvalidInfoError(
+                f"{dtype_name} {shape} needs {nbytes} bytes but data_offsets span {offsets[1] - offsets[0]}",
+                path=path, tensor=name,
+            )
+        entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
+    entries.sort(key=lambda e: (e[0], e[1]))
+    expected = 0
+    tensors: dict[str, TensorRef] = {}
+    for begin, end, name, dtype, shape in entries:
+        if begin != expected:
+            kind = "overlaps the previous tensor" if begin < expected else f"leaves a gap of {begin - expected} bytes"
+            raise InvalidOffsetError(f"byte range [{begin}, {end}) {kind}", path=path, tensor=name)
+        expected = end
+        tensors[name] = TensorRef(
+            name=name, dtype=dtype, shape=shape, file=path, identity=identity,
+            offset=data_start + begin, nbytes=end - begin,
+        )
+    data_len = file_size - data_start
+    if expected > data_len:
+        raise TruncatedFileError(
+            f"tensors need {expected} data bytes but the file holds {data_len}",
+            path=path, hint="the file is truncated or still being written",
+        )
+    if expected < data_len:
+        raise InvalidOffsetError(
+            f"{data_len - expected} bytes after the last tensor are not described by the header", path=path
+        )
+    return tensors
+
+
+def index_file(path: Path) -> tuple[dict[str, TensorRef], list[SafetensorsHeader]]:
+    header = read_header(path)
+    return header.tensors, [header]
+
+
+def _safe_member(folder: Path, name: Any, index_path: Path) -> Path:
+    """Resolve a shard name from an index, refusing anything that leaves the folder."""
+    if not isinstance(name, str) or not name:
+        raise InvalidHeaderError(f"weight_map value {name!r} is not a file name", path=index_path)
+    candidate = Path(name)
+    if candidate.is_absolute() or ".." in candidate.parts or os.sep in name or (os.altsep and os.altsep in name):
+        log.warning("security: index %s points outside its folder: %r", index_path, name)
+        raise UnsafePathError(
+            f"weight_map points to {name!r}, outside the checkpoint folder; refusing to open it",
+            path=index_path, hint="shard names must be plain file names in the same folder",
+        )
+    full = folder / candidate
+    root = folder.resolve()
+    try:
+        real = full.resolve()
+    except OSError as e:  # symlink loop
+        raise UnsafePathError(f"cannot resolve shard {name!r}: {e.strerror}", path=index_path) from None
+    if real.parent != root and root not in real.parents:
+        log.warning("security: shard %s is a link out of %s (to %s)", full, folder, real)
+        raise UnsafePathError(
+            f"shard {name!r} is a symbolic link to {real}, outside the checkpoint folder; refusing to open it",
+            path=index_path,
+        )
+    return full
+
+
+def read_index_json(index_path: Path) -> dict[str, str]:
+    try:
+        data = json.loads(index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingShardError("index file not found", path=index_path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidHeaderError(f"index is not valid JSON: {e}", path=index_path) from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise UnknownFormatError("index has no 'weight_map' object", path=index_path)
+    return weight_map
+
+
+def index_sharded(index_path: Path) -> tuple[dict[str, TensorRef], list[SafetensorsHeader]]:
+    """Index a sharded safetensors checkpoint from its ``*.safetensors.index.json``.
+
+    Every shard must exist, stay inside the folder, and hold exactly the tensors
+    the index assigns to it.
+    """
+    folder = index_path.parent
+    weight_map = read_index_json(index_path)
+    by_shard: dict[str, list[str]] = {}
+    for tensor, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(tensor)
+    shard_paths = {shard: _safe_member(folder, shard, index_path) for shard in by_shard}
+    missing = [shard for shard, p in shard_paths.items() if not p.is_file()]
+    if missing:
+        raise MissingShardError(
+            f"index lists {len(shard_paths)} shards but {len(missing)} are missing: {', '.join(sorted(missing))}",
+            path=index_path, hint="the checkpoint is incomplete or still being written",
+        )
+    tensors: dict[str, TensorRef] = {}
+    headers: list[SafetensorsHeader] = []
+    for shard in sorted(by_shard):
+        header = read_header(shard_paths[shard])
+        headers.append(header)
+        listed = set(by_shard[shard])
+        present = set(header.tensors)
+        if listed - present:
+            name = sorted(listed - present)[0]
+            raise IndexMismatchError(
+                f"index assigns tensor to {shard} but that shard does not hold it"
+                + (f" (and {len(listed - present) - 1} more)" if len(listed - present) > 1 else ""),
+                path=shard_paths[shard], tensor=name,
+            )
+        if present - listed:
+            name = sorted(present - listed)[0]
+            raise IndexMismatchError(
+                f"shard holds a tensor that {index_path.name} does not list"
+                + (f" (and {len(present - listed) - 1} more)" if len(present - listed) > 1 else ""),
+                path=shard_paths[shard], tensor=name,
+            )
+        tensors.update(header.tensors)
+    # keep the index's order (usually the model's parameter order)
+    ordered = {name: tensors[name] for name in weight_map}
+    return ordered, headers

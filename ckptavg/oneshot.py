@@ -1,0 +1,194 @@
+"""One-shot averaging of saved checkpoints into model folders (the engine of ``ckptavg average``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .atomic import AtomicDir
+from .average import Average
+from .checkpoint import Checkpoint
+from .engine import Engine, expected_outputs
+from .errors import StepError, UsageError
+from .export import DEFAULT_SHARD_BYTES, ModelWriter, copy_meta_files, model_card, provenance
+from .methods import make_method
+from .progress import Progress
+from .rules import Rule
+from .units import format_bytes
+
+log = logging.getLogger(__name__)
+
+__all__ = ["AverageSpec", "build_averages", "order_checkpoints", "average_checkpoints", "Result"]
+
+
+@dataclass(frozen=True)
+class AverageSpec:
+    """One requested average: a registry method name, its options, and an optional name."""
+
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+
+
+@dataclass
+class Result:
+    outputs: dict[str, Path]
+    bytes_read: int
+    seconds: float
+    schedule: str
+
+
+def build_averages(
+    specs: Sequence[AverageSpec],
+    *,
+    rules: Sequence[Rule] = (),
+    accum_dtype: torch.dtype = torch.float32,
+    on_shape_change: str = "error",
+    device: torch.device | str = "cpu",
+) -> list[Average]:
+    averages = []
+    for spec in specs:
+        method = make_method(spec.method, **spec.options)
+        averages.append(Average(spec.name or method.label(), method, rules=tuple(rules), accum_dtype=accum_dtype,
+                                on_shape_change=on_shape_change, device=torch.device(device)))
+    names = [a.name for a in averages]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise UsageError(f"two averages are both named {sorted(dup)[0]!r}; give them different options")
+    return averages
+
+
+def order_checkpoints(
+    ckpts: Sequence[Checkpoint], weights: Sequence[float] | None = None
+) -> tuple[list[Checkpoint], list[float] | None]:
+    """Drop duplicates (one file reached by two paths) and sort by step when every step is known."""
+    if weights is not None and len(weights) != len(ckpts):
+        raise UsageError(f"--weights has {len(weights)} values for {len(ckpts)} checkpoints")
+    seen: dict[tuple[int, int], Checkpoint] = {}
+    kept: list[tuple[Checkpoint, float | None]] = []
+    for i, c in enumerate(ckpts):
+        first = next(iter(c.tensors.values())).identity
+        key = (first.dev, first.ino)
+        if key in seen:
+            if weights is not None:
+                raise UsageError(f"{c.path} and {seen[key].path} are the same checkpoint; with --weights each input must be distinct")
+            log.warning("%s is the same checkpoint as %s; taken once", c.path, seen[key].path)
+            continue
+        seen[key] = c
+        kept.append((c, None if weights is None else weights[i]))
+    if all(c.step is not None for c, _ in kept):
+        kept.sort(key=lambda t: t[0].step)  # type: ignore[arg-type,return-value]
+        steps = [c.step for c, _ in kept]
+        for (a, _), (b, _) in zip(kept, kept[1:]):
+            if a.step == b.step:
+                raise StepError(f"has the same step ({b.step}) as {a.path}", path=b.path,
+                                hint="pass --steps to set the steps explicitly")
+        del steps
+    ordered = [c for c, _ in kept]
+    return ordered, (None if weights is None else [w for _, w in kept])  # type: ignore[misc]
+
+
+def _protect(out: Path, protected: Sequence[Path]) -> None:
+    real = out.resolve()
+    for p in protected:
+        rp = Path(p).resolve()
+        if real == rp or rp in real.parents:
+            raise UsageError(f"-o {out} is inside {p}; ckptavg never writes into a trainer's checkpoint folder",
+                             hint="choose an output outside the run and checkpoint folders")
+
+
+def average_checkpoints(
+    ckpts: Sequence[Checkpoint],
+    averages: Sequence[Average],
+    out: Path,
+    *,
+    weights: Sequence[float] | None = None,
+    engine: Engine | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    protected: Sequence[Path] = (),
+    subfolders: bool | None = None,
+    progress: Progress | None = None,
+) -> Result:
+    """Average ``ckpts`` into one model folder per average and return where they are.
+
+    With one average the folder is ``out``; with several (or ``subfolders=True``)
+    it is ``out/<name>``. Nothing is written unless every average succeeds.
+    """
+    if not ckpts:
+        raise UsageError("no checkpoints to average")
+    if not averages:
+        raise UsageError("no averaging method requested")
+    ckpts, weights = order_checkpoints(ckpts, weights)
+    out = Path(out)
+    if subfolders is None:
+        subfolders = len(averages) > 1
+    targets = {a.name: (out / a.name if subfolders else out) for a in averages}
+    protected = [*protected, *(c.path for c in ckpts if c.path.is_dir())]
+    for target in targets.values():
+        _protect(target, protected)
+    plans = {a.name: expected_outputs(ckpts, a) for a in averages}
+    for a in averages:
+        if not plans[a.name]:
+            if not any(a.method.accepts(c.step) for c in ckpts):
+                raise UsageError(f"the {a.name} average accepts none of the inputs (newest step: {ckpts[-1].step})",
+                                 hint="lower --start-step")
+            raise UsageError(f"the {a.name} average would hold no tensor: every tensor is excluded by --rule")
+    aliases: dict[str, str] = {}
+    for c in ckpts:
+        aliases.update(c.aliases)
+    owns_engine = engine is None
+    engine = engine or Engine(device="cpu", progress=progress)
+    if progress is not None:
+        engine.progress = progress
+    schedule = "tensor-major" if all(c.format.startswith("safetensors") for c in ckpts) else "checkpoint-major"
+    total = sum(c.nbytes for c in ckpts)
+    started = time.perf_counter()
+    engine.progress.start(total, len(ckpts))
+    try:
+        with contextlib.ExitStack() as stack:
+            folders = {name: stack.enter_context(AtomicDir(t, replace=force)) for name, t in targets.items()}
+            writers = {
+                a.name: ModelWriter(folders[a.name], plans[a.name], max_shard_bytes=max_shard_bytes,
+                                    weights_name=ckpts[-1].weights_name, aliases=aliases)
+                for a in averages
+            }
+            try:
+                if schedule == "tensor-major":
+                    engine.average(ckpts, averages, lambda avg, name, t: writers[avg.name].write(name, t), weights=weights)
+                else:
+                    history = dict(enumerate(ckpts))
+                    for i, c in enumerate(ckpts):
+                        engine.fold(c, averages, ident=i, weight=1.0 if weights is None else float(weights[i]), history=history)
+                    for a in averages:
+                        for ref in plans[a.name]:
+                            engine._finish_tensor(ref.name, ckpts, [a], lambda avg, name, t: writers[avg.name].write(name, t))
+            except BaseException:
+                for w in writers.values():
+                    w.abort()
+                raise
+            newest = ckpts[-1]
+            for a in averages:
+                w = writers[a.name]
+                w.finish()
+                copied = copy_meta_files(newest.meta_dir, folders[a.name])
+                extra = {"tied_weights": w.aliases, "copied_files": copied, "schedule": schedule}
+                prov = provenance(a, ckpts, extra=extra)
+                (folders[a.name] / "ckptavg.json").write_text(json.dumps(prov, indent=2) + "\n")
+                (folders[a.name] / "README.md").write_text(
+                    model_card(a, prov, total_bytes=w.total_bytes, n_tensors=len(plans[a.name])))
+    finally:
+        engine.progress.finish()
+        if owns_engine:
+            engine.close()
+    seconds = time.perf_counter() - started
+    log.info("averaged %d checkpoints (%s) into %s in %.2f s", len(ckpts), format_bytes(total),
+             ", ".join(str(t) for t in targets.values()), seconds)
+    return Result(outputs=targets, bytes_read=total, seconds=seconds, schedule=schedule)

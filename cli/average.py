@@ -1,0 +1,197 @@
+"""``ckptavg average``: one-shot averaging of saved checkpoints."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import sys
+from pathlib import Path
+
+import click
+import torch
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..discover import find_candidates, is_noise, latest_complete
+from ..engine import Engine
+from ..errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
+from ..methods import METHODS
+from ..oneshot import AverageSpec, average_checkpoints, build_averages
+from ..rules import parse_rules
+from ..units import format_bytes, parse_size
+from .progressbar import make_progress
+
+log = logging.getLogger("ckptavg.cli")
+
+_MAIN_OPTION = {"ema": "half_life", "lawa": "window", "swa": "start_step"}
+
+
+def parse_method(text: str, *, half_life: float | None, decay: float | None, window: int | None,
+                 start_step: int | None, weighted: bool) -> AverageSpec:
+    """``ema``, ``ema:2000``, ``lawa:5``, ``swa:6000``, ``uniform`` → an AverageSpec."""
+    name, _, value = text.partition(":")
+    name = name.strip().lower()
+    if name not in METHODS:
+        raise UsageError(f"--method {text!r}: unknown method; choose one of {', '.join(METHODS)}")
+    options: dict[str, object] = {}
+    if value:
+        if name not in _MAIN_OPTION:
+            raise UsageError(f"--method {text!r}: {name} takes no value")
+        try:
+            options[_MAIN_OPTION[name]] = float(value) if name == "ema" else int(value)
+        except ValueError:
+            raise UsageError(f"--method {text!r}: {value!r} is not a number") from None
+    if name == "ema" and not options:
+        if half_life is None and decay is None:
+            raise UsageError("--method ema needs --half-life H (in steps) or --decay D (per step), or write ema:H")
+        options = {"half_life": half_life} if half_life is not None else {"decay": decay}
+    elif name == "lawa" and not options:
+        if window is None:
+            raise UsageError("--method lawa needs --window K (checkpoints), or write lawa:K")
+        options = {"window": window}
+    elif name == "swa" and not options:
+        if start_step is None:
+            raise UsageError("--method swa needs --start-step S, or write swa:S")
+        options = {"start_step": start_step}
+    elif name == "uniform":
+        options = {"weighted": weighted}
+    return AverageSpec(name, options)
+
+
+def _expand(inputs: tuple[str, ...]) -> list[str]:
+    """Expand globs that the shell left alone (quoted), dropping staging names."""
+    out: list[str] = []
+    for text in inputs:
+        if not Path(text).exists() and glob.has_magic(text):
+            matches = sorted(glob.glob(text))
+            if not matches:
+                raise CheckpointNotFoundError("matches nothing", path=text)
+            out.extend(matches)
+        else:
+            out.append(text)
+    kept = []
+    for text in out:
+        if is_noise(Path(text).name):
+            log.warning("ignoring %s: a staging or hidden name, not a finished checkpoint", text)
+            continue
+        kept.append(text)
+    return kept
+
+
+def _parse_list(text: str | None, option: str, kind: type) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(v) for v in text.replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise UsageError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
+def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int] | None,
+                   state_key: str | None, strip_prefix: str | None) -> tuple[list[Checkpoint], list[Path]]:
+    """Checkpoints named on the command line, and the run folders they came from (never written to)."""
+    paths = _expand(inputs)
+    if not paths:
+        raise UsageError("no checkpoints given (all inputs were staging or hidden names)")
+    opts = {"state_key": state_key, "strip_prefix": strip_prefix}
+    run_folders: list[Path] = []
+    if len(paths) == 1 and Path(paths[0]).is_dir() and (last is not None or _is_run_folder(Path(paths[0]))):
+        root = Path(paths[0])
+        if steps is not None:
+            raise UsageError("--steps cannot be used with a run folder; the steps come from the checkpoint names")
+        ckpts = latest_complete(root, last or sys.maxsize, **opts)
+        log.info("%s: using %d checkpoint(s): %s", root, len(ckpts), ", ".join(c.path.name for c in ckpts))
+        return ckpts, [root]
+    if last is not None:
+        raise UsageError("--last N takes a single run folder (e.g. `ckptavg average runs/exp1 --last 5`)")
+    if steps is not None and len(steps) != len(paths):
+        raise UsageError(f"--steps has {len(steps)} values for {len(paths)} checkpoints")
+    ckpts = []
+    for i, p in enumerate(paths):
+        ckpt = open_checkpoint(p, step=None if steps is None else steps[i], **opts)
+        if ckpt.incomplete:
+            raise IncompleteCheckpointError(ckpt.incomplete, path=ckpt.path,
+                                            hint="wait until the trainer has finished writing it")
+        ckpts.append(ckpt)
+    return ckpts, run_folders
+
+
+def _is_run_folder(path: Path) -> bool:
+    try:
+        open_checkpoint(path)
+        return False
+    except (CheckpointNotFoundError, UnknownFormatError):
+        return bool(find_candidates(path))
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINT... | RUN_FOLDER")
+@click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
+              help="Output model folder (with several methods: a folder holding one subfolder per average).")
+@click.option("--method", "methods", multiple=True, metavar="NAME[:VALUE]",
+              help="uniform (default), ema, lawa, swa; repeat for several averages in one read "
+                   "(ema:2000, lawa:5, swa:6000 set the main option inline).")
+@click.option("--half-life", type=float, help="EMA half-life in training steps.")
+@click.option("--decay", type=float, help="EMA decay per step (instead of --half-life): h = ln 0.5 / ln d.")
+@click.option("--window", type=int, help="LAWA window: the number of latest checkpoints averaged.")
+@click.option("--start-step", type=int, help="SWA: average every checkpoint from this step on.")
+@click.option("--weights", help="Comma-separated weights, one per input checkpoint (weighted mean).")
+@click.option("--last", type=int, help="With a run folder: its newest N complete checkpoints.")
+@click.option("--steps", help="Comma-separated training steps, one per input (when names carry none).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
+              help="Accumulator precision (outputs keep each tensor's source dtype).")
+@click.option("--rule", "rules", multiple=True, metavar="GLOB=ACTION",
+              help="Per-tensor rule, first match wins: GLOB=latest | GLOB=exclude | GLOB=half-life:H.")
+@click.option("--on-shape-change", type=click.Choice(["error", "reset"]), default="error", show_default=True,
+              help="A tensor whose shape or dtype changes: stop with an error, or restart its average.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 2GB).")
+@click.option("--state-key", help="Pickles: the entry that holds the state dict (e.g. 'ema' or 'model/state').")
+@click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name ('none' to keep "
+              "Lightning's module prefix; 'module.' and '_orig_mod.' are always removed).")
+@click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN/Inf instead of stopping.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
+@click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
+def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], half_life: float | None,
+            decay: float | None, window: int | None, start_step: int | None, weights: str | None,
+            last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
+            on_shape_change: str, shard_size: str, state_key: str | None, strip_prefix: str | None,
+            allow_nonfinite: bool, force: bool, progress: bool | None) -> None:
+    """Average saved checkpoints into a model folder that from_pretrained loads.
+
+    \b
+    Examples:
+      ckptavg average runs/exp1/checkpoint-{8000..10000..500} -o out/uniform
+      ckptavg average runs/exp1/checkpoint-* --method ema --half-life 2000 -o out/ema
+      ckptavg average runs/exp1/checkpoint-* --method lawa --window 5 -o out/lawa
+      ckptavg average runs/exp1/checkpoint-* --method swa --start-step 6000 -o out/swa
+      ckptavg average runs/exp1/checkpoint-* --method ema:2000 --method lawa:5 -o out   # out/ema-2000, out/lawa-5
+      ckptavg average a.safetensors b.safetensors --weights 0.3,0.7 -o out/mix
+      ckptavg average runs/exp1 --last 5 -o out/last5
+    """
+    weight_list = _parse_list(weights, "--weights", float)
+    step_list = _parse_list(steps, "--steps", int)
+    if last is not None and last < 1:
+        raise UsageError(f"--last must be at least 1, got {last}")
+    strip = None if strip_prefix in (None, "auto") else ("" if strip_prefix == "none" else strip_prefix)
+    specs = [parse_method(m, half_life=half_life, decay=decay, window=window, start_step=start_step,
+                          weighted=weight_list is not None) for m in (methods or ("uniform",))]
+    if weight_list is not None and any(s.method != "uniform" for s in specs):
+        raise UsageError("--weights applies to the uniform (weighted) mean only")
+    max_shard = parse_size(shard_size, option="--shard-size")
+    ckpts, run_folders = resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key,
+                                        strip_prefix=strip)
+    if weight_list is not None and len(weight_list) != len(ckpts):
+        raise UsageError(f"--weights has {len(weight_list)} values for {len(ckpts)} checkpoints")
+    show_bar = sys.stderr.isatty() if progress is None else progress
+    with Engine(device=device, check_finite=not allow_nonfinite) as engine:
+        averages = build_averages(specs, rules=parse_rules(rules), accum_dtype=getattr(torch, accum_dtype),
+                                  on_shape_change=on_shape_change, device=engine.device)
+        with make_progress(show_bar) as bar:
+            result = average_checkpoints(ckpts, averages, output, weights=weight_list, engine=engine,
+                                         max_shard_bytes=max_shard, force=force, protected=run_folders,
+                                         progress=bar)
+    rate = result.bytes_read / result.seconds / 1e9 if result.seconds else 0.0
+    for name, path in result.outputs.items():
+        click.echo(f"{name}: {path}")
+    log.info("read %s from %d checkpoint(s) in %.2f s (%.2f GB/s, %s, %s)", format_bytes(result.bytes_read),
+             len(ckpts), result.seconds, rate, result.schedule, engine.device)

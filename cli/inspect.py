@@ -1,0 +1,111 @@
+"""``ckptavg inspect``: what a checkpoint (or a run folder) holds, from headers only."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import click
+
+from ..checkpoint import Checkpoint, open_checkpoint
+from ..discover import find_candidates
+from ..dtypes import short_name
+from ..errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
+from ..units import format_bytes
+
+
+def describe(ckpt: Checkpoint) -> dict:
+    by_dtype: Counter = Counter()
+    count: Counter = Counter()
+    for ref in ckpt.tensors.values():
+        by_dtype[short_name(ref.dtype)] += ref.nbytes
+        count[short_name(ref.dtype)] += 1
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "step": ckpt.step,
+        "step_source": ckpt.step_source or None,
+        "complete": ckpt.incomplete is None,
+        "incomplete_reason": ckpt.incomplete,
+        "files": [str(f) for f in ckpt.files],
+        "tensors": len(ckpt.tensors),
+        "bytes": ckpt.nbytes,
+        "dtypes": {k: {"tensors": count[k], "bytes": v} for k, v in sorted(by_dtype.items())},
+        "tied": ckpt.aliases,
+        "fingerprint": ckpt.fingerprint,
+        "config_files": sorted(p.name for p in ckpt.meta_dir.iterdir() if p.suffix == ".json") if ckpt.meta_dir else [],
+    }
+
+
+@click.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (name, dtype, shape, bytes, file).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.option("--state-key", help="Pickles: the entry that holds the state dict.")
+def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None) -> None:
+    """Show a checkpoint's format, step, tensors, dtypes, bytes, shards and completeness.
+
+    Reads headers only (pickles: a data-free load). Given a run folder, lists its checkpoints.
+
+    \b
+    Examples:
+      ckptavg inspect runs/exp1/checkpoint-9000
+      ckptavg inspect runs/exp1/checkpoint-9000 --tensors
+      ckptavg inspect runs/exp1            # every checkpoint of the run
+    """
+    try:
+        ckpt = open_checkpoint(path, state_key=state_key)
+    except (CheckpointNotFoundError, UnknownFormatError):
+        if path.is_dir() and find_candidates(path):
+            _inspect_run(path, as_json)
+            return
+        raise
+    info = describe(ckpt)
+    if show_tensors:
+        info["tensor_list"] = [
+            {"name": r.name, "dtype": short_name(r.dtype), "shape": list(r.shape), "bytes": r.nbytes, "file": r.file.name}
+            for r in ckpt.tensors.values()
+        ]
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"path:        {info['path']}")
+    click.echo(f"format:      {info['format']}")
+    click.echo(f"step:        {info['step']}" + (f" (from {info['step_source']})" if info["step_source"] else ""))
+    click.echo(f"complete:    {'yes' if info['complete'] else 'no: ' + str(info['incomplete_reason'])}")
+    click.echo(f"tensors:     {info['tensors']} ({format_bytes(info['bytes'])})")
+    for dt, d in info["dtypes"].items():
+        click.echo(f"  {dt:<10} {d['tensors']:>6} tensors  {format_bytes(d['bytes']):>12}")
+    click.echo(f"files:       {len(info['files'])}")
+    for f in info["files"]:
+        click.echo(f"  {Path(f).name}")
+    if info["tied"]:
+        click.echo("tied:        " + ", ".join(f"{a} -> {t}" for a, t in info["tied"].items()))
+    if info["config_files"]:
+        click.echo("config:      " + ", ".join(info["config_files"]))
+    click.echo(f"fingerprint: {info['fingerprint']}")
+    if show_tensors:
+        click.echo("")
+        width = max(len(t["name"]) for t in info["tensor_list"])
+        for t in info["tensor_list"]:
+            click.echo(f"{t['name']:<{width}}  {t['dtype']:<9} {str(t['shape']):<20} {format_bytes(t['bytes']):>10}  {t['file']}")
+
+
+def _inspect_run(root: Path, as_json: bool) -> None:
+    rows = []
+    for p in find_candidates(root):
+        try:
+            c = open_checkpoint(p)
+            rows.append({"path": str(p), "step": c.step, "format": c.format, "bytes": c.nbytes,
+                         "complete": c.incomplete is None, "note": c.incomplete})
+        except CheckpointError as e:
+            rows.append({"path": str(p), "step": None, "format": None, "bytes": None, "complete": False, "note": str(e)})
+    if as_json:
+        click.echo(json.dumps({"run": str(root), "checkpoints": rows}, indent=2))
+        return
+    click.echo(f"run folder {root}: {len(rows)} checkpoint(s)")
+    for r in rows:
+        size = format_bytes(r["bytes"]) if r["bytes"] is not None else "-"
+        state = "complete" if r["complete"] else f"incomplete: {r['note']}"
+        click.echo(f"  {Path(r['path']).name:<40} step {str(r['step']):>8}  {str(r['format']):<20} {size:>10}  {state}")

@@ -1,0 +1,94 @@
+"""The ``ckptavg`` command group: logging set-up and the one place errors become exit codes.
+
+Exit codes: 0 success, 1 a checkpoint or output problem, 2 a usage error,
+130 interrupted. A traceback is printed only with ``--log-level debug``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+
+import click
+
+from .. import __version__
+from ..errors import CkptavgError
+
+log = logging.getLogger("ckptavg")
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        record.exc_text = None
+        text = super().format(record)
+        return text
+
+
+def configure_logging(level: str) -> None:
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if level == "debug" else "%(levelname)s: %(message)s"
+    handler.setFormatter(_OneLine(fmt, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    logging.getLogger("ckptavg").setLevel(level.upper())
+    logging.captureWarnings(True)
+    if level != "debug":
+        warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CKPTAVG"})
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="How much to log; 'debug' also shows tracebacks.")
+@click.version_option(__version__, prog_name="ckptavg")
+@click.pass_context
+def cli(ctx: click.Context, log_level: str) -> None:
+    """Averaged weights (EMA, LAWA, SWA, uniform) from training checkpoints, without touching the trainer."""
+    configure_logging(log_level)
+    ctx.obj = {"log_level": log_level}
+
+
+def _register() -> None:
+    from .average import average
+    from .inspect import inspect
+
+    cli.add_command(average)
+    cli.add_command(inspect)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--log-level=debug" in (argv or sys.argv) or any(
+        a == "debug" and b == "--log-level" for a, b in zip((argv or sys.argv)[1:], (argv or sys.argv))
+    )
+    try:
+        cli.main(args=argv, prog_name="ckptavg", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ckptavg: interrupted", err=True)
+        sys.exit(130)
+    except click.exceptions.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except CkptavgError as e:
+        if debug:
+            log.exception("failed")
+        click.echo(f"ckptavg: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("ckptavg: interrupted", err=True)
+        sys.exit(130)
+    except Exception as e:  # a bug, or an error we did not foresee: still one line
+        if debug:
+            log.exception("unexpected error")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        click.echo(f"ckptavg: error: {type(e).__name__}: {first[:300]} (rerun with --log-level debug for details)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

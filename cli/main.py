@@ -53,9 +53,11 @@ def cli(ctx: click.Context, log_level: str) -> None:
 
 def _register() -> None:
     from .average import average
+    from .demo import demo
     from .inspect import inspect
 
     cli.add_command(average)
+    cli.add_command(demo)
     cli.add_command(inspect)
 
 

@@ -272,10 +272,26 @@ def open_checkpoint(
             ckpt.step, ckpt.step_source = named, "name"
         elif ckpt.step is None and (s := _trainer_step(folder)) is not None:
             ckpt.step, ckpt.step_source = s, "trainer_state.json"
-    if path.is_dir() and step_from_name(path.name) is not None and path.name.lower().startswith("checkpoint"):
-        if not (path / "trainer_state.json").exists():
-            ckpt.incomplete = "trainer_state.json not written yet (HF Trainer writes it last)"
+    if path.is_dir():
+        ckpt.incomplete = _trainer_incomplete(path)
     return ckpt
+
+
+_TRAINER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "scaler.pt")
+
+
+def _trainer_incomplete(folder: Path) -> str | None:
+    """An HF Trainer checkpoint is finished when ``trainer_state.json`` exists (written last).
+
+    Only folders that hold Trainer files are judged this way; a bare
+    ``save_pretrained`` folder is complete once its weights are whole.
+    """
+    if (folder / "trainer_state.json").exists():
+        return None
+    names = set(os.listdir(folder))
+    if names & set(_TRAINER_FILES) or any(n.startswith("rng_state") for n in names):
+        return "trainer_state.json not written yet (the HF Trainer writes it last)"
+    return None
 
 
 

@@ -155,7 +155,8 @@ class Engine:
         self.staging_bytes = int(staging_bytes)
         self.check_finite = check_finite
         self.progress = progress or Progress()
-        self.files = FileCache()
+        self.files = FileCache(max_open=128)  # used by the prefetch thread only
+        self._old_files = FileCache(max_open=32)  # LAWA's leaving members, read on the calling thread
         self._scratch: dict[tuple[torch.dtype, int], torch.Tensor] = {}
         self._cuda = self.device.type == "cuda"
         if self._cuda:
@@ -166,6 +167,7 @@ class Engine:
 
     def close(self) -> None:
         self.files.close()
+        self._old_files.close()
 
     def __enter__(self) -> "Engine":
         return self
@@ -269,14 +271,18 @@ class Engine:
         ident: Hashable,
         weight: float = 1.0,
         history: Mapping[Hashable, Checkpoint] | Callable[[Hashable], Checkpoint] | None = None,
+        check_inputs: bool | None = None,
     ) -> int:
         """Fold one checkpoint into every average that accepts its step. Returns bytes read.
 
         Shapes and dtypes are checked against every average before any tensor is
         read. ``ident`` names this checkpoint uniquely within the run (its step, or
         its position); ``history`` maps the ``ident`` of earlier checkpoints to
-        themselves (LAWA reads the member leaving its window).
+        themselves (LAWA reads the member leaving its window). With
+        ``check_inputs`` (default: the engine's ``check_finite``) a tensor holding
+        NaN/Inf raises :class:`NonFiniteError` before it is folded.
         """
+        check_inputs = self.check_finite if check_inputs is None else check_inputs
         info = FoldInfo(ident=ident, step=ckpt.step, weight=weight)
         _check_steps([ckpt], averages)
         accepting = [a for a in averages if a.method.accepts(ckpt.step)]
@@ -290,7 +296,7 @@ class Engine:
         def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
             reader = old_readers.get(old_ident)
             if reader is None:
-                reader = old_readers[old_ident] = get_old(old_ident).reader(self.files)
+                reader = old_readers[old_ident] = get_old(old_ident).reader(self._old_files)
             return self._to_device(_read_matching(reader, current_name, slot))
 
         reader = ckpt.reader(self.files)
@@ -303,7 +309,7 @@ class Engine:
                 current_name = req.name
                 ref = ckpt.tensors[req.name]
                 x = self._ready(staged)
-                if self.check_finite and ref.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+                if check_inputs and ref.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
                     raise NonFiniteError("holds NaN or Inf values; the checkpoint is not folded", path=ref.file, tensor=ref.name,
                                          hint="pass --allow-nonfinite to average it anyway")
                 self._fold_tensor(x, self._jobs(ref, accepting, info, ckpt.path), info, read_old)
@@ -349,7 +355,7 @@ class Engine:
         def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
             reader = old_readers.get(old_ident)
             if reader is None:
-                reader = old_readers[old_ident] = by_ident[old_ident].reader(self.files)
+                reader = old_readers[old_ident] = by_ident[old_ident].reader(self._old_files)
             return self._to_device(_read_matching(reader, current_name, slot))
 
         stream = _Prefetcher(requests, lambda r: self._load(readers[r.ckpt_index], r.name), self.staging_bytes)

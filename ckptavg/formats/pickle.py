@@ -28,15 +28,13 @@ import torch
 from ..errors import (
     CheckpointChangedError,
     CheckpointVanishedError,
-    IndexMismatchError,
-    MissingShardError,
     UnknownFormatError,
     UnsafePickleError,
     UnsupportedCheckpointError,
 )
 from ..fileio import FileIdentity, identify
 from .refs import TensorRef
-from .safetensors import _safe_member, read_index_json
+from .safetensors import check_shard_keys, read_index_json, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +193,13 @@ def index_pickle(path: Path, *, state_key: str | None = None, strip_prefix: str 
 
 
 def index_pickle_sharded(index_path: Path, *, state_key: str | None = None, strip_prefix: str | None = None) -> list[PickleIndex]:
-    folder = index_path.parent
     weight_map = read_index_json(index_path)
-    shards = sorted(set(weight_map.values()))
-    paths = [_safe_member(folder, s, index_path) for s in shards]
-    missing = [s for s, p in zip(shards, paths) if not p.is_file()]
-    if missing:
-        raise MissingShardError(
-            f"index lists {len(shards)} shards but {len(missing)} are missing: {', '.join(missing)}",
-            path=index_path, hint="the checkpoint is incomplete or still being written",
-        )
-    indexes = [index_pickle(p, state_key=state_key, strip_prefix=strip_prefix) for p in paths]
-    for shard, idx in zip(shards, indexes):
+    indexes = []
+    for shard, path in resolve_shards(index_path, weight_map).items():
+        idx = index_pickle(path, state_key=state_key, strip_prefix=strip_prefix)
         listed = {t for t, s in weight_map.items() if s == shard}
-        present_keys = set(idx.key_of.values())
-        if listed - present_keys:
-            raise IndexMismatchError("index assigns tensor to this shard but it does not hold it",
-                                     path=idx.path, tensor=sorted(listed - present_keys)[0])
-        if present_keys - listed:
-            raise IndexMismatchError(f"shard holds a tensor that {index_path.name} does not list",
-                                     path=idx.path, tensor=sorted(present_keys - listed)[0])
+        check_shard_keys(listed, set(idx.key_of.values()), path, index_path.name)
+        indexes.append(idx)
     return indexes
 
 

@@ -224,46 +224,43 @@ def read_index_json(index_path: Path) -> dict[str, str]:
     return weight_map
 
 
+def resolve_shards(index_path: Path, weight_map: dict[str, str]) -> dict[str, Path]:
+    """Shard file name -> path for every shard an index names; each must stay in the folder and exist."""
+    shards = sorted(set(weight_map.values()))
+    paths = {shard: _safe_member(index_path.parent, shard, index_path) for shard in shards}
+    missing = [shard for shard, p in paths.items() if not p.is_file()]
+    if missing:
+        raise MissingShardError(
+            f"index lists {len(paths)} shards but {len(missing)} are missing: {', '.join(missing)}",
+            path=index_path, hint="the checkpoint is incomplete or still being written",
+        )
+    return paths
+
+
+def check_shard_keys(listed: set[str], present: set[str], shard_path: Path, index_name: str) -> None:
+    """An index and one of its shards must agree on exactly which tensors the shard holds."""
+    for extra, what in ((listed - present, f"{index_name} assigns the tensor to this shard but the shard does not hold it"),
+                        (present - listed, f"the shard holds a tensor that {index_name} does not list")):
+        if extra:
+            more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
+            raise IndexMismatchError(what + more, path=shard_path, tensor=sorted(extra)[0])
+
+
 def index_sharded(index_path: Path) -> tuple[dict[str, TensorRef], list[SafetensorsHeader]]:
     """Index a sharded safetensors checkpoint from its ``*.safetensors.index.json``.
 
     Every shard must exist, stay inside the folder, and hold exactly the tensors
     the index assigns to it.
     """
-    folder = index_path.parent
     weight_map = read_index_json(index_path)
-    by_shard: dict[str, list[str]] = {}
-    for tensor, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(tensor)
-    shard_paths = {shard: _safe_member(folder, shard, index_path) for shard in by_shard}
-    missing = [shard for shard, p in shard_paths.items() if not p.is_file()]
-    if missing:
-        raise MissingShardError(
-            f"index lists {len(shard_paths)} shards but {len(missing)} are missing: {', '.join(sorted(missing))}",
-            path=index_path, hint="the checkpoint is incomplete or still being written",
-        )
+    shard_paths = resolve_shards(index_path, weight_map)
     tensors: dict[str, TensorRef] = {}
     headers: list[SafetensorsHeader] = []
-    for shard in sorted(by_shard):
-        header = read_header(shard_paths[shard])
+    for shard, path in shard_paths.items():
+        header = read_header(path)
         headers.append(header)
-        listed = set(by_shard[shard])
-        present = set(header.tensors)
-        if listed - present:
-            name = sorted(listed - present)[0]
-            raise IndexMismatchError(
-                f"index assigns tensor to {shard} but that shard does not hold it"
-                + (f" (and {len(listed - present) - 1} more)" if len(listed - present) > 1 else ""),
-                path=shard_paths[shard], tensor=name,
-            )
-        if present - listed:
-            name = sorted(present - listed)[0]
-            raise IndexMismatchError(
-                f"shard holds a tensor that {index_path.name} does not list"
-                + (f" (and {len(present - listed) - 1} more)" if len(present - listed) > 1 else ""),
-                path=shard_paths[shard], tensor=name,
-            )
+        listed = {t for t, s in weight_map.items() if s == shard}
+        check_shard_keys(listed, set(header.tensors), path, index_path.name)
         tensors.update(header.tensors)
     # keep the index's order (usually the model's parameter order)
-    ordered = {name: tensors[name] for name in weight_map}
-    return ordered, headers
+    return {name: tensors[name] for name in weight_map}, headers

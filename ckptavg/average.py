@@ -122,13 +122,17 @@ class Average:
         return slot
 
     # -- results ---------------------------------------------------------------------
-    def result(self, name: str) -> torch.Tensor:
-        """The average of tensor ``name`` in its source dtype and shape."""
+    def value(self, name: str) -> torch.Tensor:
+        """The average of tensor ``name``, flat, in the accumulator dtype (``latest``: source dtype)."""
         slot = self.slots[name]
         method = self.method_for(name, slot.dtype)
         assert method is not None
-        value = method.value(slot)
-        return value.to(slot.dtype).reshape(slot.shape)
+        return method.value(slot)
+
+    def result(self, name: str) -> torch.Tensor:
+        """The average of tensor ``name`` in its source dtype and shape."""
+        slot = self.slots[name]
+        return self.value(name).to(slot.dtype).reshape(slot.shape)
 
     def names(self) -> Iterator[str]:
         return iter(self.slots)

@@ -390,10 +390,11 @@ class Engine:
         for avg in averages:
             if name not in avg.slots:
                 continue
-            value = avg.result(name)
+            value = avg.value(name)  # checked before the cast: fp32 is quicker to scan than bf16
             if self.check_finite and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
                 raise self._find_nonfinite(name, ckpts, avg)
-            emit(avg, name, value.cpu())
+            slot = avg.slots[name]
+            emit(avg, name, value.to(slot.dtype).reshape(slot.shape).cpu())
             avg.drop(name)
 
     def _find_nonfinite(self, name: str, ckpts: Sequence[Checkpoint], avg: Average) -> CkptavgError:

@@ -8,8 +8,8 @@ outright on a torch too old to honour that. Side files that are pickles of
 arbitrary objects (``training_args.bin``, DCP ``.metadata``, Lightning
 ``meta.pt``) are never loaded.
 
-Indexing uses ``map_location="meta"``: names, dtypes and shapes come out of the
-pickle without reading any tensor data. A pickle's tensors can only be read by
+Indexing reads names, dtypes, shapes and storage sharing out of the pickle
+without reading any tensor data (see :func:`_index_load`). A pickle's tensors can only be read by
 loading the whole file, so pickles are read one file at a time.
 """
 
@@ -67,10 +67,10 @@ def _check_torch(path: Path) -> None:
         )
 
 
-def _torch_load(path: Path, map_location: str) -> Any:
+def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
     _check_torch(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=False)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointVanishedError("file was deleted before it could be read", path=path) from None
     except pickle.UnpicklingError as e:
@@ -152,13 +152,29 @@ def _strip(names: list[str], *, lightning: bool, strip_prefix: str | None) -> di
     return out
 
 
+def _index_load(path: Path) -> Any:
+    """Load a pickle's structure without reading tensor data.
+
+    Zip-format files (every ``torch.save`` since 1.6) are mapped with ``mmap=True``
+    so that tensors sharing one storage (tied weights) share an address; no tensor
+    byte is touched, so a concurrent truncation cannot fault this read. Legacy
+    files fall back to a ``meta`` load (aliases are then found at read time).
+    """
+    try:
+        return _torch_load(path, "cpu", mmap=True)
+    except UnknownFormatError as e:
+        if "mmap" not in str(e) and "zip" not in str(e):
+            raise
+    return _torch_load(path, "meta")
+
+
 class PickleIndex:
     """Tensors of one pickle file, from a data-free (meta) load."""
 
     def __init__(self, path: Path, *, state_key: str | None, strip_prefix: str | None, lightning: bool) -> None:
         self.path = path
         self.identity: FileIdentity = identify(path)
-        obj = _torch_load(path, "meta")
+        obj = _index_load(path)
         state, self.state_key = _find_state_dict(obj, path, state_key)
         self.lightning = lightning
         self.global_step = obj.get("global_step") if isinstance(obj, Mapping) and isinstance(obj.get("global_step"), int) else None
@@ -174,7 +190,7 @@ class PickleIndex:
         fp = hashlib.sha256()
         for key, name in names.items():
             t = state[key]
-            ident = (t.untyped_storage()._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+            ident = (t.untyped_storage().data_ptr() or id(t), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
             if ident in seen:
                 self.aliases[name] = seen[ident]
                 continue

@@ -32,7 +32,7 @@ def is_noise(name: str) -> bool:
     """Names that writers use while a checkpoint is not final yet, and hidden files."""
     return (
         name.startswith(".")
-        or name.startswith("tmp-checkpoint")
+        or name.startswith(("tmp-", "tmp_"))  # HF Trainer stages as tmp-checkpoint-N
         or name.endswith((".tmp", ".partial", ".incomplete"))
         or ".orbax-checkpoint-tmp" in name
         or ".ckptavg-tmp-" in name

@@ -272,8 +272,9 @@ def test_side_files_are_never_unpickled(tmp_path, ckptavg):
 # -- row 17: noise entries ---------------------------------------------------------------------------
 def test_noise_entries_are_ignored(tmp_path, ckptavg):
     run = tmp_path / "run"
-    for i, name in enumerate(["checkpoint-100", "checkpoint-200", "tmp-checkpoint-300",
-                              "checkpoint-400.orbax-checkpoint-tmp-1", ".hidden-500"]):
+    # every noise name below carries a step, so only the noise rules keep it out
+    for i, name in enumerate(["checkpoint-100", "checkpoint-200", "tmp-checkpoint-300", "tmp-step-350",
+                              "step_400.orbax-checkpoint-tmp-1", ".step-500"]):
         write_checkpoint(run / name, tiny_state(i), step=(i + 1) * 100)
     write_checkpoint(run / "step-600.metadata.tmp", tiny_state(6), "safetensors-file")
     write_checkpoint(run / "step_700.safetensors.tmp", tiny_state(7), "safetensors-file")

@@ -97,6 +97,16 @@ class Plan:
     skip: bool = False
 
 
+def _div(t: torch.Tensor, d: float) -> torch.Tensor:
+    """``t / d``, correctly rounded on every device.
+
+    CUDA divides by a Python scalar as a multiplication by its reciprocal (one
+    more rounding); a 0-dim tensor on the same device gets true division, so
+    CPU and CUDA agree bit for bit.
+    """
+    return t / torch.tensor(d, dtype=t.dtype, device=t.device)
+
+
 class Method:
     """Base class. Subclasses set ``name``, ``reference`` and the three phases."""
 
@@ -175,7 +185,7 @@ class Uniform(Method):
     def value(self, slot: Slot) -> torch.Tensor:
         if slot.weight_sum == 0:
             raise UsageError("the weights of every checkpoint holding this tensor sum to zero")
-        return slot.bufs["sum"] / slot.weight_sum
+        return _div(slot.bufs["sum"], slot.weight_sum)
 
 
 class SWA(Uniform):
@@ -299,7 +309,7 @@ class LAWA(Method):
             slot.fresh = 0
 
     def value(self, slot: Slot) -> torch.Tensor:
-        return slot.bufs["S"] / len(slot.window)
+        return _div(slot.bufs["S"], len(slot.window))
 
 
 class Latest(Method):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -133,9 +133,6 @@ class Average:
         """The average of tensor ``name`` in its source dtype and shape."""
         slot = self.slots[name]
         return self.value(name).to(slot.dtype).reshape(slot.shape)
-
-    def names(self) -> Iterator[str]:
-        return iter(self.slots)
 
     def drop(self, name: str) -> None:
         self.slots.pop(name, None)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointNotFoundError, UnknownFormatError, UnsupportedCheckpointError
-from .fileio import FileCache, FileIdentity
+from .fileio import FileCache
 from .formats import pickle as pkl
 from .formats import safetensors as st
 from .formats.refs import TensorRef
@@ -71,10 +71,6 @@ class Checkpoint:
 
     def reader(self, files: FileCache | None = None) -> "CheckpointReader":
         return CheckpointReader(self, files)
-
-    def with_step(self, step: int, source: str) -> "Checkpoint":
-        self.step, self.step_source = step, source
-        return self
 
 
 class CheckpointReader:

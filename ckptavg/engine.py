@@ -375,7 +375,7 @@ class Engine:
                     self.progress.checkpoint_done(ckpt, read_bytes[req.ckpt_index], time.perf_counter() - started)
                 pending[req.name] -= 1
                 if pending[req.name] == 0:
-                    self._finish_tensor(req.name, ckpts, averages, emit)
+                    self.finish_tensor(req.name, ckpts, averages, emit)
         finally:
             stream.close()
             for r in [*readers, *old_readers.values()]:
@@ -385,8 +385,10 @@ class Engine:
                 if avg.method.accepts(c.step):
                     avg.folded.append(FoldRecord(str(c.path), c.step, c.fingerprint, info.weight if weights is not None else None))
 
-    def _finish_tensor(self, name: str, ckpts: Sequence[Checkpoint], averages: Sequence[Average],
-                       emit: Callable[[Average, str, torch.Tensor], None]) -> None:
+    def finish_tensor(self, name: str, ckpts: Sequence[Checkpoint], averages: Sequence[Average],
+                      emit: Callable[[Average, str, torch.Tensor], None]) -> None:
+        """Emit the finished average of tensor ``name`` from each average (checked for NaN/Inf
+        unless ``check_finite`` is off) and free its accumulators."""
         for avg in averages:
             if name not in avg.slots:
                 continue

@@ -97,8 +97,6 @@ class FileCache:
         try:
             buf = read_exact(fd, n, offset, path=path, out=out)
         except OSError as e:
-            if isinstance(e, TruncatedFileError):
-                raise
             raise CheckpointChangedError(f"read failed: {os.strerror(e.errno or errno.EIO)}", path=path) from e
         self._check(path, fd, expected)
         return buf

@@ -85,12 +85,10 @@ def order_checkpoints(
         kept.append((c, None if weights is None else weights[i]))
     if all(c.step is not None for c, _ in kept):
         kept.sort(key=lambda t: t[0].step)  # type: ignore[arg-type,return-value]
-        steps = [c.step for c, _ in kept]
         for (a, _), (b, _) in zip(kept, kept[1:]):
             if a.step == b.step:
                 raise StepError(f"has the same step ({b.step}) as {a.path}", path=b.path,
                                 hint="pass --steps to set the steps explicitly")
-        del steps
     ordered = [c for c, _ in kept]
     return ordered, (None if weights is None else [w for _, w in kept])  # type: ignore[misc]
 
@@ -170,7 +168,7 @@ def average_checkpoints(
                                     history=history, check_inputs=False)  # outputs are checked instead
                     for a in averages:
                         for ref in plans[a.name]:
-                            engine._finish_tensor(ref.name, ckpts, [a], lambda avg, name, t: writers[avg.name].write(name, t))
+                            engine.finish_tensor(ref.name, ckpts, [a], lambda avg, name, t: writers[avg.name].write(name, t))
             except BaseException:
                 for w in writers.values():
                     w.abort()

@@ -7,6 +7,7 @@ Exit codes: 0 success, 1 a checkpoint or output problem, 2 a usage error,
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import warnings
 
@@ -18,20 +19,13 @@ from ..errors import CkptavgError
 log = logging.getLogger("ckptavg")
 
 
-class _OneLine(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        record.exc_text = None
-        text = super().format(record)
-        return text
-
-
 def configure_logging(level: str) -> None:
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
     handler = logging.StreamHandler(sys.stderr)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if level == "debug" else "%(levelname)s: %(message)s"
-    handler.setFormatter(_OneLine(fmt, datefmt="%H:%M:%S"))
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("ckptavg").setLevel(level.upper())
@@ -65,8 +59,9 @@ _register()
 
 
 def main(argv: list[str] | None = None) -> None:
-    debug = "--log-level=debug" in (argv or sys.argv) or any(
-        a == "debug" and b == "--log-level" for a, b in zip((argv or sys.argv)[1:], (argv or sys.argv))
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = os.environ.get("CKPTAVG_LOG_LEVEL", "").lower() == "debug" or "--log-level=debug" in args or any(
+        a == "--log-level" and b == "debug" for a, b in zip(args, args[1:])
     )
     try:
         cli.main(args=argv, prog_name="ckptavg", standalone_mode=False)

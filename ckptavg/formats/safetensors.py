@@ -66,10 +66,9 @@ class SafetensorsHeader:
         return 8 + self.header_len
 
 
-def read_header(path: Path, *, file_label: str | None = None) -> SafetensorsHeader:
+def read_header(path: Path) -> SafetensorsHeader:
     """Read and validate the header of one ``.safetensors`` file."""
     path = Path(path)
-    label = file_label or path.name
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:

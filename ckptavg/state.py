@@ -1,0 +1,229 @@
+"""Persisted averages: accumulators and manifest, saved in generations so a crash never loses both.
+
+A generation ``N`` is two files in the state folder:
+
+* ``accumulators-N.safetensors`` — every slot buffer of every average, keyed
+  ``<average>/<tensor>/<buffer>``, written as a stream (one tensor at a time);
+* ``manifest-N.json`` — the schema version, each average's configuration and
+  per-tensor bookkeeping (counts, last steps, LAWA windows), the folded
+  checkpoints, caller data, and the SHA-256 of the accumulator file.
+
+Both are written durably (temporary file in the same folder, fsync, rename,
+fsync of the folder); the manifest is renamed last, so it is the commit. The
+previous generation is kept until the next one is committed. Loading takes the
+newest generation whose checksum verifies, falls back to the previous one with
+a warning, and refuses — never silently resets — when none verifies or the
+state was written by a newer schema. A state folder is owned by one process at
+a time (``flock`` on ``lock``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from collections import deque
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .atomic import atomic_write_bytes
+from .average import Average, FoldRecord
+from .dtypes import SAFETENSORS_TO_TORCH
+from .errors import CheckpointError, CkptavgError, OutputError
+from .export import _Entry, _ShardFile
+from .fileio import FileCache, identify
+from .formats.safetensors import read_header
+from .methods import Slot
+
+log = logging.getLogger(__name__)
+
+__all__ = ["StateStore", "StateError", "StateLockedError", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+_MANIFEST = re.compile(r"^manifest-(\d+)\.json$")
+
+
+class StateError(CkptavgError):
+    """The saved state cannot be used (corrupt, newer schema, other configuration)."""
+
+
+class StateLockedError(CkptavgError):
+    """Another process owns this state folder."""
+
+
+class StateStore:
+    """The state folder of one set of averages."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self._lock_fd: int | None = None
+
+    # -- ownership ------------------------------------------------------------------------
+    def lock(self) -> None:
+        """Take the folder for this process, or raise :class:`StateLockedError`."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateLockedError(f"is in use by process {holder}", path=self.folder,
+                                   hint="another ckptavg daemon runs on this state; stop it or use another --state-dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    # -- generations ------------------------------------------------------------------------
+    def generations(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        gens = [int(m.group(1)) for p in self.folder.iterdir() if (m := _MANIFEST.match(p.name))]
+        return sorted(gens)
+
+    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None) -> int:
+        """Commit a new generation holding ``averages`` and ``extra``; returns its number."""
+        gens = self.generations()
+        gen = (gens[-1] + 1) if gens else 1
+        self.folder.mkdir(parents=True, exist_ok=True)
+        name = f"accumulators-{gen}.safetensors"
+        entries: list[tuple[str, torch.Tensor]] = []
+        for avg in averages:
+            for tensor, slot in avg.slots.items():
+                for buf, t in slot.bufs.items():
+                    entries.append((f"{avg.name}/{tensor}/{buf}", t))
+        tmp = self.folder / f".{name}.ckptavg-tmp-{secrets.token_hex(4)}"
+        digest = hashlib.sha256()
+        try:
+            writer = _ShardFile(tmp, [_Entry(k, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for k, t in entries],
+                                {"format": "pt", "ckptavg.state": str(gen)})
+            for key, t in entries:
+                data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+                if data.numel():
+                    digest.update(memoryview(data.numpy()))
+                writer.write(key, t.detach().cpu())
+            writer.close()
+            os.replace(tmp, self.folder / name)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OutputError(f"could not save the averages' state: {e.strerror or e}", path=self.folder / name) from e
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "generation": gen,
+            "accumulators": name,
+            "sha256": digest.hexdigest(),
+            "averages": [
+                {
+                    **avg.describe(),
+                    "slots": {tensor: {**slot.meta(), "bufs": list(slot.bufs)} for tensor, slot in avg.slots.items()},
+                    "folded": [r.to_json() for r in avg.folded],
+                }
+                for avg in averages
+            ],
+            "extra": extra or {},
+        }
+        atomic_write_bytes(self.folder / f"manifest-{gen}.json", json.dumps(manifest, indent=1).encode())
+        for old in gens[:-1]:  # keep the previous generation as the fallback
+            self._remove(old)
+        return gen
+
+    def _remove(self, gen: int) -> None:
+        (self.folder / f"manifest-{gen}.json").unlink(missing_ok=True)
+        (self.folder / f"accumulators-{gen}.safetensors").unlink(missing_ok=True)
+
+    def load(self, averages: Sequence[Average]) -> dict[str, Any] | None:
+        """Restore ``averages`` from the newest valid generation; returns its ``extra`` (None: no state).
+
+        ``averages`` must be configured as when they were saved (same names,
+        methods, options and rules); anything else is refused.
+        """
+        gens = self.generations()
+        if not gens:
+            return None
+        problems = []
+        for gen in reversed(gens[-2:]):
+            try:
+                manifest = self._read_manifest(gen)
+                tensors = self._read_accumulators(manifest)
+            except StateError as e:
+                if "newer" in e.message:
+                    raise
+                problems.append(str(e))
+                log.warning("state generation %d is unusable (%s); trying the previous one", gen, e.message)
+                continue
+            self._restore(manifest, tensors, averages)
+            if problems:
+                log.warning("resumed from generation %d after: %s", gen, "; ".join(problems))
+            return manifest["extra"]
+        raise StateError("no saved generation verifies: " + "; ".join(problems), path=self.folder,
+                         hint="move the state folder away to start over (the averages would restart empty)")
+
+    def _read_manifest(self, gen: int) -> dict[str, Any]:
+        path = self.folder / f"manifest-{gen}.json"
+        try:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise StateError(f"manifest is unreadable ({e})", path=path) from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("schema"), int):
+            raise StateError("manifest has no schema version", path=path)
+        if manifest["schema"] > SCHEMA_VERSION:
+            raise StateError(f"was written by a newer ckptavg (state schema {manifest['schema']}, this version reads "
+                             f"{SCHEMA_VERSION})", path=path, hint="upgrade ckptavg")
+        return manifest
+
+    def _read_accumulators(self, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+        path = self.folder / str(manifest.get("accumulators"))
+        try:
+            header = read_header(path)
+        except CheckpointError as e:
+            raise StateError(f"accumulator file is unusable: {e.message}", path=path) from None
+        digest = hashlib.sha256()
+        tensors = {}
+        with FileCache() as files:
+            ident = identify(path)
+            for name, ref in header.tensors.items():
+                raw = files.read(path, ident, ref.offset, ref.nbytes)  # type: ignore[arg-type]
+                digest.update(memoryview(raw.numpy()))
+                tensors[name] = raw.view(ref.dtype).reshape(ref.shape)
+        if digest.hexdigest() != manifest.get("sha256"):
+            raise StateError("accumulator checksum does not match its manifest", path=path)
+        return tensors
+
+    @staticmethod
+    def _restore(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], averages: Sequence[Average]) -> None:
+        saved = {a["name"]: a for a in manifest["averages"]}
+        for avg in averages:  # validate everything before touching any average
+            s = saved.get(avg.name)
+            want = avg.describe()
+            if s is None or any(s.get(k) != want[k] for k in ("method", "options", "rules", "accum_dtype")):
+                raise StateError(
+                    f"the saved state does not hold average {avg.name!r} with this configuration "
+                    f"(saved: {', '.join(sorted(saved)) or 'none'})",
+                    hint="use the configuration the state was made with, or another state folder",
+                )
+        for avg in averages:
+            s = saved[avg.name]
+            avg.slots.clear()
+            for tensor, meta in s["slots"].items():
+                slot = Slot(shape=tuple(meta["shape"]), dtype=_DTYPE_BY_NAME[meta["dtype"]], count=meta["count"],
+                            last_step=meta["last_step"], weight_sum=meta["weight_sum"], fresh=meta["fresh"],
+                            window=deque(meta["window"]))
+                for buf in meta["bufs"]:
+                    t = tensors[f"{avg.name}/{tensor}/{buf}"]
+                    slot.bufs[buf] = t if avg.device.type == "cpu" else t.to(avg.device)
+                avg.slots[tensor] = slot
+            avg.folded = [FoldRecord(r["path"], r["step"], r["fingerprint"], r.get("weight")) for r in s["folded"]]
+
+
+_DTYPE_BY_NAME = {str(t).removeprefix("torch."): t for t in SAFETENSORS_TO_TORCH.values()}

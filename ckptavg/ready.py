@@ -1,0 +1,113 @@
+"""When is a checkpoint finished? By the rules of the writer that made it.
+
+Writers do not save atomically, so a checkpoint is folded only once its writer's
+commit signal is there (``../shared/FAULTS.md``, "What the checkpoint writers
+guarantee"):
+
+* **HF Trainer** folder (Trainer files such as ``optimizer.pt``/``rng_state*`` present):
+  ``trainer_state.json`` (written last) exists and every indexed shard is present and whole.
+* **torch.distributed.checkpoint**: ``.metadata`` exists (``.metadata.tmp`` renamed is the commit).
+* **Orbax**: no ``.orbax-checkpoint-tmp`` in the name, or ``commit_success.txt`` present.
+* **DeepSpeed**: a non-empty ``latest`` tag file in the run folder names the tag.
+* **a bare safetensors file or ``save_pretrained`` folder**: complete by header arithmetic
+  (``8 + header_len + data_end == size``) and quiet for ``settle`` seconds.
+* **a pickle file** (``.pt``/``.ckpt``/``.bin``): its zip end-of-central-directory record is
+  there (a torch zip written in place lacks it until the end) and it is quiet for ``settle`` seconds.
+* a user **marker** glob (e.g. ``COMPLETE``) overrides all of these.
+
+Nothing here reads tensor data or unpickles anything. The clock is injectable.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Literal
+
+from .checkpoint import open_checkpoint
+from .discover import is_noise
+from .errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
+from .steps import step_from_name
+
+__all__ = ["Readiness", "check_ready"]
+
+_EOCD = b"PK\x05\x06"
+
+
+@dataclass(frozen=True)
+class Readiness:
+    state: Literal["ready", "waiting", "bad"]
+    reason: str
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+
+def _newest_mtime(path: Path) -> float:
+    if path.is_file():
+        return path.stat().st_mtime
+    newest = path.stat().st_mtime
+    for entry in os.scandir(path):
+        try:
+            newest = max(newest, entry.stat(follow_symlinks=False).st_mtime)
+        except FileNotFoundError:
+            continue
+    return newest
+
+
+def _zip_finished(path: Path) -> bool:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65_558))  # EOCD (22 bytes) + the longest zip comment
+        return _EOCD in f.read()
+
+
+def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
+                clock: Callable[[], float] = time.time) -> Readiness:
+    """Decide whether ``path`` (a checkpoint folder or file) is finished and can be folded."""
+    path = Path(path)
+    if is_noise(path.name):
+        return Readiness("waiting", "a staging or hidden name; the writer has not renamed it yet")
+    if not path.exists():
+        return Readiness("waiting", "not there (yet)")
+    if marker is not None:
+        base = path if path.is_dir() else path.parent
+        return (Readiness("ready", f"marker {marker!r} present") if any(base.glob(marker))
+                else Readiness("waiting", f"marker {marker!r} not written yet"))
+    quiet = clock() - _newest_mtime(path) >= settle
+    if path.is_dir():
+        names = set(os.listdir(path))
+        if any(n.endswith(".distcp") for n in names) or ".metadata.tmp" in names or ".metadata" in names:
+            return (Readiness("ready", "DCP .metadata committed") if ".metadata" in names
+                    else Readiness("waiting", "DCP .metadata not committed yet"))
+        if "commit_success.txt" in names:
+            return Readiness("ready", "Orbax commit_success.txt present")
+        latest = path.parent / "latest"
+        if latest.is_file():  # DeepSpeed: the tag file is written after the tag folder
+            tag = latest.read_text(errors="replace").strip()
+            here, there = step_from_name(path.name), step_from_name(tag)
+            if not tag or (tag != path.name and (here is None or there is None or there < here)):
+                return Readiness("waiting", f"DeepSpeed 'latest' names {tag or 'nothing'!s}, not this tag yet")
+        trainer = bool(names & {"optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "scaler.pt"}) or any(
+            n.startswith("rng_state") for n in names)
+        if trainer and "trainer_state.json" not in names:
+            return Readiness("waiting", "trainer_state.json not written yet (the HF Trainer writes it last)")
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt") and not _zip_finished(path):
+        return Readiness("waiting", "pickle still being written (no zip end record yet)")
+    try:
+        ckpt = open_checkpoint(path)
+    except IncompleteCheckpointError as e:
+        return Readiness("waiting", str(e))
+    except UnsupportedCheckpointError as e:
+        return Readiness("bad", str(e))
+    except CheckpointError as e:
+        # a header that does not parse may still be mid-write: wait for the settle window, then call it bad
+        return Readiness("bad" if quiet else "waiting", str(e))
+    if path.is_dir() and (path / "trainer_state.json").exists():
+        return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard whole")
+    if not quiet:
+        return Readiness("waiting", f"whole, but modified less than {settle:g} s ago")
+    return Readiness("ready", f"{ckpt.format}: whole and quiet for {settle:g} s")

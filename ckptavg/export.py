@@ -189,13 +189,13 @@ def copy_meta_files(src: Path | None, dst: Path) -> list[str]:
     return copied
 
 
-def provenance(avg: Average, ckpts: Sequence[Checkpoint], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def provenance(avg: Average, formats: Sequence[str], *, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "ckptavg_version": __version__,
         **avg.describe(),
         "steps": [r.step for r in avg.folded],
         "inputs": [r.to_json() for r in avg.folded],
-        "formats": sorted({c.format for c in ckpts}),
+        "formats": sorted(set(formats)),
         **(extra or {}),
     }
 
@@ -235,3 +235,44 @@ made by [ckptavg](https://github.com/ckptavg/ckptavg) {prov['ckptavg_version']}.
 
 `ckptavg.json` holds the same provenance in machine-readable form.
 """
+
+
+def finish_folder(folder: Path, avg: Average, writer: ModelWriter, *, newest: Checkpoint | None,
+                  formats: Sequence[str], extra: dict[str, Any] | None = None) -> None:
+    """Close the weights, then add the newest input's config/tokenizer files, ``ckptavg.json`` and the model card."""
+    writer.finish()
+    copied = copy_meta_files(newest.meta_dir if newest is not None else None, folder)
+    prov = provenance(avg, formats, extra={"tied_weights": writer.aliases, "copied_files": copied, **(extra or {})})
+    (folder / "ckptavg.json").write_text(json.dumps(prov, indent=2) + "\n")
+    (folder / "README.md").write_text(model_card(avg, prov, total_bytes=writer.total_bytes, n_tensors=len(writer.weight_map)))
+
+
+def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+    """Write the current state of a long-lived average as a model folder at ``target``, atomically
+    replacing what was there (the daemon's publish). Accumulators are left as they are."""
+    from .atomic import AtomicDir
+
+    order = [n for n in newest.tensors if n in avg.slots] + [n for n in avg.slots if n not in newest.tensors]
+    refs = [_SlotRef(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]
+    with AtomicDir(target, replace=True) as folder:
+        writer = ModelWriter(folder, refs, max_shard_bytes=max_shard_bytes,  # type: ignore[arg-type]
+                             weights_name=newest.weights_name, aliases=aliases)
+        try:
+            for name in order:
+                writer.write(name, avg.result(name).cpu())
+        except BaseException:
+            writer.abort()
+            raise
+        finish_folder(folder, avg, writer, newest=newest, formats=[newest.format], extra=extra)
+
+
+@dataclass(frozen=True)
+class _SlotRef:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from .average import Average
 from .checkpoint import Checkpoint
 from .engine import Engine, expected_outputs
 from .errors import StepError, UsageError
-from .export import DEFAULT_SHARD_BYTES, ModelWriter, copy_meta_files, model_card, provenance
+from .export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder
 from .methods import make_method
 from .progress import Progress
 from .rules import Rule
@@ -173,16 +172,9 @@ def average_checkpoints(
                 for w in writers.values():
                     w.abort()
                 raise
-            newest = ckpts[-1]
             for a in averages:
-                w = writers[a.name]
-                w.finish()
-                copied = copy_meta_files(newest.meta_dir, folders[a.name])
-                extra = {"tied_weights": w.aliases, "copied_files": copied, "schedule": schedule}
-                prov = provenance(a, ckpts, extra=extra)
-                (folders[a.name] / "ckptavg.json").write_text(json.dumps(prov, indent=2) + "\n")
-                (folders[a.name] / "README.md").write_text(
-                    model_card(a, prov, total_bytes=w.total_bytes, n_tensors=len(plans[a.name])))
+                finish_folder(folders[a.name], a, writers[a.name], newest=ckpts[-1],
+                              formats=[c.format for c in ckpts], extra={"schedule": schedule})
     finally:
         engine.progress.finish()
         if owns_engine:

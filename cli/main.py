@@ -49,10 +49,11 @@ def _register() -> None:
     from .average import average
     from .demo import demo
     from .inspect import inspect
+    from .status import status
+    from .watch import watch
 
-    cli.add_command(average)
-    cli.add_command(demo)
-    cli.add_command(inspect)
+    for command in (average, demo, inspect, status, watch):
+        cli.add_command(command)
 
 
 _register()

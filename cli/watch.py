@@ -1,0 +1,54 @@
+"""``ckptavg watch``: the sidecar daemon beside a training job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..daemon.config import config_from_flags, load_config
+from ..daemon.service import Service
+from ..errors import UsageError
+
+
+@click.command()
+@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where averages are published as <name>/.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config (see systemd/exp1.toml).")
+@click.option("--ema", type=float, multiple=True, metavar="H", help="An EMA with half-life H steps (repeatable).")
+@click.option("--lawa", type=int, multiple=True, metavar="K", help="A LAWA over the last K checkpoints (repeatable).")
+@click.option("--swa-start", type=int, multiple=True, metavar="S", help="An SWA from step S on (repeatable).")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="Daemon state (default OUTPUT/.ckptavg).")
+@click.option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
+@click.option("--poll", "poll", flag_value="always", default=None, help="Poll instead of file events (network mounts).")
+@click.option("--poll-interval", type=float, help="Seconds between full rescans (default 10).")
+@click.option("--settle", type=float, help="Seconds a bare file must stay unmodified (default 5).")
+@click.option("--marker", help="Glob that marks a checkpoint finished (e.g. COMPLETE).")
+@click.option("--publish-every", type=int, help="Publish after this many folds (default 1).")
+@click.option("--persist-every", type=int, help="Persist the state after this many folds (default 1).")
+def watch(run: Path | None, output: Path | None, config_path: Path | None, ema: tuple[float, ...], lawa: tuple[int, ...],
+          swa_start: tuple[int, ...], state_dir: Path | None, device: str | None, poll: str | None,
+          poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
+          persist_every: int | None) -> None:
+    """Watch a training run's checkpoint folder and keep averages of its checkpoints up to date.
+
+    \b
+    Examples:
+      ckptavg watch runs/exp1 -o runs/exp1-avg --ema 2000 --lawa 5 --swa-start 6000
+      ckptavg watch --config exp1.toml
+    """
+    options = {"state_dir": str(state_dir) if state_dir else None, "device": device, "poll": poll,
+               "poll_interval": poll_interval, "settle": settle, "marker": marker, "publish_every": publish_every,
+               "persist_every": persist_every}
+    if config_path is not None:
+        if ema or lawa or swa_start:
+            raise UsageError("--ema/--lawa/--swa-start cannot be combined with --config; add [[average]] tables instead")
+        overrides = {**options, "watch": str(run) if run else None, "output": str(output) if output else None}
+        cfg = load_config(config_path, **overrides)
+    else:
+        if run is None or output is None:
+            raise UsageError("give RUN and -o OUTPUT (or --config FILE)")
+        if not (ema or lawa or swa_start):
+            raise UsageError("ask for at least one average: --ema H, --lawa K or --swa-start S")
+        cfg = config_from_flags(str(run), str(output), ema=ema, lawa=lawa, swa_start=swa_start, **options)
+    raise SystemExit(Service(cfg, config_path=config_path).run())

@@ -50,7 +50,7 @@ class WatchConfig:
     marker: str | None = None
     late_policy: str = "skip"
     on_shape_change: str = "error"
-    keep_for_lawa: str = "link"  # link | copy
+    keep_for_lawa: str = "auto"  # auto | link | copy
     nice: int = 0
     ionice_idle: bool = True
     rules: tuple[Rule, ...] = ()
@@ -63,7 +63,7 @@ class WatchConfig:
 
 _CHOICES = {
     "device": None, "accum_dtype": ("float32", "float64"), "poll": ("auto", "always", "never"),
-    "late_policy": ("skip",), "on_shape_change": ("error", "reset"), "keep_for_lawa": ("link", "copy"),
+    "late_policy": ("skip",), "on_shape_change": ("error", "reset"), "keep_for_lawa": ("auto", "link", "copy"),
 }
 _TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source"} | {"average"}
 

@@ -33,7 +33,7 @@ from ..average import Average
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..discover import find_candidates
 from ..engine import Engine
-from ..errors import CkptavgError
+from ..errors import CkptavgError, UsageError
 from ..export import publish_average
 from ..methods import LAWA
 from ..oneshot import AverageSpec, build_averages
@@ -149,9 +149,18 @@ class Service:
         if self.cfg.ionice_idle and not set_idle_io():
             log.info("idle I/O priority is not available here; reading at normal priority")
         keep = self.cfg.state_path / "keep"
-        if self.cfg.keep_for_lawa == "link" and self.cfg.watch.exists():
-            probe_link(self.cfg.watch, keep)
-        self.retainer = Retainer(keep, mode=self.cfg.keep_for_lawa)
+        mode = self.cfg.keep_for_lawa
+        if mode != "copy" and self.cfg.watch.exists():
+            try:
+                probe_link(self.cfg.watch, keep)
+                mode = "link"
+            except UsageError:
+                if mode == "link":
+                    raise
+                log.warning("state folder %s is on another filesystem than %s: checkpoints LAWA still needs are "
+                            "copied, not hard-linked", keep, self.cfg.watch)
+                mode = "copy"
+        self.retainer = Retainer(keep, mode="copy" if mode == "copy" else "link")
         self.engine = Engine(device=self.cfg.device, progress=_Quiet())
         self._load_state()
         self._release_unneeded()

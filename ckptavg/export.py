@@ -248,7 +248,8 @@ def finish_folder(folder: Path, avg: Average, writer: ModelWriter, *, newest: Ch
 
 
 def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
+                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                    _crash_before_rename: bool = False) -> None:
     """Write the current state of a long-lived average as a model folder at ``target``, atomically
     replacing what was there (the daemon's publish). Accumulators are left as they are."""
     from .atomic import AtomicDir
@@ -265,6 +266,8 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
             writer.abort()
             raise
         finish_folder(folder, avg, writer, newest=newest, formats=[newest.format], extra=extra)
+        if _crash_before_rename:  # test hook: the new folder is complete but not yet in place
+            os._exit(137)
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,8 @@ class StateStore:
         gens = [int(m.group(1)) for p in self.folder.iterdir() if (m := _MANIFEST.match(p.name))]
         return sorted(gens)
 
-    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None) -> int:
+    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None, *,
+             _crash_before_manifest: bool = False) -> int:
         """Commit a new generation holding ``averages`` and ``extra``; returns its number."""
         gens = self.generations()
         gen = (gens[-1] + 1) if gens else 1
@@ -118,6 +119,8 @@ class StateStore:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"could not save the averages' state: {e.strerror or e}", path=self.folder / name) from e
+        if _crash_before_manifest:  # test hook: the accumulators are written, the commit is not
+            os._exit(137)
         manifest = {
             "schema": SCHEMA_VERSION,
             "generation": gen,

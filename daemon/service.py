@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import signal
 import threading
 import time
@@ -28,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..atomic import atomic_write_bytes
+from ..atomic import TMP_MARK, atomic_write_bytes
 from ..average import Average
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..discover import find_candidates
@@ -162,7 +163,11 @@ class Service:
                 mode = "copy"
         self.retainer = Retainer(keep, mode="copy" if mode == "copy" else "link")
         self.engine = Engine(device=self.cfg.device, progress=_Quiet())
+        self._remove_orphans()
         self._load_state()
+        if any(self._published_step(a) != a.folded[-1].step for a in self.averages if a.folded):
+            log.info("publishing the averages: the published folders lag the saved state (interrupted publish)")
+            self._publish()
         self._release_unneeded()
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
@@ -204,6 +209,15 @@ class Service:
             self.engine.close()
         log.info("stopped after folding %d checkpoint(s)", len(self.folded))
         return 0
+
+    def _remove_orphans(self) -> None:
+        """Staging folders a crash left beside the published averages (they never replaced anything)."""
+        if not self.cfg.output.is_dir():
+            return
+        for p in self.cfg.output.iterdir():
+            if p.name.startswith(".") and (TMP_MARK in p.name or ".ckptavg-old-" in p.name):
+                log.warning("removing %s, left by an interrupted publish", p)
+                shutil.rmtree(p, ignore_errors=True)
 
     def _reload(self) -> None:
         if self.config_path is None:
@@ -285,6 +299,9 @@ class Service:
             delay = _fault("slow-fold")
             if delay:
                 time.sleep(float(delay))
+            if _fault("remove-source-before-fold"):  # rotation right before the read
+                for src in self.cfg.watch.glob(f"*-{step}"):
+                    shutil.rmtree(src, ignore_errors=True)
             nbytes = self.engine.fold(ckpt, self.averages, ident=step, history=self._history)
         except CkptavgError as e:
             self.last_error = f"step {step}: {e}"
@@ -328,7 +345,7 @@ class Service:
         extra = {"folded": {str(k): v for k, v in sorted(self.folded.items())},
                  "skipped": {str(k): v for k, v in sorted(self.skipped.items())},
                  "last_step": self.last_step}
-        self.store.save(self.averages, extra)
+        self.store.save(self.averages, extra, _crash_before_manifest=bool(_fault("crash-before-manifest")))
         self.unpersisted = []
 
     def _publish(self) -> None:
@@ -339,8 +356,15 @@ class Service:
             if not avg.slots:
                 continue  # e.g. SWA before its start step
             publish_average(avg, self.cfg.output / avg.name, newest=newest, aliases=newest.aliases,
-                            extra={"daemon": True})
+                            extra={"daemon": True}, _crash_before_rename=bool(_fault("crash-before-publish-rename")))
         self.since_publish = 0
+
+    def _published_step(self, avg: Average) -> int | None:
+        try:
+            steps = json.loads((self.cfg.output / avg.name / "ckptavg.json").read_text())["steps"]
+            return steps[-1] if steps else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _needed(self) -> set[int]:
         needed = set(self.queue) | set(self.unpersisted)

@@ -227,3 +227,76 @@ def test_row35_watchdog_pings_stop_while_the_loop_is_blocked(tmp_path):
     pings = [t for t, m in received if m == "WATCHDOG=1"]
     gaps = [b - a for a, b in zip(pings, pings[1:])]
     assert pings and max(gaps) >= 1.5  # no ping while a 2 s fold blocked the loop: systemd would restart it
+
+
+def test_row1_half_written_hf_checkpoint_and_row17_noise(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "avg"
+    write_trainer_checkpoint(run, 100, 0)
+    half = write_trainer_checkpoint(run, 200, 1)
+    (half / "trainer_state.json").unlink()  # weights and optimizer written, the marker not yet
+    staged = write_trainer_checkpoint(run, 300, 2)
+    os.rename(staged, run / "tmp-checkpoint-300")  # a staging name that is never renamed
+    hidden = write_trainer_checkpoint(run, 400, 3)
+    os.rename(hidden, run / ".checkpoint-400")
+    daemon = start_daemon(run, out)
+    try:
+        assert wait_for(folded_to(out, daemon, 100), 30)
+        time.sleep(1.0)
+        assert status(out)["last_folded_step"] == 100
+        (half / "trainer_state.json").write_text('{"global_step": 200}')
+        assert wait_for(folded_to(out, daemon, 200), 30)
+        time.sleep(1.0)
+    finally:
+        code, err = stop(daemon)
+    assert code == 0 and err.count("folded step 200:") == 1
+    assert "folded step 300" not in err and "folded step 400" not in err
+
+
+def _hwm_kb(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_row34_burst_memory_does_not_grow_with_the_queue(tmp_path):
+    peaks = {}
+    for n in (5, 50):
+        run, out = tmp_path / f"run{n}", tmp_path / f"avg{n}"
+        daemon = start_daemon(run, out)
+        try:
+            assert wait_for(lambda: running(out, daemon), 30)
+            for i in range(n):  # a burst: all at once
+                write_trainer_checkpoint(run, (i + 1) * 100, i)
+            assert wait_for(folded_to(out, daemon, n * 100), 120)
+            peaks[n] = _hwm_kb(daemon.pid)
+        finally:
+            code, err = stop(daemon)
+        assert code == 0 and all(err.count(f"folded step {(i + 1) * 100}:") == 1 for i in range(n))
+    assert peaks[50] < peaks[5] + 40_000, peaks  # KB: the queue holds paths, not tensors
+
+
+def test_sighup_reloads_the_config(tmp_path):
+    run, out = tmp_path / "run", tmp_path / "avg"
+    write_trainer_checkpoint(run, 100, 0)
+    cfg = tmp_path / "exp.toml"
+    base = f'watch = "{run}"\noutput = "{out}"\nsettle = 0.1\npoll_interval = 0.2\ndevice = "cpu"\n'
+    cfg.write_text(base + 'publish_every = 1\n[[average]]\nmethod = "lawa"\nwindow = 2\n')
+    import subprocess
+    import sys
+
+    daemon = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "watch", "--config", str(cfg)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(folded_to(out, daemon, 100), 30)
+        cfg.write_text(base + 'publish_every = 1000\n[[average]]\nmethod = "lawa"\nwindow = 2\n')
+        daemon.send_signal(__import__("signal").SIGHUP)
+        time.sleep(1.0)
+        write_trainer_checkpoint(run, 200, 1)
+        assert wait_for(folded_to(out, daemon, 200), 30)
+        published = json.loads((out / "lawa-2" / "ckptavg.json").read_text())["steps"]
+        assert published == [100]  # publish_every = 1000 now: not republished until shutdown
+    finally:
+        code, err = stop(daemon)
+    assert code == 0 and "configuration reloaded" in err
+    assert json.loads((out / "lawa-2" / "ckptavg.json").read_text())["steps"] == [100, 200]  # published on exit

@@ -300,3 +300,25 @@ def test_sighup_reloads_the_config(tmp_path):
         code, err = stop(daemon)
     assert code == 0 and "configuration reloaded" in err
     assert json.loads((out / "lawa-2" / "ckptavg.json").read_text())["steps"] == [100, 200]  # published on exit
+
+
+def test_row18_lightning_symlinks_and_loops_and_status_table(tmp_path, ckptavg):
+    from conftest import tiny_state, write_checkpoint
+
+    run, out = tmp_path / "run", tmp_path / "avg"
+    ckdir = run / "lightning_logs" / "version_0" / "checkpoints"
+    for i, step in enumerate((100, 200, 300, 400, 500)):
+        write_checkpoint(ckdir / f"epoch=0-step={step}.ckpt", tiny_state(i), "lightning", step=step)
+    (ckdir / "last.ckpt").symlink_to(ckdir / "epoch=0-step=500.ckpt")
+    (ckdir / "step=500-again.ckpt").symlink_to(ckdir / "epoch=0-step=500.ckpt")
+    (run / "loop").symlink_to(run)
+    daemon = start_daemon(run, out)
+    try:
+        assert wait_for(folded_to(out, daemon, 500), 30)
+        r = ckptavg("status", out)
+        assert r.code == 0 and "folded to: step 500" in r.out and "ema-150" in r.out and "lag 0 steps" in r.out
+    finally:
+        code, err = stop(daemon)
+    assert code == 0 and [err.count(f"folded step {s}:") for s in (100, 200, 300, 400, 500)] == [1] * 5
+    r = ckptavg("status", tmp_path / "nowhere")
+    assert r.code == 2 and "no daemon status" in r.err

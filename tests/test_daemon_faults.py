@@ -322,3 +322,36 @@ def test_row18_lightning_symlinks_and_loops_and_status_table(tmp_path, ckptavg):
     assert code == 0 and [err.count(f"folded step {s}:") for s in (100, 200, 300, 400, 500)] == [1] * 5
     r = ckptavg("status", tmp_path / "nowhere")
     assert r.code == 2 and "no daemon status" in r.err
+
+
+def test_row9_nan_checkpoint_is_rolled_back_and_skipped(tmp_path):
+    """A NaN found mid-fold: the fold is undone (state reloaded, unpersisted folds replayed), the checkpoint
+    skipped for good, and the averages equal those of the other checkpoints."""
+    from safetensors.torch import load_file, save_file
+
+    run, out, clean = tmp_path / "run", tmp_path / "avg", tmp_path / "clean"
+    clean.mkdir()
+    for i, step in enumerate((100, 200, 300, 400, 500, 600)):
+        ck = write_trainer_checkpoint(run, step, i)
+        if step == 400:
+            state = load_file(str(ck / "model.safetensors"))
+            state["b"][5] = float("nan")  # "b" is stored after "w": the fold is half done when it is found
+            save_file(state, str(ck / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            shutil.copytree(ck, clean / ck.name)
+    daemon = start_daemon(run, out, "--persist-every", "3")
+    try:
+        assert wait_for(folded_to(out, daemon, 600), 30)
+    finally:
+        code, err = stop(daemon)
+    assert code == 0 and "skipping checkpoint step 400" in err and "NaN" in err
+    assert status(out)["skipped"] == [400]
+    one_shot(clean, tmp_path / "oneshot")
+    assert_same(out, tmp_path / "oneshot")
+    daemon = start_daemon(run, out)  # the skip is remembered across a restart
+    try:
+        assert wait_for(lambda: running(out, daemon) and status(out)["state"] == "watching", 30)
+        time.sleep(0.8)
+    finally:
+        code, err = stop(daemon)
+    assert code == 0 and "step 400" not in err

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from .checkpoint import open_checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .discover import is_noise
 from .errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
 from .steps import step_from_name
@@ -40,6 +40,7 @@ _EOCD = b"PK\x05\x06"
 class Readiness:
     state: Literal["ready", "waiting", "bad"]
     reason: str
+    checkpoint: Checkpoint | None = None  # the indexed checkpoint, when it was opened
 
     @property
     def ready(self) -> bool:
@@ -107,7 +108,7 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
         # a header that does not parse may still be mid-write: wait for the settle window, then call it bad
         return Readiness("bad" if quiet else "waiting", str(e))
     if path.is_dir() and (path / "trainer_state.json").exists():
-        return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard whole")
+        return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard whole", ckpt)
     if not quiet:
         return Readiness("waiting", f"whole, but modified less than {settle:g} s ago")
-    return Readiness("ready", f"{ckpt.format}: whole and quiet for {settle:g} s")
+    return Readiness("ready", f"{ckpt.format}: whole and quiet for {settle:g} s", ckpt)

@@ -259,7 +259,7 @@ class Service:
                     self._warn_once(named or -1, "not folding %s: %s", path, ready.reason)
                 continue
             try:
-                ckpt = open_checkpoint(path)
+                ckpt = ready.checkpoint or open_checkpoint(path)  # marker/DCP rules do not open it
             except CkptavgError as e:
                 self._warn_once(named or -1, "not folding %s: %s", path, e)
                 continue

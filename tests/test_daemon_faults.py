@@ -166,13 +166,13 @@ def test_row27_network_mounts_and_inotify_limits_poll(monkeypatch, tmp_path, cap
     assert w.mode == "polling" and caplog.text.count("nfs4 mount") == 1
     monkeypatch.setattr(watcher_mod, "mount_type", lambda path: "ext4")
 
-    import watchdog.observers
+    watchdog_observers = pytest.importorskip("watchdog.observers")
 
-    class Full(watchdog.observers.Observer):  # the inotify watch limit
+    class Full(watchdog_observers.Observer):  # the inotify watch limit
         def schedule(self, *a, **k):
             raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(watchdog.observers, "Observer", Full)
+    monkeypatch.setattr(watchdog_observers, "Observer", Full)
     w2 = watcher_mod.Watcher(tmp_path, threading.Event(), poll="auto")
     w2.ensure()
     assert w2.mode == "polling" and "polling instead" in caplog.text

@@ -77,3 +77,28 @@ def test_cuda_engine_accumulators_live_on_gpu(tmp_path):
         assert all(s.bufs["ema"].is_cuda for s in avg.slots.values() if "ema" in s.bufs)
         ref = 0.5 * _state(0)["fp32.weight"].double() + 0.5 * _state(1)["fp32.weight"].double()
         torch.testing.assert_close(avg.result("fp32.weight").cpu().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_daemon_on_cuda_resumes_and_equals_cpu_one_shot(tmp_path):
+    """The sidecar with CUDA accumulators, killed once and resumed, equals the CPU one-shot bit for bit."""
+    import time
+
+    from test_daemon import assert_same, one_shot, start_daemon, status, stop, wait_for, write_trainer_checkpoint
+
+    run, out = tmp_path / "run", tmp_path / "avg"
+    for i, step in enumerate(range(100, 1300, 100)):
+        write_trainer_checkpoint(run, step, i)
+    daemon = start_daemon(run, out, "--device", "cuda", env={"CKPTAVG_FAULT": "slow-fold=0.2"})
+    assert wait_for(lambda: status(out).get("pid") == daemon.pid, 60)
+    time.sleep(0.7)
+    daemon.kill()
+    daemon.wait()
+    assert (status(out).get("last_folded_step") or 0) < 1200
+    daemon = start_daemon(run, out, "--device", "cuda")
+    try:
+        assert wait_for(lambda: status(out).get("pid") == daemon.pid and status(out).get("last_folded_step") == 1200, 60)
+    finally:
+        code, err = stop(daemon)
+    assert code == 0, err
+    one_shot(run, tmp_path / "oneshot")  # --device cpu
+    assert_same(out, tmp_path / "oneshot")

@@ -36,6 +36,8 @@ def status(output: Path, state_dir: Path | None, as_json: bool) -> None:
     click.echo(f"daemon:    {data['state']} (pid {data['pid']}, updated {age:.0f} s ago, {data.get('watcher', '?')})")
     click.echo(f"watching:  {data['watch']}")
     click.echo(f"output:    {data['output']}")
+    if data.get("folding_step") is not None:
+        click.echo(f"folding:   step {data['folding_step']}")
     lag = data.get("lag_steps")
     click.echo(f"folded to: step {data.get('last_folded_step')}; newest seen {data.get('newest_seen_step')}"
                + (f"; lag {lag} steps" if lag is not None else "") + f"; {len(data.get('queued', []))} queued")

@@ -102,6 +102,7 @@ class Service:
         self.newest_seen: int | None = None
         self.last_error: str | None = None
         self.last_fold: dict[str, Any] | None = None
+        self.folding: int | None = None
         self._warned: set[tuple[int, str]] = set()
         self.state = "starting"
 
@@ -290,7 +291,8 @@ class Service:
 
     def _fold(self, step: int) -> None:
         fingerprint, path = self.queue.pop(step)
-        self.state = "folding"
+        self.state, self.folding = "folding", step
+        self._write_status()
         started = time.perf_counter()
         try:
             ckpt = open_checkpoint(path, step=step)
@@ -308,6 +310,7 @@ class Service:
             log.warning("skipping checkpoint step %d: %s", step, e)
             self._rollback()
             self.skipped[step] = fingerprint
+            self.state, self.folding = "watching", None
             self.retainer.release(step)
             self._persist()  # the skip is part of the state: never retried after a restart
             return
@@ -325,7 +328,7 @@ class Service:
         if self.since_publish >= self.cfg.publish_every:
             self._publish()
         self._release_unneeded()
-        self.state = "watching"
+        self.state, self.folding = "watching", None
         self._write_status()
         self.notifier.status(f"folded step {step}; {len(self.queue)} queued")
 
@@ -390,7 +393,8 @@ class Service:
             "watcher": self.watcher.mode, "updated": self.clock(),
             "averages": {a.name: {"method": a.method.name, "options": a.method.options(), "folded": len(a.folded),
                                   "last_step": a.folded[-1].step if a.folded else None} for a in self.averages},
-            "last_folded_step": self.last_step, "newest_seen_step": self.newest_seen, "lag_steps": lag,
+            "folding_step": self.folding, "last_folded_step": self.last_step, "newest_seen_step": self.newest_seen,
+            "lag_steps": lag,
             "queued": sorted(self.queue), "skipped": sorted(self.skipped), "last_error": self.last_error,
             "last_fold": self.last_fold,
         }

@@ -51,8 +51,9 @@ class WatchConfig:
     late_policy: str = "skip"
     on_shape_change: str = "error"
     keep_for_lawa: str = "auto"  # auto | link | copy
-    nice: int = 0
+    nice: int = 10
     ionice_idle: bool = True
+    threads: int = 1  # torch CPU threads: folding is memory-bound, and idle OpenMP workers spin on the trainer's cores
     rules: tuple[Rule, ...] = ()
     source: str = "flags"  # where this came from, for messages
 
@@ -142,6 +143,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
             kw[key] = _typed(source, key, value, int, minimum=1)
         elif key == "nice":
             kw[key] = _typed(source, key, value, int, minimum=0)
+        elif key == "threads":
+            kw[key] = _typed(source, key, value, int, minimum=1)
         elif key in ("poll_interval", "settle"):
             kw[key] = _typed(source, key, value, float, minimum=0.0)
         elif key == "ionice_idle":

@@ -148,6 +148,7 @@ class Service:
     def _run(self) -> int:
         if self.cfg.nice:
             os.nice(self.cfg.nice)
+        torch.set_num_threads(self.cfg.threads)
         if self.cfg.ionice_idle and not set_idle_io():
             log.info("idle I/O priority is not available here; reading at normal priority")
         keep = self.cfg.state_path / "keep"

@@ -36,7 +36,6 @@ from ..discover import find_candidates
 from ..engine import Engine
 from ..errors import CkptavgError, UsageError
 from ..export import publish_average
-from ..methods import LAWA
 from ..oneshot import AverageSpec, build_averages
 from ..progress import Progress
 from ..ready import check_ready
@@ -374,10 +373,9 @@ class Service:
         needed = set(self.queue) | set(self.unpersisted)
         if self.last_step is not None:
             needed.add(self.last_step)
-        for avg in self.averages:
-            if isinstance(avg.method, LAWA) or any(r.action == "ema" for r in avg.rules):
-                for slot in avg.slots.values():
-                    needed.update(slot.window)
+        for avg in self.averages:  # only LAWA slots hold a window: the members it must still subtract
+            for slot in avg.slots.values():
+                needed.update(slot.window)
         return needed
 
     def _release_unneeded(self) -> None:

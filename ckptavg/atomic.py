@@ -76,6 +76,11 @@ class AtomicDir:
     def __enter__(self) -> Path:
         if self.final.exists() and not self.replace:
             raise OutputError("already exists", path=self.final, hint="pass --force to replace it")
+        self._created = []  # parents made here, deepest first: removed again if the write fails
+        parent = self.final.parent
+        while not parent.exists():
+            self._created.append(parent)
+            parent = parent.parent
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             self.tmp.mkdir()
@@ -83,9 +88,17 @@ class AtomicDir:
             raise OutputError(f"cannot create the output folder: {e.strerror or e}", path=self.final) from e
         return self.tmp
 
+    def _remove_created(self) -> None:
+        for folder in self._created:
+            try:
+                folder.rmdir()  # only if empty: a sibling average may still be writing there
+            except OSError:
+                return
+
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         if exc is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            self._remove_created()
             return
         old = None
         try:

@@ -93,12 +93,29 @@ def order_checkpoints(
 
 
 def _protect(out: Path, protected: Sequence[Path]) -> None:
+    """Refuse an output inside an input (it would write into the trainer's folder) or holding one
+    (``--force`` would replace it, deleting the checkpoints)."""
     real = out.resolve()
     for p in protected:
         rp = Path(p).resolve()
         if real == rp or rp in real.parents:
             raise UsageError(f"-o {out} is inside {p}; ckptavg never writes into a trainer's checkpoint folder",
                              hint="choose an output outside the run and checkpoint folders")
+        if real in rp.parents:
+            raise UsageError(f"-o {out} contains the input {p}; writing there would replace the checkpoints",
+                             hint="choose an output outside the run and checkpoint folders")
+
+
+def _input_paths(ckpts: Sequence[Checkpoint]) -> list[Path]:
+    """Every input file, and every folder that is a checkpoint (given as a folder, or through a file in it)."""
+    paths: list[Path] = []
+    for c in ckpts:
+        paths += [c.path, *c.files]
+        if c.path.is_dir():
+            continue
+        if c.meta_dir is not None or c.format.endswith("-sharded"):
+            paths.append(c.path.parent)  # an index or model file inside a checkpoint folder
+    return paths
 
 
 def average_checkpoints(
@@ -128,7 +145,7 @@ def average_checkpoints(
     if subfolders is None:
         subfolders = len(averages) > 1
     targets = {a.name: (out / a.name if subfolders else out) for a in averages}
-    protected = [*protected, *(c.path for c in ckpts if c.path.is_dir())]
+    protected = [*protected, *_input_paths(ckpts)]
     for target in targets.values():
         _protect(target, protected)
     plans = {a.name: expected_outputs(ckpts, a) for a in averages}

@@ -135,21 +135,27 @@ def _strip(names: list[str], *, lightning: bool, strip_prefix: str | None) -> di
         name = key
         if strip_prefix and name.startswith(strip_prefix):
             name = name[len(strip_prefix):]
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if name.startswith(prefix):
-                    name, changed = name[len(prefix):], True
-        out[key] = name
+        out[key] = _unwrap(name)
     if lightning and strip_prefix is None:
         # LightningModule attributes prefix every key, e.g. "model.": strip a single shared one
         firsts = {n.split(".", 1)[0] for n in out.values()}
         if len(firsts) == 1 and all("." in n for n in out.values()):
             prefix = firsts.pop() + "."
-            out = {k: v[len(prefix):] for k, v in out.items()}
+            # a compiled or DDP-wrapped submodule puts its wrapper prefix under the Lightning one
+            out = {k: _unwrap(v[len(prefix):]) for k, v in out.items()}
             log.info("stripped the LightningModule prefix %r from every tensor name", prefix)
     return out
+
+
+def _unwrap(name: str) -> str:
+    """Remove DDP/torch.compile wrapper prefixes, however nested."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
 
 
 def _index_load(path: Path) -> Any:

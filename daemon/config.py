@@ -158,6 +158,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
     wr, orr = watch.resolve(), output.resolve()
     if orr == wr or wr in orr.parents:
         raise _err(source, "output", f"{output} is inside the watched folder {watch}; ckptavg never writes there")
+    if orr in wr.parents:
+        raise _err(source, "output", f"{output} contains the watched folder {watch}; publishing there could replace it")
     return WatchConfig(watch=watch, output=output, averages=averages, source=source, **kw)
 
 

@@ -36,6 +36,7 @@ def test_flags_build_named_averages():
     ('watch="a"\noutput="b"\n[[average]]\nmethod="lawa"\nwindow=3\nhalf_life=2', "average[0].half_life: unknown key"),
     ('watch="a"\noutput="b"\n[[average]]\nmethod="polyak"', "average[0].method: expected one of"),
     ('watch="a"\noutput="a/avg"\n[[average]]\nmethod="uniform"', "inside the watched folder"),
+    ('watch="o/run"\noutput="o"\n[[average]]\nmethod="uniform"', "contains the watched folder"),
     ('watch="a"\noutput="b"\n[[average]]\nmethod="lawa"\nwindow=2\n[[average]]\nmethod="lawa"\nwindow=2', "named 'lawa-2'"),
     ('watch="a"\noutput="b"\npoll="sometimes"\n[[average]]\nmethod="uniform"', "poll: expected one of"),
     ('watch="a"\noutput="b"\nrules=["x"]\n[[average]]\nmethod="uniform"', "rules: --rule 'x'"),

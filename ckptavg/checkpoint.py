@@ -200,7 +200,9 @@ def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, m
 
 
 def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None) -> Checkpoint:
-    entries = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+    from .discover import is_noise  # staging names are never the checkpoint
+
+    entries = sorted(p.name for p in folder.iterdir() if not is_noise(p.name))
     if (folder / ".metadata").exists() or any(n.endswith(".distcp") for n in entries):
         raise UnsupportedCheckpointError(
             "is a torch.distributed.checkpoint (DCP) folder, which this version cannot read "

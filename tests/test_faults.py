@@ -358,9 +358,6 @@ GARBAGE_BUGS = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: header JSON that is deeply nested, holds a >4300-digit integer or a "
-                   "non-string dtype escapes _parse_json/_validate_entries as RecursionError/ValueError/TypeError; "
-                   "the message does not name the file")
 @pytest.mark.parametrize("case", list(GARBAGE_BUGS))
 def test_row4_garbage_headers_that_escape_validation(tmp_path, ckptavg, case):
     f = raw_safetensors(tmp_path / "step_1.safetensors", GARBAGE_BUGS[case], bytes(4))
@@ -385,10 +382,7 @@ INDEX_GARBAGE_BUGS = {
 
 @pytest.mark.parametrize("case", [
     *INDEX_GARBAGE,
-    *[pytest.param(c, marks=pytest.mark.xfail(
-        strict=True, reason="BUG: read_index_json/resolve_shards hash and sort weight_map values before checking "
-        "they are strings, and do not catch RecursionError: TypeError/RecursionError without the index path"))
-      for c in INDEX_GARBAGE_BUGS],
+    *INDEX_GARBAGE_BUGS,  # fixed: read_index_json checks values and catches RecursionError
 ])
 def test_row4_garbage_index(tmp_path, ckptavg, case):
     ck = tmp_path / "checkpoint-1"
@@ -442,8 +436,6 @@ def test_row5_out_of_bounds_at_the_end_is_refused(tmp_path, ckptavg):
     assert_refused(ckptavg("average", f, "-o", out), str(f), "48", "32", out=out)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a byte range past the end of the file is reported as "
-                   "'tensors need N data bytes but the file holds M' without naming the tensor")
 def test_row5_out_of_bounds_at_the_end_names_the_tensor(tmp_path, ckptavg):
     f = raw_safetensors(tmp_path / "step_1.safetensors", {"a": f32([4], 0, 16), "b": f32([8], 16, 48)}, bytes(32))
     out = tmp_path / "out"
@@ -733,9 +725,6 @@ def test_row10_raw_pickle_is_refused(tmp_path, ckptavg):
     assert not sentinel.exists() and not out.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: torch's weights_only unpickler warns 'Detected pickle protocol 4 ...' "
-                   "and logging.captureWarnings prints it as a 3-line WARNING (source line and a blank line) before "
-                   "the error: stderr is not one line")
 def test_row10_raw_pickle_stderr_is_one_line(tmp_path):
     # a real process: in-process, pytest's own warning capture hides the warning
     sentinel = tmp_path / "SENTINEL"
@@ -932,9 +921,6 @@ def test_row17_staging_names_on_the_command_line(tmp_path, ckptavg):
                    code=2, out=out, logs_ok=True)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _open_folder does not skip staging names, so a run folder holding a "
-                   "top-level 'tmp-checkpoint-300.safetensors' is taken for a single-file checkpoint: inspect shows "
-                   "that file and `average RUN` averages only it")
 def test_row17_staging_weights_file_at_the_top_of_a_run_folder(tmp_path, ckptavg):
     run = tmp_path / "run"
     for i, step in enumerate((100, 200)):

@@ -70,7 +70,9 @@ def _check_torch(path: Path) -> None:
 def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
     _check_torch(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise CheckpointVanishedError("file was deleted before it could be read", path=path) from None
     except pickle.UnpicklingError as e:

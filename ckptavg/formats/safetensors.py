@@ -118,6 +118,8 @@ def _parse_json(raw: bytes, path: Path) -> dict[str, Any]:
         header = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidHeaderError(f"header is not valid JSON ({e.msg} at char {e.pos})", path=path) from None
+    except (RecursionError, ValueError) as e:  # absurd nesting, a 5000-digit number
+        raise InvalidHeaderError(f"header is not usable JSON ({type(e).__name__})", path=path) from None
     if not isinstance(header, dict):
         raise InvalidHeaderError("header is not a JSON object", path=path)
     return header
@@ -133,7 +135,7 @@ def _validate_entries(
                 "entry must have exactly 'dtype', 'shape' and 'data_offsets'", path=path, tensor=name
             )
         dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype_name not in SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_TO_TORCH:
             raise TensorInvalidInfoError(
                 f"unknown dtype {dtype_name!r} (known: {', '.join(SAFETENSORS_TO_TORCH)})", path=path, tensor=name
             )
@@ -170,7 +172,7 @@ def _validate_entries(
     if expected > data_len:
         raise TruncatedFileError(
             f"tensors need {expected} data bytes but the file holds {data_len}",
-            path=path, hint="the file is truncated or still being written",
+            path=path, tensor=entries[-1][2] if entries else None, hint="the file is truncated or still being written",
         )
     if expected < data_len:
         raise InvalidOffsetError(
@@ -217,9 +219,14 @@ def read_index_json(index_path: Path) -> dict[str, str]:
         raise MissingShardError("index file not found", path=index_path) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidHeaderError(f"index is not valid JSON: {e}", path=index_path) from None
+    except (RecursionError, ValueError) as e:
+        raise InvalidHeaderError(f"index is not usable JSON ({type(e).__name__})", path=index_path) from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise UnknownFormatError("index has no 'weight_map' object", path=index_path)
+    bad = next((k for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+    if bad is not None:
+        raise InvalidHeaderError(f"weight_map value {weight_map[bad]!r} is not a file name", path=index_path, tensor=bad)
     return weight_map
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "CheckpointVanishedError",
     "StepError",
     "OutputError",
+    "MetricsError",
 ]
 
 
@@ -153,3 +154,7 @@ class CheckpointVanishedError(CheckpointError, FileNotFoundError):
 
 class OutputError(CkptavgError, OSError):
     """The output could not be written (the previous output, if any, is intact)."""
+
+
+class MetricsError(CkptavgError, ValueError):
+    """metrics.jsonl or eval.json is missing, malformed or holds nothing to report."""

@@ -26,20 +26,58 @@ from ..errors import UsageError
 @click.option("--marker", help="Glob that marks a checkpoint finished (e.g. COMPLETE).")
 @click.option("--publish-every", type=int, help="Publish after this many folds (default 1).")
 @click.option("--persist-every", type=int, help="Persist the state after this many folds (default 1).")
+@click.option("--eval", "eval_command", metavar="CMD",
+              help="Evaluate with a shell command; {model_dir}, {step}, {name} are filled in; it prints a JSON "
+                   "object of metrics as its last stdout line.")
+@click.option("--eval-python", metavar="MOD:FUNC", help="Evaluate with a Python function (state dict or folder in).")
+@click.option("--eval-hf-perplexity", metavar="DATA", help="Evaluate causal-LM perplexity on a .txt/.jsonl file.")
+@click.option("--metric", help="Metric that picks the best model (default: the evaluator's first).")
+@click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --metric is better (default min).")
+@click.option("--eval-every", type=int, help="An evaluation round every N folds (default 1).")
+@click.option("--eval-timeout", type=float, help="Seconds before an --eval command is killed (default 3600).")
+@click.option("--hub", "hub_repo", metavar="ORG/NAME", help="Push the best model to this Hugging Face Hub repo.")
+@click.option("--hub-revision", metavar="BRANCH", help="Hub branch to push to (default main).")
+@click.option("--hub-private", is_flag=True, default=None, help="Create the Hub repo private if it does not exist.")
 def watch(run: Path | None, output: Path | None, config_path: Path | None, ema: tuple[float, ...], lawa: tuple[int, ...],
           swa_start: tuple[int, ...], state_dir: Path | None, device: str | None, poll: str | None,
           poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
-          persist_every: int | None) -> None:
+          persist_every: int | None, eval_command: str | None, eval_python: str | None,
+          eval_hf_perplexity: str | None, metric: str | None, mode: str | None, eval_every: int | None,
+          eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None) -> None:
     """Watch a training run's checkpoint folder and keep averages of its checkpoints up to date.
 
     \b
     Examples:
       ckptavg watch runs/exp1 -o runs/exp1-avg --ema 2000 --lawa 5 --swa-start 6000
+      ckptavg watch runs/exp1 -o avg --ema 2000 --lawa 5 \\
+          --eval 'python eval.py --model {model_dir}' --metric val_loss --mode min --hub myorg/exp1-averaged
       ckptavg watch --config exp1.toml
     """
     options = {"state_dir": str(state_dir) if state_dir else None, "device": device, "poll": poll,
                "poll_interval": poll_interval, "settle": settle, "marker": marker, "publish_every": publish_every,
                "persist_every": persist_every}
+    evaluators = {k: v for k, v in (("command", eval_command), ("function", eval_python),
+                                    ("data", eval_hf_perplexity)) if v is not None}
+    if len(evaluators) > 1:
+        raise UsageError("give one of --eval, --eval-python, --eval-hf-perplexity")
+    tuning = {k: v for k, v in (("metric", metric), ("mode", mode), ("every", eval_every)) if v is not None}
+    if evaluators:
+        table = {**evaluators, **tuning}
+        if eval_timeout is not None:
+            if "command" not in evaluators:
+                raise UsageError("--eval-timeout applies to --eval commands only")
+            table["timeout"] = eval_timeout
+        options["evaluate"] = table
+    elif tuning or eval_timeout is not None:
+        if config_path is None:
+            raise UsageError("--metric/--mode/--eval-every/--eval-timeout need an evaluator: --eval CMD, "
+                             "--eval-python MOD:FUNC or --eval-hf-perplexity DATA")
+        options["evaluate_overrides"] = {**tuning, **({"timeout": eval_timeout} if eval_timeout is not None else {})}
+    if hub_repo is not None:
+        options["hub"] = {"repo": hub_repo, **({"revision": hub_revision} if hub_revision else {}),
+                          **({"private": True} if hub_private else {})}
+    elif hub_revision or hub_private:
+        raise UsageError("--hub-revision/--hub-private need --hub ORG/NAME")
     if config_path is not None:
         if ema or lawa or swa_start:
             raise UsageError("--ema/--lawa/--swa-start cannot be combined with --config; add [[average]] tables instead")

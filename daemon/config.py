@@ -15,13 +15,14 @@ from typing import Any
 from ..errors import UsageError
 from ..methods import METHODS, make_method
 from ..rules import Rule, parse_rule
+from ..units import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["AverageConfig", "WatchConfig", "load_config", "config_from_flags"]
+__all__ = ["AverageConfig", "EvalConfig", "HubConfig", "WatchConfig", "config_from_flags", "load_config"]
 
 _METHOD_OPTIONS = {"ema": ("half_life", "decay"), "lawa": ("window",), "swa": ("start_step",), "uniform": ()}
 
@@ -32,6 +33,29 @@ class AverageConfig:
     options: dict[str, Any]
     name: str
     rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """``[evaluate]``: how each round's candidates are validated and the best one chosen."""
+
+    kind: str  # command | python | hf-perplexity
+    options: dict[str, Any]  # the evaluator's own keys (command/timeout, function, data/batch_size/...)
+    metric: str | None = None  # None: the first metric the evaluator returns
+    mode: str = "min"
+    every: int = 1  # an evaluation round every N folds
+    raw: bool = True  # also evaluate the raw newest checkpoint (the baseline)
+    best_grace: float = 600.0  # seconds an old version of best/ is kept after it was replaced
+
+
+@dataclass(frozen=True)
+class HubConfig:
+    """``[hub]``: push the best model to a Hugging Face Hub repo."""
+
+    repo: str
+    revision: str | None = None
+    private: bool = False
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,7 +78,10 @@ class WatchConfig:
     nice: int = 10
     ionice_idle: bool = True
     threads: int = 1  # torch CPU threads: folding is memory-bound, and idle OpenMP workers spin on the trainer's cores
+    memory_budget: int | None = None  # bytes of host memory for accumulators; beyond it they live in STATE_DIR/store
     rules: tuple[Rule, ...] = ()
+    evaluate: EvalConfig | None = None
+    hub: HubConfig | None = None
     source: str = "flags"  # where this came from, for messages
 
     @property
@@ -81,6 +108,18 @@ def _typed(source: str, key: str, value: Any, kind: type, *, minimum: float | No
     if minimum is not None and (value < minimum or (kind is float and not math.isfinite(value))):
         raise _err(source, key, f"must be at least {minimum:g}, got {value!r}")
     return value
+
+
+def _size(source: str, key: str, value: Any) -> int | None:
+    """A byte size: an int, or a string like "8GiB" / "500MB"; 0 or "" turns the bound off."""
+    if value in (0, "") and not isinstance(value, bool):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _err(source, key, f"expected a size like \"8GiB\" or a number of bytes, got {value!r}")
+    try:
+        return parse_size(value, option=key)
+    except UsageError as e:
+        raise _err(source, key, e.message.removeprefix(f"{key}: ")) from None
 
 
 def _rules(source: str, key: str, value: Any) -> tuple[Rule, ...]:
@@ -114,6 +153,65 @@ def _average(source: str, index: int, table: Any) -> AverageConfig:
     return AverageConfig(method, options, name, _rules(source, f"{where}.rules", table.get("rules", [])))
 
 
+_EVAL_KEYS = {
+    "command": {"command": str, "timeout": float},
+    "python": {"function": str, "kwargs": dict},
+    "hf-perplexity": {"data": str, "batch_size": int, "seq_len": int, "max_tokens": int, "tokenizer": str,
+                      "device": str, "dtype": str, "text_field": str},
+}
+_EVAL_COMMON = {"kind": str, "metric": str, "mode": str, "every": int, "raw": bool, "best_grace": float}
+_EVAL_REQUIRED = {"command": "command", "python": "function", "hf-perplexity": "data"}
+
+
+def _evaluate(source: str, table: Any) -> EvalConfig:
+    if not isinstance(table, dict):
+        raise _err(source, "evaluate", "expected a table ([evaluate])")
+    kind = table.get("kind")
+    if kind is None:  # inferred from the one evaluator key present
+        present = [k for k, key in _EVAL_REQUIRED.items() if key in table]
+        if len(present) != 1:
+            raise _err(source, "evaluate.kind", "set kind = \"command\" | \"python\" | \"hf-perplexity\"")
+        kind = present[0]
+    if kind not in _EVAL_KEYS:
+        raise _err(source, "evaluate.kind", f"expected one of {', '.join(_EVAL_KEYS)}, got {kind!r}")
+    allowed = {**_EVAL_COMMON, **_EVAL_KEYS[kind]}
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise _err(source, f"evaluate.{unknown[0]}", f"unknown key for kind {kind} (allowed: {', '.join(sorted(allowed))})")
+    if _EVAL_REQUIRED[kind] not in table:
+        raise _err(source, f"evaluate.{_EVAL_REQUIRED[kind]}", f"required for kind {kind}")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        kind_of = allowed[key]
+        minimum = 1 if key in ("every", "batch_size", "seq_len", "max_tokens") else 0.0 if kind_of is float else None
+        if kind_of is dict:
+            if not isinstance(value, dict):
+                raise _err(source, f"evaluate.{key}", "expected a table")
+            values[key] = value
+        else:
+            values[key] = _typed(source, f"evaluate.{key}", value, kind_of, minimum=minimum)
+    if values.get("mode", "min") not in ("min", "max"):
+        raise _err(source, "evaluate.mode", f"expected min or max, got {values['mode']!r}")
+    if "timeout" in values and values["timeout"] <= 0:
+        raise _err(source, "evaluate.timeout", "must be positive")
+    common = {k: values.pop(k) for k in list(values) if k in _EVAL_COMMON and k != "kind"}
+    values.pop("kind", None)
+    return EvalConfig(kind=kind, options=values, **common)
+
+
+def _hub(source: str, table: Any) -> HubConfig:
+    if not isinstance(table, dict):
+        raise _err(source, "hub", "expected a table ([hub]) with repo = \"org/name\"")
+    allowed = {"repo": str, "revision": str, "private": bool, "endpoint": str}
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise _err(source, f"hub.{unknown[0]}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    if not isinstance(table.get("repo"), str) or "/" not in table["repo"]:
+        raise _err(source, "hub.repo", f"expected 'org/name', got {table.get('repo')!r}")
+    values = {k: _typed(source, f"hub.{k}", v, allowed[k]) for k, v in table.items()}
+    return HubConfig(**{k: (v or None) if k in ("revision", "endpoint") else v for k, v in values.items()})
+
+
 def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -139,6 +237,10 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
             kw[key] = _typed(source, key, value, str) or None
         elif key == "rules":
             kw[key] = _rules(source, key, value)
+        elif key == "evaluate":
+            kw[key] = _evaluate(source, value) if value else None
+        elif key == "hub":
+            kw[key] = _hub(source, value) if value else None
         elif key in ("publish_every", "persist_every"):
             kw[key] = _typed(source, key, value, int, minimum=1)
         elif key == "nice":
@@ -149,6 +251,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
             kw[key] = _typed(source, key, value, float, minimum=0.0)
         elif key == "ionice_idle":
             kw[key] = _typed(source, key, value, bool)
+        elif key == "memory_budget":
+            kw[key] = _size(source, key, value)
         else:
             value = _typed(source, key, value, str)
             if _CHOICES.get(key) and value not in _CHOICES[key]:
@@ -172,7 +276,12 @@ def load_config(path: Path, **overrides: Any) -> WatchConfig:
         raise UsageError("config file not found", path=path) from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"not valid TOML: {e}", path=path) from None
+    tuning = overrides.pop("evaluate_overrides", None)
     data.update({k: v for k, v in overrides.items() if v is not None})
+    if tuning:  # --metric/--mode/--eval-every/--eval-timeout over the file's [evaluate]
+        if not isinstance(data.get("evaluate"), dict):
+            raise UsageError("--metric/--mode/--eval-every/--eval-timeout: the config has no [evaluate] table", path=path)
+        data["evaluate"] = {**data["evaluate"], **tuning}
     return build_config(data, source=str(path))
 
 

@@ -93,7 +93,7 @@ class Retainer:
                 if not self._warned_copy:
                     log.warning("cannot hard-link %s into %s (%s); copying instead", src, self.keep_dir, e.strerror)
                     self._warned_copy = True
-        shutil.copyfile(src, dst)
+        shutil.copy2(src, dst)  # keeps the mtime: the trainer's clock for reports
 
     def release(self, step: int) -> None:
         shutil.rmtree(self.keep_dir / str(step), ignore_errors=True)

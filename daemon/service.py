@@ -35,14 +35,16 @@ from ..checkpoint import Checkpoint, open_checkpoint
 from ..discover import find_candidates
 from ..engine import Engine
 from ..errors import CkptavgError, UsageError
-from ..export import publish_average
-from ..oneshot import AverageSpec, build_averages
+from ..evaluators import Candidate
+from ..export import copy_meta_files, publish_average
+from ..oneshot import AverageSpec, average_checkpoints, build_averages
 from ..progress import Progress
 from ..ready import check_ready
 from ..state import StateStore
 from ..steps import step_from_name
 from ..units import format_bytes
 from .config import WatchConfig, load_config
+from .evaluation import EvalRound, Evaluation, snapshot_model_folder
 from .notify import Notifier
 from .retain import Retainer, probe_link
 from .watcher import Watcher
@@ -70,6 +72,21 @@ class _Quiet(Progress):
 
     def checkpoint_done(self, ckpt: Checkpoint, nbytes: int, seconds: float) -> None:
         pass
+
+
+def _written_at(ckpt: Checkpoint) -> float | None:
+    """When the trainer wrote a checkpoint: its newest weight file's mtime (kept by hard links and copy2)."""
+    try:
+        return max(os.stat(f).st_mtime for f in ckpt.files)
+    except (OSError, ValueError):
+        return None
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _fault(name: str) -> str | None:
@@ -104,6 +121,9 @@ class Service:
         self.folding: int | None = None
         self._warned: set[tuple[int, str]] = set()
         self.state = "starting"
+        self.evaluation: Evaluation | None = None
+        self.hub: Any = None
+        self.since_eval = 0
 
     # -- set-up --------------------------------------------------------------------------------
     def _new_averages(self) -> list[Average]:
@@ -169,6 +189,7 @@ class Service:
         if any(self._published_step(a) != a.folded[-1].step for a in self.averages if a.folded):
             log.info("publishing the averages: the published folders lag the saved state (interrupted publish)")
             self._publish()
+        self._start_publishing()
         self._release_unneeded()
         if threading.current_thread() is threading.main_thread():
             self._install_signals()
@@ -193,6 +214,8 @@ class Service:
                 if self.queue:
                     self._fold(min(self.queue))
                     continue
+                if self.evaluation is not None and self.since_eval and self.last_step is not None:
+                    self._schedule_eval()  # the queue is drained: evaluate what was folded (eval_every aside)
                 self._write_status()
                 timeout = self.cfg.poll_interval if ping is None else min(self.cfg.poll_interval, ping)
                 self.wake.wait(timeout)
@@ -205,6 +228,10 @@ class Service:
                 self._persist()
             if self.since_publish:
                 self._publish()
+            if self.evaluation is not None:
+                self.evaluation.close()
+            if self.hub is not None:
+                self.hub.close()
             self.state = "stopped"
             self._write_status()
             self.engine.close()
@@ -327,6 +354,11 @@ class Service:
             self._persist()
         if self.since_publish >= self.cfg.publish_every:
             self._publish()
+        if self.evaluation is not None:
+            self.evaluation.note_checkpoint(_written_at(ckpt))
+            self.since_eval += 1
+            if self.since_eval >= self.evaluation.cfg.every:
+                self._schedule_eval()
         self._release_unneeded()
         self.state, self.folding = "watching", None
         self._write_status()
@@ -362,6 +394,74 @@ class Service:
                             extra={"daemon": True}, _crash_before_rename=bool(_fault("crash-before-publish-rename")))
         self.since_publish = 0
 
+    # -- evaluation and the best model -----------------------------------------------------------
+    def _start_publishing(self) -> None:
+        if self.cfg.hub is not None:
+            from ..hub import HubPublisher, HubTarget
+
+            h = self.cfg.hub
+            self.hub = HubPublisher(HubTarget(h.repo, revision=h.revision, private=h.private, endpoint=h.endpoint),
+                                    state_dir=self.cfg.state_path)
+            self.hub.start()
+        if self.cfg.evaluate is not None:
+            self.evaluation = Evaluation(self.cfg.evaluate, output=self.cfg.output, state_path=self.cfg.state_path,
+                                         on_best=self._on_best, clock=self.clock)
+            self.evaluation.start()
+            self.evaluation.expire()
+            if self.last_step is not None and self.evaluation.needs_round(self.last_step):
+                log.info("evaluating step %d: not evaluated (successfully) before the last stop", self.last_step)
+                self._schedule_eval()
+
+    def _on_best(self, folder: Path, best: dict[str, Any]) -> None:
+        if self.hub is not None:
+            self.hub.submit(folder, step=best["step"],
+                            message=f"ckptavg: best model {best['candidate']} at step {best['step']} "
+                                    f"({best['metric']}={best['value']:.6g})")
+
+    def _schedule_eval(self) -> None:
+        """Snapshot the candidates of the current state and hand them to the eval worker (never waits for it)."""
+        assert self.evaluation is not None and self.last_step is not None
+        self.since_eval = 0
+        if self.since_publish:
+            self._publish()
+        step = self.last_step
+        newest = self._history(step)
+        rnd: EvalRound = self.evaluation.new_round(step, _written_at(newest))
+        try:
+            if self.evaluation.cfg.raw:
+                self._snapshot_raw(newest, rnd.folder / "raw")
+                rnd.candidates.append(Candidate("raw", step, rnd.folder / "raw", kind="raw",
+                                                info={"method": None, "options": None, "steps": [step]}))
+            for avg in self.averages:
+                src = self.cfg.output / avg.name
+                if not avg.slots or not src.is_dir():
+                    continue
+                dst = rnd.folder / avg.name
+                snapshot_model_folder(src, dst)
+                rnd.candidates.append(Candidate(avg.name, step, dst, kind="average",
+                                                info={"method": avg.method.name, "options": avg.method.options(),
+                                                      "steps": [f.step for f in avg.folded]}))
+        except (OSError, CkptavgError) as e:
+            log.warning("cannot snapshot the candidates of step %d for evaluation: %s", step, e)
+            shutil.rmtree(rnd.folder, ignore_errors=True)
+            return
+        self.evaluation.submit(rnd)
+
+    def _snapshot_raw(self, ckpt: Checkpoint, dst: Path) -> None:
+        src = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
+        if ckpt.format.startswith("safetensors") and ckpt.path.is_dir():
+            dst.mkdir(parents=True)
+            for f in ckpt.files:
+                _link_or_copy(f, dst / f.name)
+            for index in ckpt.path.glob("*.safetensors.index.json"):
+                _link_or_copy(index, dst / index.name)
+            copy_meta_files(ckpt.meta_dir or src, dst)
+            return
+        # a pickle or a bare file: export it as a safetensors model folder (a mean of one checkpoint is itself)
+        raw = build_averages([AverageSpec("uniform", name="raw")], device="cpu")
+        with Engine(device="cpu", progress=_Quiet()) as engine:
+            average_checkpoints([ckpt], raw, dst, engine=engine)
+
     def _published_step(self, avg: Average) -> int | None:
         try:
             steps = json.loads((self.cfg.output / avg.name / "ckptavg.json").read_text())["steps"]
@@ -396,6 +496,8 @@ class Service:
             "lag_steps": lag,
             "queued": sorted(self.queue), "skipped": sorted(self.skipped), "last_error": self.last_error,
             "last_fold": self.last_fold,
+            "evaluation": self.evaluation.status() if self.evaluation is not None else None,
+            "hub": self.hub.status() if self.hub is not None else None,
         }
 
     def _write_status(self) -> None:

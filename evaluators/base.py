@@ -12,15 +12,16 @@ anything else is an :class:`EvaluationError` naming the evaluator and candidate.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from ..errors import CkptavgError
 
-__all__ = ["Candidate", "Evaluator", "EvaluationError", "check_metrics"]
+__all__ = ["Candidate", "EvaluationError", "Evaluator", "check_metrics"]
 
 
 class EvaluationError(CkptavgError):

@@ -1,0 +1,55 @@
+"""``ckptavg report``: the raw checkpoints against each average, as a table, a PNG and an HTML page."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ..errors import OutputError
+from ..report import build_report
+
+
+@click.command()
+@click.argument("output", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--metric", help="The metric to report (default: the daemon's selection metric in eval.json).")
+@click.option("--mode", type=click.Choice(["min", "max"]),
+              help="min: lower is better (a loss); max: higher is better (an accuracy). Default from eval.json.")
+@click.option("--target", type=float,
+              help="The score to reach; steps and trainer hours to reach it are counted (default: the raw best).")
+@click.option("--png", "png_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the plot (default OUT/report.png).")
+@click.option("--html", "html_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the self-contained HTML page (default OUT/report.html).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON instead of the table.")
+def report(output: Path, metric: str | None, mode: str | None, target: float | None, png_path: Path | None,
+           html_path: Path | None, as_json: bool) -> None:
+    """Show how each average did against the raw checkpoints, from the daemon's evaluations.
+
+    OUT is the daemon's output folder (it reads OUT/.ckptavg/metrics.jsonl) or a metrics.jsonl file.
+    For each candidate: best value and its step, final value, the step and trainer time at which the
+    target was first reached, and the gain against the raw checkpoint.
+
+    \b
+    Examples:
+      ckptavg report runs/exp1-avg
+      ckptavg report runs/exp1-avg --metric val_acc --mode max --target 0.8
+      ckptavg report runs/exp1-avg --json > report.json
+    """
+    rep = build_report(output, metric=metric, mode=mode, target=target)
+    click.echo(json.dumps(rep.to_json(), indent=2) if as_json else rep.table_text(), nl=as_json)
+    png_path = png_path or rep.out_dir / "report.png"
+    html_path = html_path or rep.out_dir / "report.html"
+    missing_plot: OutputError | None = None
+    try:
+        rep.png_bytes()  # raises only when matplotlib is missing
+    except OutputError as e:
+        missing_plot = OutputError(e.message, path=png_path, hint=e.hint)
+    else:
+        rep.write_png(png_path)
+        click.echo(f"plot: {png_path}", err=as_json)
+    rep.write_html(html_path)  # without matplotlib: the table and a note instead of the plot
+    click.echo(f"html: {html_path}", err=as_json)
+    if missing_plot is not None:
+        raise missing_plot

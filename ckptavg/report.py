@@ -29,15 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes
-from .errors import CkptavgError, OutputError, UsageError
-
-try:  # the shared errors module is the home of every error; fall back until it gains this one
-    from .errors import MetricsError  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover - depends on the errors module's version
-
-    class MetricsError(CkptavgError, ValueError):  # type: ignore[no-redef]
-        """metrics.jsonl or eval.json is missing, malformed or holds nothing to report."""
-
+from .errors import MetricsError, OutputError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -296,8 +288,10 @@ def build_report(out_dir: str | Path, *, metric: str | None = None, mode: str | 
 
 
 def _num(value: float | None) -> str:
-    """A number exactly as the file has it (Python's repr round-trips floats)."""
-    return "-" if value is None else repr(value)
+    """A number for people: 6 significant digits (``--json`` and metrics.jsonl keep every digit)."""
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.6g}"
 
 
 def _duration(seconds: float) -> str:

@@ -22,6 +22,14 @@ def test_example_config_loads_with_every_key():
                 "poll_interval", "settle", "marker", "late_policy", "on_shape_change", "keep_for_lawa", "nice",
                 "ionice_idle", "threads", "rules"):
         assert f"\n{key} = " in text, key  # every top-level key is shown (and commented) in the example
+    ev = cfg.evaluate
+    assert (ev.kind, ev.metric, ev.mode, ev.every, ev.raw) == ("command", "val_loss", "min", 1, True)
+    assert ev.options == {"command": "python /srv/eval/eval.py --model {model_dir}", "timeout": 3600.0}
+    for key in ("kind", "command", "timeout", "function", "data", "seq_len", "batch_size", "max_tokens", "tokenizer",
+                "device", "dtype", "text_field", "metric", "mode", "every", "raw", "best_grace", "repo", "revision",
+                "private", "endpoint"):
+        assert f"{key} = " in text, key
+    assert cfg.hub is None  # the [hub] example is commented out: pushing needs a repo and a token
 
 
 def test_flags_build_named_averages():

@@ -16,7 +16,7 @@ from ..errors import UsageError
 @click.option("--state-dir", type=click.Path(path_type=Path), help="The daemon's state folder (default OUTPUT/.ckptavg).")
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status JSON.")
 def status(output: Path, state_dir: Path | None, as_json: bool) -> None:
-    """Show folded steps per average, lag behind the trainer, last error and read speed.
+    """Show folded steps per average, lag behind the trainer, evaluation, the best model, Hub uploads.
 
     \b
     Example:
@@ -50,3 +50,24 @@ def status(output: Path, state_dir: Path | None, as_json: bool) -> None:
     click.echo(f"{'average':<20}{'method':<10}{'folded':>8}{'last step':>12}")
     for name, a in data["averages"].items():
         click.echo(f"{name:<20}{a['method']:<10}{a['folded']:>8}{str(a['last_step']):>12}")
+    ev = data.get("evaluation")
+    if ev:
+        click.echo("")
+        busy = (f"; evaluating step {ev['running_step']}" if ev.get("running_step") is not None else "") + (
+            f"; step {ev['pending_step']} waiting" if ev.get("pending_step") is not None else "")
+        click.echo(f"evaluation: {ev['kind']}, {ev.get('rounds', 0)} round(s), last evaluated step "
+                   f"{ev.get('last_evaluated_step')}{busy}; {ev.get('skipped_rounds', 0)} stale round(s) skipped, "
+                   f"{ev.get('failures', 0)} failure(s)")
+        best = ev.get("best")
+        if best:
+            click.echo(f"best:       {best['candidate']} at step {best['step']}, {best['metric']} = {best['value']:.6g} "
+                       f"({best['mode']}) -> {Path(data['output']) / 'best'}")
+        if ev.get("last_error"):
+            click.echo(f"eval error: {ev['last_error']}")
+    hub = data.get("hub")
+    if hub:
+        pending = f"; step {hub['pending_step']} pending" if hub.get("pending_step") is not None else ""
+        click.echo(f"hub:        {hub.get('repo')}@{hub.get('revision') or 'main'}: {hub.get('state')}, last commit "
+                   f"{hub.get('last_commit') or '-'} (step {hub.get('last_step')}){pending}")
+        if hub.get("last_error"):
+            click.echo(f"hub error:  {hub['last_error']}")

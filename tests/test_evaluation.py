@@ -328,3 +328,35 @@ def test_evaluation_failures_do_not_stop_the_daemon_and_a_restart_evaluates_what
     finally:
         code, err = stop(proc)
     assert code == 0, err
+
+
+@pytest.mark.slow
+def test_row35_a_slow_evaluation_does_not_stop_the_watchdog_pings(tmp_path, eval_script):
+    """The other half of FAULTS row 35: evaluation runs beside the loop, so a long evaluation never starves
+    systemd's watchdog (only a blocked loop does, see test_daemon_faults)."""
+    import socket
+
+    run, out = tmp_path / "run", tmp_path / "avg"
+    run.mkdir()
+    write_trainer_checkpoint(run, 100, seed=0)
+    sock_path = tmp_path / "notify.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind(str(sock_path))
+    server.settimeout(0.2)
+    received: list[tuple[float, str]] = []
+    proc = start_daemon(run, out, "--eval", f"{sys.executable} {eval_script} {{model_dir}} 2.0",
+                        env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"})
+    try:
+        end = time.monotonic() + 60
+        while time.monotonic() < end and (status(out).get("evaluation") or {}).get("last_evaluated_step") != 100:
+            try:
+                received.append((time.monotonic(), server.recv(4096).decode()))
+            except socket.timeout:
+                pass
+    finally:
+        code, err = stop(proc)
+        server.close()
+    assert code == 0, err
+    pings = [t for t, m in received if m == "WATCHDOG=1"]
+    assert len(pings) > 10
+    assert max(b - a for a, b in zip(pings, pings[1:])) < 1.0  # pinged every ~0.2 s through 4 s of evaluation

@@ -12,18 +12,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_trains_with_the_daemon_beside_it_and_reports(tmp_path, ckptavg):
+    """The README's main command, with its defaults."""
     out = tmp_path / "demo"
-    r = ckptavg("demo", "--out", out, "--steps", "200", "--save-every", "20", "--step-delay", "0.005")
+    r = ckptavg("demo", "--out", out)
     assert r.code == 0, r
     checkpoints = sorted((out / "run").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert len(checkpoints) == 10
-    names = ("ema-80", "lawa-5", "swa-100", "uniform")
+    assert len(checkpoints) == 30
+    names = ("ema-160", "lawa-5", "swa-600", "uniform")
     for name in names:
         assert (out / "avg" / name / "model.safetensors").is_file()
     # every checkpoint was evaluated: raw and each average that had started, one row per candidate per round
     rows = [json.loads(line) for line in (out / "avg" / ".ckptavg" / "metrics.jsonl").read_text().splitlines()]
     assert all("metrics" in row for row in rows)
-    last = {row["candidate"]: row for row in rows if row["step"] == 200}
+    last = {row["candidate"]: row for row in rows if row["step"] == 1200}
     assert set(last) == {"raw", *names}
     # the report printed each average's row next to raw's, and the plot and page exist
     table = r.out[r.out.index("candidate"):]
@@ -35,11 +36,14 @@ def test_demo_trains_with_the_daemon_beside_it_and_reports(tmp_path, ckptavg):
     best = json.loads((out / "avg" / "best" / "ckptavg.json").read_text())["selection"]
     assert best["value"] == min(row["metrics"]["val_loss"] for row in rows)
     assert os.readlink(out / "avg" / "best").startswith(".best-versions/")
+    # the averages helped on this run: the report says so, and the best model is an average
+    assert best["kind"] == "average"
+    assert "Every average beat the raw checkpoint." in r.out
     # the daemon's EMA is exactly what the one-shot CLI makes from the same checkpoints
     again = tmp_path / "again"
-    r2 = ckptavg("average", *checkpoints, "--method", "ema:80", "-o", again)
+    r2 = ckptavg("average", *checkpoints, "--method", "ema:160", "-o", again)
     assert r2.code == 0, r2
-    a = load_file(str(out / "avg" / "ema-80" / "model.safetensors"))
+    a = load_file(str(out / "avg" / "ema-160" / "model.safetensors"))
     b = load_file(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 

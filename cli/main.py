@@ -49,10 +49,12 @@ def _register() -> None:
     from .average import average
     from .demo import demo
     from .inspect import inspect
+    from .publish import publish
+    from .report import report
     from .status import status
     from .watch import watch
 
-    for command in (average, demo, inspect, status, watch):
+    for command in (average, demo, inspect, publish, report, status, watch):
         cli.add_command(command)
 
 

@@ -209,7 +209,14 @@ def _hub(source: str, table: Any) -> HubConfig:
     if not isinstance(table.get("repo"), str) or "/" not in table["repo"]:
         raise _err(source, "hub.repo", f"expected 'org/name', got {table.get('repo')!r}")
     values = {k: _typed(source, f"hub.{k}", v, allowed[k]) for k, v in table.items()}
-    return HubConfig(**{k: (v or None) if k in ("revision", "endpoint") else v for k, v in values.items()})
+    hub = HubConfig(**{k: (v or None) if k in ("revision", "endpoint") else v for k, v in values.items()})
+    from ..hub import HubTarget  # validates the repo id, branch and endpoint now, not at the first best model
+
+    try:
+        HubTarget(hub.repo, revision=hub.revision, private=hub.private, endpoint=hub.endpoint)
+    except UsageError as e:
+        raise _err(source, "hub", e.message) from None
+    return hub
 
 
 def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:

@@ -397,8 +397,11 @@ class Service:
     # -- evaluation and the best model -----------------------------------------------------------
     def _start_publishing(self) -> None:
         if self.cfg.hub is not None:
+            from huggingface_hub.utils import disable_progress_bars
+
             from ..hub import HubPublisher, HubTarget
 
+            disable_progress_bars()  # tqdm bars would flood the journal
             h = self.cfg.hub
             self.hub = HubPublisher(HubTarget(h.repo, revision=h.revision, private=h.private, endpoint=h.endpoint),
                                     state_dir=self.cfg.state_path)

@@ -1,0 +1,56 @@
+"""``ckptavg publish``: push a model folder to a Hugging Face Hub repo, as one commit."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from pathlib import Path
+
+import click
+
+from ..hub import HubTarget, folder_files, push_folder
+from ..units import format_bytes
+
+log = logging.getLogger("ckptavg.cli")
+
+
+@click.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--hub", "repo_id", required=True, metavar="NAMESPACE/NAME",
+              help="Hub repo to push to; created if it does not exist.")
+@click.option("--revision", metavar="BRANCH", help="Branch to commit to, created from main if missing. [default: main]")
+@click.option("--private", is_flag=True, help="Create the repo private if it does not exist yet "
+              "(an existing repo keeps its visibility).")
+@click.option("-m", "--message", help="Commit message. [default: 'Upload FOLDER with ckptavg']")
+@click.option("--endpoint", metavar="URL", help="Hub URL. [default: $HF_ENDPOINT, else https://huggingface.co]")
+@click.option("--max-attempts", type=click.IntRange(1, 100), default=8, show_default=True,
+              help="Tries on 429/5xx/network errors (exponential backoff, Retry-After honoured).")
+def publish(folder: Path, repo_id: str, revision: str | None, private: bool, message: str | None,
+            endpoint: str | None, max_attempts: int) -> None:
+    """Push a model folder to the Hugging Face Hub in one commit.
+
+    Every file of FOLDER is uploaded and every file the branch has but FOLDER
+    lacks is deleted (.gitattributes is kept), all in a single commit: the
+    branch mirrors the folder and nobody sees half a model. A symlink such as
+    avg/best is resolved first. A retry after a lost response never makes a
+    second commit. Prints the commit sha and its URL.
+
+    The token comes from HF_TOKEN, else the systemd credential hf_token
+    ($CREDENTIALS_DIRECTORY/hf_token), else `hf auth login`; it needs write
+    access. HF_HUB_OFFLINE=1 refuses to push.
+
+    \b
+    Examples:
+      ckptavg publish out/ema --hub my-org/llama-ema
+      ckptavg publish avg/best --hub my-org/run7 --revision averaged -m "EMA, step 12000"
+      ckptavg publish out/lawa --hub me/lawa-test --private
+    """
+    target = HubTarget(repo_id, revision=revision, private=private, endpoint=endpoint)
+    source = folder.resolve()
+    files = folder_files(source)
+    size = sum(p.stat().st_size for p in files.values())
+    shown = f"{folder} → {source}" if source != folder.absolute() else str(folder)
+    log.info("publishing %s (%d files, %s) to %s", shown, len(files), format_bytes(size), target.url)
+    sha = push_folder(source, target, message=message or f"Upload {source.name} with ckptavg",
+                      publish_id=uuid.uuid4().hex, max_attempts=max_attempts)
+    click.echo(f"{sha} {target.commit_url(sha)}")

@@ -42,5 +42,9 @@ def make_evaluator(kind: str, options: dict[str, Any], *, log_dir: Path | None =
     if kind == "hf-perplexity":
         from .hf_perplexity import HFPerplexity
 
+        allowed = ("batch_size", "seq_len", "max_tokens", "device", "tokenizer", "dtype", "text_field")
+        unknown = sorted(set(opts) - {"data", *allowed})
+        if unknown:
+            raise UsageError(f"hf-perplexity: unknown option {unknown[0]!r} (allowed: data, {', '.join(allowed)})")
         return HFPerplexity(Path(opts.pop("data")), **opts)
     raise UsageError(f"evaluator kind {kind!r}: expected one of {', '.join(KINDS)}")

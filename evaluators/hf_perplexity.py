@@ -65,6 +65,7 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model", "tiktoken.model")
 _IGNORED_CONFIG_KEYS = ("_name_or_path", "transformers_version")
+_LOGITS_CHUNK = 2**25  # logits turned to float32 at once, in elements
 
 
 class HFPerplexity:
@@ -112,7 +113,8 @@ class HFPerplexity:
         self._tokens: torch.Tensor | None = None  # the blocks, (n_blocks, seq_len) int64, CPU
         self._model: PreTrainedModel | None = None
         self._config: dict[str, Any] | None = None  # config.json of the built model, minus volatile keys
-        self._file_keys: frozenset[str] = frozenset()  # tensor names in the first folder's safetensors
+        self._file_index: dict[str, str] = {}  # tensor name -> dtype in the safetensors of the model's folder
+        self._file_keys: frozenset[str] = frozenset()
         self._absent_ok: frozenset[str] = frozenset()  # model keys no folder stores (tied weights, filled buffers)
         self._reusable = False
 
@@ -131,8 +133,11 @@ class HFPerplexity:
                 for i in range(0, blocks.shape[0], self.batch_size):
                     batch = blocks[i:i + self.batch_size].to(self.device)
                     logits = model(input_ids=batch, use_cache=False).logits
-                    for row in range(batch.shape[0]):  # one row at a time: float32 logits stay small
-                        ce = F.cross_entropy(logits[row, :-1].float(), batch[row, 1:], reduction="sum")
+                    # a few rows at a time: the float32 copy of the logits stays under ~128 MiB
+                    rows = max(1, _LOGITS_CHUNK // (logits.shape[1] * logits.shape[2]))
+                    for r in range(0, batch.shape[0], rows):
+                        lg = logits[r:r + rows, :-1].float()
+                        ce = F.cross_entropy(lg.flatten(0, 1), batch[r:r + rows, 1:].flatten(), reduction="sum")
                         total += ce.double()
                     del logits
         except torch.cuda.OutOfMemoryError as exc:
@@ -152,13 +157,13 @@ class HFPerplexity:
 
     def close(self) -> None:
         """Release the model (and its GPU memory) and the token cache; a later evaluate() rebuilds them."""
+        had_model = self._model is not None
         self._model = None
         self._config = None
         self._reusable = False
         self._tokens = None
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        if had_model:
+            _free(self.device)
 
     # -- data -------------------------------------------------------------------------------------
 
@@ -191,18 +196,22 @@ class HFPerplexity:
     def _model_for(self, candidate: Candidate, config: dict[str, Any]) -> PreTrainedModel:
         """The built model if this candidate's weights can be copied into it, else a fresh one."""
         model_dir = Path(candidate.model_dir)
-        if (self._model is not None and self._reusable and config == self._config
-                and any(model_dir.glob("*.safetensors"))):
-            state = candidate.state_dict()
-            if self._load_into(self._model, state, candidate):
+        if self._model is not None and self._reusable and config == self._config:
+            files = _safetensors_index(model_dir)
+            # under dtype=auto, from_pretrained picks the dtypes from the files: other dtypes, another build
+            same_dtypes = self.dtype != "auto" or set(files) != self._file_keys or files == self._file_index
+            if files and same_dtypes:
+                self._load_into(self._model, candidate.state_dict(), candidate)
                 log.debug("hf-perplexity: %s loaded into the model already built", candidate.name)
                 return self._model
-        self._model = None  # free the old one before building the next
-        gc.collect()
+        if self._model is not None:  # free the old one (and its GPU memory) before building the next
+            self._model = None
+            _free(self.device)
         model = _from_pretrained(model_dir, self.dtype, candidate.name)
         model.to(self.device).eval()
         self._model, self._config = model, config
-        self._file_keys = frozenset(_safetensors_keys(model_dir))
+        self._file_index = _safetensors_index(model_dir)
+        self._file_keys = frozenset(self._file_index)
         model_keys = set(model.state_dict())
         # Reuse only where the files' tensor names are the model's own (no conversion at load, as for fused MoE
         # experts); names the folder lacks are tied aliases or buffers from_pretrained fills, the same every time.
@@ -210,8 +219,8 @@ class HFPerplexity:
         self._absent_ok = frozenset(model_keys - self._file_keys)
         return model
 
-    def _load_into(self, model: PreTrainedModel, state: dict[str, torch.Tensor], candidate: Candidate) -> bool:
-        """Copy ``state`` into ``model``; False where a fresh build is needed (another dtype under dtype=auto)."""
+    def _load_into(self, model: PreTrainedModel, state: dict[str, torch.Tensor], candidate: Candidate) -> None:
+        """Copy ``state`` into ``model`` (cast to the model's dtypes); tied parameters stay one tensor."""
         own = model.state_dict()
         unexpected = sorted(set(state) - set(own))
         missing = sorted(set(own) - set(state) - self._absent_ok)
@@ -229,12 +238,7 @@ class HFPerplexity:
             if t.shape != own[k].shape:
                 raise EvaluationError(f"hf-perplexity: {candidate.name} has shape {tuple(t.shape)}, the model "
                                       f"{tuple(own[k].shape)}", path=candidate.model_dir, tensor=k)
-            if self.dtype == "auto" and t.dtype != own[k].dtype:
-                log.debug("hf-perplexity: %s stores %s as %s, the model %s: building it afresh", candidate.name, k,
-                          t.dtype, own[k].dtype)
-                return False
         model.load_state_dict(state, strict=False)
-        return True
 
     def _check_fits(self, model: PreTrainedModel, blocks: torch.Tensor, model_dir: Path) -> None:
         """Token ids within the embedding, blocks within the position range: errors here, not deep in torch."""
@@ -252,6 +256,13 @@ class HFPerplexity:
 
 
 # -- helpers --------------------------------------------------------------------------------------
+
+def _free(device: torch.device) -> None:
+    """Collect the released model now (module graphs can hold reference cycles) and return cached GPU memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
 
 def _check_int(option: str, value: Any, least: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -409,15 +420,19 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in _IGNORED_CONFIG_KEYS}
 
 
-def _safetensors_keys(model_dir: Path) -> set[str]:
-    """Tensor names in the folder's safetensors files, from their headers (no tensor is read)."""
+def _safetensors_index(model_dir: Path) -> dict[str, str]:
+    """Tensor name -> dtype ("BF16", "F32", ...) in the folder's safetensors files, from the headers alone."""
     from safetensors import safe_open
 
-    keys: set[str] = set()
+    index: dict[str, str] = {}
     for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            keys.update(sf.keys())
-    return keys
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                names = sf.keys()  # a safe_open handle is not iterable
+                index.update((k, sf.get_slice(k).get_dtype()) for k in names)
+        except Exception as exc:  # a truncated or invalid file: one line naming it
+            raise EvaluationError(f"hf-perplexity: cannot read the safetensors header: {exc}", path=f) from exc
+    return index
 
 
 def _names(keys: list[str], limit: int = 6) -> str:

@@ -49,7 +49,7 @@ def status(output: Path, state_dir: Path | None, as_json: bool) -> None:
     click.echo("")
     click.echo(f"{'average':<20}{'method':<10}{'folded':>8}{'last step':>12}")
     for name, a in data["averages"].items():
-        click.echo(f"{name:<20}{a['method']:<10}{a['folded']:>8}{str(a['last_step']):>12}")
+        click.echo(f"{name:<20}{a['method']:<10}{a['folded']:>8}{a['last_step']!s:>12}")
     ev = data.get("evaluation")
     if ev:
         click.echo("")

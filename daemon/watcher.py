@@ -16,7 +16,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Watcher", "mount_type", "NETWORK_FILESYSTEMS"]
+__all__ = ["NETWORK_FILESYSTEMS", "Watcher", "mount_type"]
 
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "ceph", "glusterfs", "beegfs",
                        "9p", "fuse", "afs", "wekafs")

@@ -10,11 +10,9 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
-
 from test_daemon import status, wait_for
 
 pytestmark = pytest.mark.slow

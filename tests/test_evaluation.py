@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_daemon import start_daemon, status, stop, wait_for, write_trainer_checkpoint
 
 from ckptavg.daemon.config import EvalConfig, load_config
-from ckptavg.daemon.evaluation import BEST_LINK, Evaluation, EvalRound
+from ckptavg.daemon.evaluation import BEST_LINK, EvalRound, Evaluation
 from ckptavg.errors import UsageError
 from ckptavg.evaluators import Candidate, EvaluationError, make_evaluator
 from ckptavg.evaluators.command import CommandEvaluator
 from ckptavg.evaluators.python import PythonEvaluator
-
-from test_daemon import start_daemon, status, stop, wait_for, write_trainer_checkpoint
 
 # An eval command that does not import torch (fast): mean of tensor "b" read with safetensors' numpy API.
 EVAL_SCRIPT = textwrap.dedent("""
@@ -351,7 +350,7 @@ def test_row35_a_slow_evaluation_does_not_stop_the_watchdog_pings(tmp_path, eval
         while time.monotonic() < end and (status(out).get("evaluation") or {}).get("last_evaluated_step") != 100:
             try:
                 received.append((time.monotonic(), server.recv(4096).decode()))
-            except socket.timeout:
+            except TimeoutError:
                 pass
     finally:
         code, err = stop(proc)
@@ -360,3 +359,27 @@ def test_row35_a_slow_evaluation_does_not_stop_the_watchdog_pings(tmp_path, eval
     pings = [t for t, m in received if m == "WATCHDOG=1"]
     assert len(pings) > 10
     assert max(b - a for a, b in zip(pings, pings[1:])) < 1.0  # pinged every ~0.2 s through 4 s of evaluation
+
+
+@pytest.mark.slow
+def test_raw_pickle_checkpoints_are_exported_for_evaluation(tmp_path, make_run):
+    """A run of bare .pt files: the raw candidate is exported to a safetensors folder an evaluator can load."""
+    run, out = tmp_path / "run", tmp_path / "avg"
+    paths = make_run([100, 200], fmt="pt", dtype=torch.float32)
+    mod = tmp_path / "ev.py"
+    mod.write_text("from safetensors.torch import load_file\n"
+                   "def f(model_dir):\n"
+                   "    t = load_file(str(model_dir / 'model.safetensors'))['embed.weight']\n"
+                   "    return {'val_loss': float(t.abs().mean())}\n")
+    proc = start_daemon(run, out, "--eval-python", f"{mod}:f")
+    try:
+        assert wait_for(lambda: (status(out).get("evaluation") or {}).get("last_evaluated_step") == 200, 60), \
+            status(out)
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / ".ckptavg" / "metrics.jsonl").read_text().splitlines()]
+    raw = [r for r in rows if r["candidate"] == "raw" and r["step"] == 200]
+    assert raw and "metrics" in raw[0], rows
+    want = torch.load(paths[1], weights_only=True)["embed.weight"].abs().mean().item()
+    assert raw[0]["metrics"]["val_loss"] == pytest.approx(want)

@@ -5,7 +5,8 @@ plain loop's save folder) is walked a few levels deep. A candidate is a folder
 or weight file whose name carries a step (``checkpoint-500``, ``step_500.pt``,
 ``epoch=1-step=500.ckpt``). Staging names that writers use before the final
 rename are ignored (``tmp-checkpoint-*``, ``*.tmp``, ``*.orbax-checkpoint-tmp-*``,
-``.metadata.tmp``, dotfiles). Symbolic links are followed only inside the root,
+``.metadata.tmp``, dotfiles). Symbolic links are followed only inside the root
+(a checkpoint folder whose weight file links out of the root is skipped),
 each file or folder is taken once (by ``(st_dev, st_ino)``, so ``last.ckpt`` →
 ``epoch=3-step=900.ckpt`` is one checkpoint), and a directory loop cannot hang
 the walk.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .checkpoint import PICKLE_SUFFIXES, Checkpoint, _is_side_file, open_checkpoint
@@ -23,7 +25,7 @@ from .steps import step_from_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_noise", "find_candidates", "latest_complete"]
+__all__ = ["find_candidates", "is_noise", "latest_complete"]
 
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 
@@ -31,8 +33,7 @@ WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 def is_noise(name: str) -> bool:
     """Names that writers use while a checkpoint is not final yet, and hidden files."""
     return (
-        name.startswith(".")
-        or name.startswith(("tmp-", "tmp_"))  # HF Trainer stages as tmp-checkpoint-N
+        name.startswith((".", "tmp-", "tmp_"))  # hidden; HF Trainer stages as tmp-checkpoint-N
         or name.endswith((".tmp", ".partial", ".incomplete"))
         or ".orbax-checkpoint-tmp" in name
         or ".ckptavg-tmp-" in name
@@ -84,6 +85,11 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
             step = step_from_name(entry.name)
             if is_dir:
                 if step is not None and _holds_weights(path):
+                    outside = _weights_outside(path, inside)
+                    if outside is not None:
+                        log.warning("security: skipping %s: its weight file %s resolves outside %s; not followed",
+                                    path, outside, root)
+                        continue
                     if (st_e.st_dev, st_e.st_ino) not in seen:
                         seen.add((st_e.st_dev, st_e.st_ino))
                         found.append((step, path))
@@ -102,12 +108,32 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
     return [p for _, p in found]
 
 
+def _weight_names(folder: Path) -> list[str]:
+    """Names in ``folder`` that may be (or index) its weights."""
+    return [n for n in os.listdir(folder)
+            if not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")) and not _is_side_file(n)]
+
+
+def _weights_outside(folder: Path, inside: Callable[[Path], bool]) -> Path | None:
+    """The first weight file of ``folder`` that is a link resolving outside the run root, or None.
+
+    A checkpoint folder inside the root whose ``model.safetensors`` links elsewhere
+    would make ckptavg read (and publish) a file the user never pointed it at.
+    """
+    try:
+        names = sorted(_weight_names(folder))
+    except OSError:
+        return None
+    for n in names:
+        p = folder / n
+        if p.is_symlink() and not inside(p):
+            return p
+    return None
+
+
 def _holds_weights(folder: Path) -> bool:
     try:
-        return any(
-            not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")) and not _is_side_file(n)
-            for n in os.listdir(folder)
-        )
+        return bool(_weight_names(folder))
     except OSError:
         return False
 

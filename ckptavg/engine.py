@@ -9,11 +9,21 @@ produce bit-identical averages:
   staging window.
 * **tensor-major** (:meth:`Engine.average`): for each tensor, its value in every
   input checkpoint, then the finished average goes to the writer and its
-  accumulators are freed — the one-shot mode for safetensors. Memory: one
-  tensor's accumulators plus the staging window, whatever the model size or
-  the number of checkpoints.
+  accumulators are freed — the one-shot mode for safetensors. A large tensor
+  whose shape and dtype agree in every input is cut into *pieces* of
+  ``piece_elems`` elements, each read (``pread`` of its byte range), folded,
+  finished and written on its own: every method is elementwise, so a piece is
+  averaged exactly as the whole tensor would be, while memory stays at one
+  piece's accumulators plus the staging window (even for a 2 GB embedding),
+  and the accumulators of a piece stay in the CPU caches across the inputs.
 
-A reader thread stays ahead of the arithmetic by at most ``staging_bytes``.
+A reader thread stays ahead of the arithmetic by at most ``staging_bytes``
+(pieces: ``PIECE_STAGING_BYTES``, read into reused buffers — fresh memory costs
+a page fault per 4 KiB, which makes ``pread`` from the page cache 2-3x slower).
+The one-shot arithmetic runs on ``threads`` CPU threads (default: all cores
+but one, which the reader, the writer thread and the kernel's writeback need:
+OpenMP threads that must share a core with them, or with another process,
+wait on each other and run many times slower).
 On CUDA, tensors are read into pinned chunks and copied to the device with
 non-blocking copies on a side stream, overlapped with the next read and with
 the fold kernels on the main stream. Casting to the accumulator dtype goes
@@ -23,12 +33,16 @@ copy.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
+import os
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -45,7 +59,11 @@ log = logging.getLogger(__name__)
 __all__ = ["Engine", "resolve_device"]
 
 DEFAULT_CHUNK_ELEMS = 1 << 20  # 4 MiB of fp32 scratch: stays in cache
+DEFAULT_PIECE_ELEMS = 1 << 20  # tensor-major unit: 4 MiB of fp32 accumulator, stays in the CPU caches
 DEFAULT_STAGING_BYTES = 256 << 20
+# read-ahead of the tensor-major schedule when it reads pieces: a few pieces of every input, enough to keep
+# the reader ahead; more would only add to the resident set
+PIECE_STAGING_BYTES = 64 << 20
 _PIN_CHUNK_BYTES = 16 << 20
 
 
@@ -80,6 +98,84 @@ class _Request:
     ckpt_index: int
     name: str
     nbytes: int
+    piece: tuple[int, int] | None = None  # element range [lo, hi) of a tensor read in pieces
+
+
+def _piece_ref(ref: TensorRef, piece: tuple[int, int] | None) -> TensorRef:
+    """``ref`` narrowed to the flat element range ``piece`` (a 1-D tensor at its byte range)."""
+    if piece is None:
+        return ref
+    lo, hi = piece
+    size = ref.nbytes // ref.numel
+    assert ref.offset is not None
+    return replace(ref, shape=(hi - lo,), offset=ref.offset + lo * size, nbytes=(hi - lo) * size)
+
+
+def _pieces(refs: Sequence[TensorRef], piece_elems: int) -> list[tuple[int, int] | None]:
+    """How a tensor is read tensor-major: ``[None]`` (whole) or element ranges of ``piece_elems``.
+
+    Only a safetensors tensor (byte ranges) larger than one piece whose shape and
+    dtype agree in every input is cut: a tensor that changes shape or dtype
+    (policy ``reset``) keeps the whole-tensor path and its logged restart.
+    """
+    first = refs[0]
+    n = first.numel
+    if n <= piece_elems or any(r.offset is None or r.shape != first.shape or r.dtype != first.dtype for r in refs):
+        return [None]
+    return [(lo, min(lo + piece_elems, n)) for lo in range(0, n, piece_elems)]
+
+
+class _BufferPool:
+    """Reused read buffers for pieces: reading into fresh memory costs a page fault per 4 KiB,
+    which makes ``pread`` from the page cache 2-3x slower. :meth:`get` never blocks (an empty
+    pool allocates), so the prefetcher's byte window alone decides how far it reads ahead;
+    :meth:`put` keeps at most ``keep`` buffers."""
+
+    def __init__(self, capacity: int, keep: int) -> None:
+        self.capacity = capacity
+        self.keep = keep
+        self._free: list[torch.Tensor] = []
+        self._lock = threading.Lock()
+
+    def get(self) -> torch.Tensor:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return torch.empty(self.capacity, dtype=torch.uint8)
+
+    def put(self, buf: torch.Tensor) -> None:
+        with self._lock:
+            if len(self._free) < self.keep:
+                self._free.append(buf)
+
+
+_malloc_tuned = False
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc reuse freed piece-sized blocks instead of returning them to the kernel.
+
+    Every piece allocates and frees accumulators, values and staging buffers of a
+    few MiB; by default glibc maps blocks that large fresh (and unmaps them on
+    free), so every piece pays page faults and kernel zeroing — 3x the arithmetic.
+    Raising the mmap and trim thresholds keeps them in the heap; the heap's size is
+    bounded by the staging window and one piece's accumulators. Process-wide and
+    glibc-only (elsewhere a no-op); set once, by the tensor-major schedule.
+    """
+    global _malloc_tuned
+    if _malloc_tuned:
+        return
+    _malloc_tuned = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 128 << 20)
 
 
 class _Prefetcher:
@@ -109,7 +205,7 @@ class _Prefetcher:
                     self._inflight += req.nbytes
                 self._queue.put((req, self._load(req)))
             self._queue.put((None, self._DONE))
-        except BaseException as e:  # handed to the consumer, raised there
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put((None, e))
 
     def __iter__(self) -> Iterator[tuple[_Request, Any]]:
@@ -146,18 +242,24 @@ class Engine:
         *,
         device: str | torch.device | None = "cpu",
         chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+        piece_elems: int = DEFAULT_PIECE_ELEMS,
         staging_bytes: int = DEFAULT_STAGING_BYTES,
         check_finite: bool = True,
         progress: Progress | None = None,
+        threads: int | None = None,
     ) -> None:
         self.device = resolve_device(device)
         self.chunk_elems = int(chunk_elems)
+        self.piece_elems = max(1, int(piece_elems))
+        # CPU threads for the arithmetic of :meth:`average` (one-shot); :meth:`fold` uses the caller's setting
+        self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) - 1)
         self.staging_bytes = int(staging_bytes)
         self.check_finite = check_finite
         self.progress = progress or Progress()
         self.files = FileCache(max_open=128)  # used by the prefetch thread only
         self._old_files = FileCache(max_open=32)  # LAWA's leaving members, read on the calling thread
         self._scratch: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._old_bufs: list[torch.Tensor] = []
         self._cuda = self.device.type == "cuda"
         if self._cuda:
             self._side = torch.cuda.Stream(device=self.device)
@@ -169,7 +271,7 @@ class Engine:
         self.files.close()
         self._old_files.close()
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -184,11 +286,19 @@ class Engine:
             self._scratch[key] = buf
         return buf[:n]
 
-    def _load(self, reader: CheckpointReader, name: str) -> tuple[torch.Tensor, Any]:
-        """Read one tensor and stage it on the engine's device. Runs in the prefetch thread."""
-        ref = reader.checkpoint.tensors[name]
+    def _load(self, reader: CheckpointReader, name: str, piece: tuple[int, int] | None = None,
+              pool: _BufferPool | None = None) -> tuple[torch.Tensor, Any]:
+        """Read one tensor (or the element range ``piece`` of it) and stage it on the engine's
+        device. Runs in the prefetch thread. On CPU a piece is read into a buffer of ``pool``,
+        which the staged tuple carries (in place of a CUDA event) to be put back after the fold."""
+        ref = _piece_ref(reader.checkpoint.tensors[name], piece)
         if not self._cuda:
-            return reader.read(name), None
+            if piece is None:
+                return reader.read(name), None
+            buf = pool.get() if pool is not None and ref.nbytes <= pool.capacity else None
+            out = buf[: ref.nbytes] if buf is not None else None
+            raw = self.files.read(ref.file, ref.identity, ref.offset, ref.nbytes, out=out)  # type: ignore[arg-type]
+            return raw.view(ref.dtype), buf
         if ref.offset is None:  # pickle: already in memory after the file load
             with torch.cuda.stream(self._side):
                 dev = reader.read(name).to(self.device, non_blocking=False)
@@ -210,9 +320,23 @@ class Engine:
             done.record(self._side)
         return dev.view(ref.dtype).reshape(ref.shape), done
 
+    def _old_buffer(self, i: int, nbytes: int) -> torch.Tensor:
+        """Reused CPU buffer ``i`` for LAWA's leaving member in :meth:`fold` (the calling thread only).
+
+        Reading into fresh memory costs a page fault per 4 KiB; the buffers grow to the
+        largest tensor and are kept (one per leaving checkpoint of a fold, usually one per
+        LAWA average) — small beside the long-lived accumulators they serve.
+        """
+        while len(self._old_bufs) <= i:
+            self._old_bufs.append(torch.empty(0, dtype=torch.uint8))
+        if self._old_bufs[i].numel() < nbytes:
+            self._old_bufs[i] = torch.empty(0, dtype=torch.uint8)  # free the old one first
+            self._old_bufs[i] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._old_bufs[i][:nbytes]
+
     def _ready(self, staged: tuple[torch.Tensor, Any]) -> torch.Tensor:
         x, done = staged
-        if done is not None:
+        if done is not None and not isinstance(done, torch.Tensor):  # a CUDA event (a tensor: a pool buffer)
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(done)
             x.record_stream(stream)
@@ -290,14 +414,19 @@ class Engine:
             for ref in ckpt.tensors.values():
                 if avg.method_for(ref.name, ref.dtype) is not None:
                     avg.check(ref, path=ckpt.path)
+                    if avg.on_shape_change == "error":
+                        _reject_placeholder(ref, ckpt.path)
         get_old = _history_lookup(history)
         old_readers: dict[Hashable, CheckpointReader] = {}
+
+        buffer_of: dict[Hashable, int] = {}
 
         def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
             reader = old_readers.get(old_ident)
             if reader is None:
                 reader = old_readers[old_ident] = get_old(old_ident).reader(self._old_files)
-            return self._to_device(_read_matching(reader, current_name, slot))
+            i = buffer_of.setdefault(old_ident, len(buffer_of))
+            return self._to_device(_read_matching(reader, current_name, slot, out=lambda n: self._old_buffer(i, n)))
 
         reader = ckpt.reader(self.files)
         requests = [_Request(0, name, ref.nbytes) for name, ref in ckpt.tensors.items()]
@@ -309,7 +438,7 @@ class Engine:
                 current_name = req.name
                 ref = ckpt.tensors[req.name]
                 x = self._ready(staged)
-                if check_inputs and ref.dtype.is_floating_point and not bool(torch.isfinite(x).all()):
+                if check_inputs and ref.dtype.is_floating_point and not _all_finite(x):
                     raise NonFiniteError("holds NaN or Inf values; the checkpoint is not folded", path=ref.file, tensor=ref.name,
                                          hint="pass --allow-nonfinite to average it anyway")
                 self._fold_tensor(x, self._jobs(ref, accepting, info, ckpt.path), info, read_old)
@@ -335,7 +464,12 @@ class Engine:
         weights: Sequence[float] | None = None,
     ) -> None:
         """Average ``ckpts`` (in step order) tensor by tensor; ``emit(average, name, tensor)``
-        receives each finished tensor (on CPU, source dtype) in :func:`output_order`."""
+        receives each finished tensor (on CPU, source dtype) in :func:`output_order`.
+
+        A tensor read in pieces is emitted as consecutive flat parts (1-D tensors of
+        its source dtype, in element order) that together make the tensor:
+        :class:`~ckptavg.export.ModelWriter` appends them.
+        """
         if weights is not None and len(weights) != len(ckpts):
             raise UsageError(f"--weights has {len(weights)} values for {len(ckpts)} checkpoints")
         _check_steps(ckpts, averages)
@@ -344,10 +478,30 @@ class Engine:
         by_ident = dict(zip(idents, ckpts))
         infos = [FoldInfo(ident=i, step=c.step, weight=1.0 if weights is None else float(weights[k]))
                  for k, (i, c) in enumerate(zip(idents, ckpts))]
-        names = output_order(ckpts)
-        requests = [_Request(k, name, c.tensors[name].nbytes) for name in names for k, c in enumerate(ckpts) if name in c.tensors]
+        requests: list[_Request] = []
+        pending: dict[tuple[str, tuple[int, int] | None], int] = {}
+        for name in output_order(ckpts):
+            held = [(k, c.tensors[name]) for k, c in enumerate(ckpts) if name in c.tensors]
+            for piece in _pieces([r for _, r in held], self.piece_elems):
+                pending[(name, piece)] = len(held)
+                requests += [_Request(k, name, _piece_ref(r, piece).nbytes, piece) for k, r in held]
+        if not self._cuda:
+            _keep_freed_memory()
+        with _torch_threads(self.threads if not self._cuda else None):
+            self._average(ckpts, averages, emit, infos, requests, pending, by_ident)
+        for avg in averages:
+            for c, info in zip(ckpts, infos):
+                if avg.method.accepts(c.step):
+                    avg.folded.append(FoldRecord(str(c.path), c.step, c.fingerprint, info.weight if weights is not None else None))
+
+    def _average(self, ckpts: Sequence[Checkpoint], averages: Sequence[Average],
+                 emit: Callable[[Average, str, torch.Tensor], None], infos: list[FoldInfo],
+                 requests: list[_Request], pending: dict[tuple[str, tuple[int, int] | None], int],
+                 by_ident: dict[Hashable, Checkpoint]) -> None:
         readers = [c.reader(self.files) for c in ckpts]
-        remaining = [len(c.tensors) for c in ckpts]
+        remaining = [0] * len(ckpts)
+        for r in requests:
+            remaining[r.ckpt_index] += 1
         read_bytes = [0] * len(ckpts)
         started = time.perf_counter()
         old_readers: dict[Hashable, CheckpointReader] = {}
@@ -356,34 +510,48 @@ class Engine:
             reader = old_readers.get(old_ident)
             if reader is None:
                 reader = old_readers[old_ident] = by_ident[old_ident].reader(self._old_files)
-            return self._to_device(_read_matching(reader, current_name, slot))
+            if current.piece is None:
+                return self._to_device(_read_matching(reader, current.name, slot))
+            ref = reader.checkpoint.tensors.get(current.name)
+            if ref is None or ref.offset is None or ref.numel < current.piece[1]:
+                raise TensorMismatchError("the checkpoint leaving the LAWA window no longer matches this tensor",
+                                          path=reader.checkpoint.path, tensor=current.name)
+            ref = _piece_ref(ref, current.piece)
+            raw = self._old_files.read(ref.file, ref.identity, ref.offset, ref.nbytes)  # type: ignore[arg-type]
+            return self._to_device(raw.view(ref.dtype))
 
-        stream = _Prefetcher(requests, lambda r: self._load(readers[r.ckpt_index], r.name), self.staging_bytes)
-        pending = {name: sum(1 for c in ckpts if name in c.tensors) for name in names}
+        window = self.staging_bytes
+        if any(r.piece is not None for r in requests):
+            window = min(window, max(PIECE_STAGING_BYTES, 3 * len(ckpts) * self.piece_elems * 4))
+        pool = None
+        if not self._cuda and any(r.piece is not None for r in requests):
+            capacity = max(r.nbytes for r in requests if r.piece is not None)
+            pool = _BufferPool(capacity, keep=window // capacity + 2)
+        stream = _Prefetcher(requests, lambda r: self._load(readers[r.ckpt_index], r.name, r.piece, pool), window)
         try:
             for req, staged in stream:
-                current_name = req.name
-                ckpt = ckpts[req.ckpt_index]
-                ref = ckpt.tensors[req.name]
+                current = req
+                k = req.ckpt_index
+                ckpt = ckpts[k]
+                ref = _piece_ref(ckpt.tensors[req.name], req.piece)
                 x = self._ready(staged)
-                self._fold_tensor(x, self._jobs(ref, averages, infos[req.ckpt_index], ckpt.path), infos[req.ckpt_index], read_old)
+                self._fold_tensor(x, self._jobs(ref, averages, infos[k], ckpt.path), infos[k], read_old)
+                if pool is not None and isinstance(staged[1], torch.Tensor):
+                    pool.put(staged[1])  # the fold kept no view of x: every method copies out of it
                 del x, staged
                 self.progress.advance(ref.nbytes)
-                read_bytes[req.ckpt_index] += ref.nbytes
-                remaining[req.ckpt_index] -= 1
-                if remaining[req.ckpt_index] == 0:
-                    self.progress.checkpoint_done(ckpt, read_bytes[req.ckpt_index], time.perf_counter() - started)
-                pending[req.name] -= 1
-                if pending[req.name] == 0:
+                read_bytes[k] += ref.nbytes
+                remaining[k] -= 1
+                if remaining[k] == 0:
+                    self.progress.checkpoint_done(ckpt, read_bytes[k], time.perf_counter() - started)
+                key = (req.name, req.piece)
+                pending[key] -= 1
+                if pending[key] == 0:
                     self.finish_tensor(req.name, ckpts, averages, emit)
         finally:
             stream.close()
             for r in [*readers, *old_readers.values()]:
                 r.release()
-        for avg in averages:
-            for c, info in zip(ckpts, infos):
-                if avg.method.accepts(c.step):
-                    avg.folded.append(FoldRecord(str(c.path), c.step, c.fingerprint, info.weight if weights is not None else None))
 
     def finish_tensor(self, name: str, ckpts: Sequence[Checkpoint], averages: Sequence[Average],
                       emit: Callable[[Average, str, torch.Tensor], None]) -> None:
@@ -393,7 +561,7 @@ class Engine:
             if name not in avg.slots:
                 continue
             value = avg.value(name)  # checked before the cast: fp32 is quicker to scan than bf16
-            if self.check_finite and value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            if self.check_finite and value.dtype.is_floating_point and not _all_finite(value):
                 raise self._find_nonfinite(name, ckpts, avg)
             slot = avg.slots[name]
             emit(avg, name, value.to(slot.dtype).reshape(slot.shape).cpu())
@@ -411,6 +579,32 @@ class Engine:
                               hint="use --accum-dtype float64")
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` holds no NaN/Inf. A sum is NaN or Inf when any element is, and summing
+    is several times quicker than ``isfinite``; only a non-finite sum (which finite values
+    can also reach, by overflow) needs the elementwise test."""
+    if t.dtype in _SUMMABLE and bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+_SUMMABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp8 has no sum
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: unchanged), then restore the setting."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _history_lookup(history: Any) -> Callable[[Hashable], Checkpoint]:
     if history is None:
         def missing(ident: Hashable) -> Checkpoint:
@@ -421,13 +615,16 @@ def _history_lookup(history: Any) -> Callable[[Hashable], Checkpoint]:
     return lambda ident: history[ident]
 
 
-def _read_matching(reader: CheckpointReader, name: str, slot: Slot) -> torch.Tensor:
+def _read_matching(reader: CheckpointReader, name: str, slot: Slot,
+                   out: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+    """The tensor ``name`` of the checkpoint leaving a LAWA window (into ``out(nbytes)`` when it
+    can be read in place), checked against the slot it is subtracted from."""
     ckpt = reader.checkpoint
     ref = ckpt.tensors.get(name)
     if ref is None or ref.shape != slot.shape:
         raise TensorMismatchError("the checkpoint leaving the LAWA window no longer matches this tensor",
                                   path=ckpt.path, tensor=name)
-    return reader.read(name)
+    return reader.read(name, out=out(ref.nbytes) if out is not None and ref.offset is not None else None)
 
 
 def output_order(ckpts: Sequence[Checkpoint]) -> list[str]:
@@ -450,6 +647,15 @@ def _check_steps(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) -> No
                     )
 
 
+def _reject_placeholder(ref: TensorRef, path: Any) -> None:
+    """A ``[0]``-shaped float tensor is a DeepSpeed ZeRO-3 partitioned placeholder, never real weights."""
+    if ref.shape == (0,) and ref.dtype.is_floating_point:
+        raise TensorMismatchError(
+            "is empty (shape [0])", path=path, tensor=ref.name,
+            hint="a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first",
+        )
+
+
 def validate_sequence(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) -> None:
     """Check, from the indexes alone, that the checkpoints can be folded in this order.
 
@@ -458,7 +664,7 @@ def validate_sequence(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) 
     """
     steps = [c.step for c in ckpts]
     if all(s is not None for s in steps):
-        for a, b in zip(ckpts, ckpts[1:]):
+        for a, b in itertools.pairwise(ckpts):
             if b.step <= a.step:  # type: ignore[operator]
                 raise StepError(f"step {b.step} comes after step {a.step} ({a.path}); steps must increase",
                                 path=b.path, hint="two inputs have the same step? pass --steps")
@@ -481,11 +687,7 @@ def validate_sequence(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) 
                         hint="a ZeRO-3 placeholder? consolidate first" if ref.numel == 0
                         else "use --on-shape-change reset to restart its average",
                     )
-                if ref.shape == (0,) and ref.dtype.is_floating_point:
-                    raise TensorMismatchError(
-                        "is empty (shape [0])", path=c.path, tensor=ref.name,
-                        hint="a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first",
-                    )
+                _reject_placeholder(ref, c.path)
                 seen[ref.name] = (ref, c)
 
 

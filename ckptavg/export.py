@@ -7,9 +7,15 @@ newest input; a ``README.md`` model card; and ``ckptavg.json`` provenance.
 
 Shards are written as a stream: the layout of every shard is planned from the
 inputs' headers, so each shard's header is written first and each tensor's
-bytes are appended as soon as its average is finished. Only one tensor is
-ever held for writing (``safetensors.torch.save_file`` would need every tensor
-of a shard in memory at once). The folder is built in a temporary sibling,
+bytes are appended as soon as its average is finished — whole, or as
+consecutive flat parts (the engine finishes large tensors piece by piece).
+Only a bounded window of finished bytes is ever held for writing
+(``safetensors.torch.save_file`` would need every tensor of a shard in memory
+at once). The one-shot writer works in a background thread, so writing, the
+kernel's writeback and the fsync of a finished shard overlap the averaging of
+the next tensors; writeback of each written range is started at once
+(``sync_file_range``) rather than left to the final fsync, so the fsync at the
+end finds little left to do. The folder is built in a temporary sibling,
 fsynced and renamed into place (:class:`~ckptavg.atomic.AtomicDir`).
 
 Tied weights: a pickle that stores one tensor under two names (``lm_head.weight``
@@ -25,9 +31,12 @@ import logging
 import os
 import shutil
 import struct
+import threading
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Sequence
+from typing import IO, Any
 
 import torch
 
@@ -41,9 +50,11 @@ from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ModelWriter", "plan_shards", "DEFAULT_SHARD_BYTES", "copy_meta_files"]
+__all__ = ["DEFAULT_SHARD_BYTES", "ModelWriter", "copy_meta_files", "plan_shards"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+WRITEBACK_BYTES = 32 << 20  # start the kernel's writeback every this many bytes written
+WRITE_QUEUE_BYTES = 64 << 20  # finished bytes waiting for the writer thread, at most
 
 # never copied from an input folder: weights, trainer state, pickles, our own outputs
 _SKIP_SUFFIXES = (".safetensors", ".distcp", ".index.json", ".tmp", *PICKLE_SUFFIXES)
@@ -72,13 +83,60 @@ def plan_shards(refs: Sequence[TensorRef], max_bytes: int) -> list[list[_Entry]]
     return shards if shards[0] else []
 
 
+def _libc_sync_file_range() -> Any:
+    """``sync_file_range(2)`` through ctypes (Python has no binding), or None where missing."""
+    try:
+        import ctypes
+
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_sync_file_range: Any = None
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
+
+
+class _WriteBehind:
+    """Starts writeback of a file's written bytes early and keeps at most two windows dirty.
+
+    Without it the kernel writes back late and the final fsync waits for the whole
+    file; with it, writeback runs while the next tensors are averaged.
+    """
+
+    def __init__(self, fd: int) -> None:
+        global _sync_file_range
+        if _sync_file_range is None:
+            _sync_file_range = _libc_sync_file_range() or False
+        self.fd = fd
+        self.started = 0  # bytes whose writeback was started
+        self.prev: tuple[int, int] | None = None
+
+    def advance(self, written: int) -> None:
+        if not _sync_file_range or written - self.started < WRITEBACK_BYTES:
+            return
+        start, n = self.started, written - self.started
+        _sync_file_range(self.fd, start, n, _SFR_WRITE)
+        if self.prev is not None:  # bound dirty memory: wait for the window before this one
+            _sync_file_range(self.fd, self.prev[0], self.prev[1], _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
+        self.prev = (start, n)
+        self.started = written
+
+
 class _ShardFile:
-    """One safetensors file written as a stream: header first, then tensors in planned order."""
+    """One safetensors file written as a stream: header first, then tensors in planned order.
+
+    A tensor comes whole or as consecutive flat parts of its dtype, in element order.
+    """
 
     def __init__(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> None:
         self.path = path
         self.entries = entries
         self.next = 0
+        self._part = 0  # bytes of entries[next] written so far (parts)
         header: dict[str, Any] = {"__metadata__": metadata}
         offset = 0
         for e in entries:
@@ -88,21 +146,33 @@ class _ShardFile:
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-(len(raw)) % 8)  # 8-byte alignment of the data section, as safetensors writes
         self.data_bytes = offset
-        self.f: IO[bytes] = open(path, "wb")
+        self.f: IO[bytes] = open(path, "wb")  # noqa: SIM115 - stays open across write() calls
         self.f.write(struct.pack("<Q", len(raw)))
         self.f.write(raw)
+        self._written = 8 + len(raw)
+        self._behind = _WriteBehind(self.f.fileno())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        e = self.entries[self.next]
-        if e.name != name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+        e = self.entries[self.next] if self.next < len(self.entries) else None
+        nbytes = tensor.numel() * tensor.element_size()
+        whole = e is not None and self._part == 0 and tuple(tensor.shape) == e.shape
+        part = e is not None and tensor.dim() == 1 and self._part + nbytes <= e.nbytes
+        if e is None or e.name != name or tensor.dtype != e.dtype or not (whole or part):
+            want = "nothing more" if e is None else f"{e.name} {short_name(e.dtype)} {list(e.shape)}"
             raise OutputError(
-                f"internal: expected {e.name} {short_name(e.dtype)} {list(e.shape)}, got "
-                f"{name} {short_name(tensor.dtype)} {list(tensor.shape)}", path=self.path,
+                f"internal: expected {want}, got {name} {short_name(tensor.dtype)} {list(tensor.shape)}", path=self.path,
             )
         data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
         if data.numel():
             self.f.write(memoryview(data.numpy()))
-        self.next += 1
+            self._written += nbytes
+            if self._written - self._behind.started >= WRITEBACK_BYTES:
+                self.f.flush()
+                self._behind.advance(self._written)
+        self._part += nbytes
+        if self._part == e.nbytes:
+            self.next += 1
+            self._part = 0
 
     @property
     def done(self) -> bool:
@@ -117,7 +187,17 @@ class _ShardFile:
 class ModelWriter:
     """Writes one average's model folder into ``folder`` (a temporary folder from AtomicDir).
 
-    Call :meth:`write` for every planned tensor in order, then :meth:`finish`.
+    Call :meth:`write` for every planned tensor in order (whole, or as consecutive
+    flat parts), then :meth:`finish`; on failure, :meth:`abort`.
+
+    With ``background`` (the default) the bytes are written, and each finished
+    shard fsynced, by a ``ckptavg-writer`` thread while the caller computes the
+    next tensors; :meth:`write` returns once the tensor is queued (at most
+    ``WRITE_QUEUE_BYTES`` wait) and an error of the thread is raised by the next
+    :meth:`write` or by :meth:`finish`. The caller must not modify a tensor after
+    handing it over: pass ``background=False`` to write live accumulators. The
+    thread ends by itself once every planned byte is written, and :meth:`finish`
+    and :meth:`abort` join it.
     """
 
     def __init__(
@@ -128,6 +208,7 @@ class ModelWriter:
         max_shard_bytes: int = DEFAULT_SHARD_BYTES,
         weights_name: str = "model",
         aliases: dict[str, str] | None = None,
+        background: bool = True,
     ) -> None:
         self.folder = Path(folder)
         self.aliases = {a: t for a, t in (aliases or {}).items() if t in {r.name for r in refs}}
@@ -149,8 +230,74 @@ class ModelWriter:
         self._index = 0
         self.weight_map = {e.name: self.files[i] for i, shard in enumerate(shards) for e in shard}
         self.total_bytes = sum(e.nbytes for shard in shards for e in shard)
+        self._background = background
+        self._thread: threading.Thread | None = None
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[str, torch.Tensor] | None] = deque()
+        self._queued = 0  # bytes in the queue
+        self._error: BaseException | None = None
+        self._aborted = False
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        if not self._background:
+            self._write(name, tensor)
+            return
+        nbytes = tensor.numel() * tensor.element_size()
+        with self._cond:
+            if self._error is not None:
+                raise self._error
+            if self._thread is None:
+                if self._current is None and self._index >= len(self._shards):
+                    self._write(name, tensor)  # nothing more was planned: raises
+                self._thread = threading.Thread(target=self._run, name="ckptavg-writer", daemon=True)
+                self._thread.start()
+            while self._queued > 0 and self._queued + nbytes > WRITE_QUEUE_BYTES and self._error is None:
+                if not self._thread.is_alive():  # it ended: every planned byte was written
+                    raise OutputError(f"internal: tensor {name!r} was not planned", path=self.folder)
+                self._cond.wait(0.5)
+            if self._error is not None:
+                raise self._error
+            self._queue.append((name, tensor))
+            self._queued += nbytes
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        """The writer thread: drain the queue in order until every planned byte is written."""
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                item = self._queue[0]
+            if item is None or self._aborted:
+                return
+            name, tensor = item
+            try:
+                self._write(name, tensor)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+                with self._cond:
+                    self._error = e
+                    self._queue.clear()
+                    self._queued = 0
+                    self._cond.notify_all()
+                return
+            with self._cond:
+                self._queue.popleft()
+                self._queued -= tensor.numel() * tensor.element_size()
+                self._cond.notify_all()
+                if self._current is None and self._index == len(self._shards):
+                    return  # every planned byte is written (and fsynced)
+
+    def _join(self) -> None:
+        """Wait for the writer thread to end (it ends when done, on error, or at the None marker)."""
+        if self._thread is None:
+            return
+        with self._cond:
+            self._queue.append(None)
+            self._cond.notify_all()
+        self._thread.join()
+        self._thread = None
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         if self._current is None:
             if self._index >= len(self._shards):
                 raise OutputError(f"internal: tensor {name!r} was not planned", path=self.folder)
@@ -162,13 +309,23 @@ class ModelWriter:
             self._index += 1
 
     def finish(self) -> None:
+        self._join()
+        if self._error is not None:
+            self.abort()
+            raise self._error
+        if any(item is not None for item in self._queue):
+            self.abort()
+            raise OutputError("internal: more tensors were written than planned", path=self.folder)
         if self._current is not None or self._index != len(self._shards):
+            self.abort()
             raise OutputError("internal: output ended before every planned tensor was written", path=self.folder)
         if len(self.files) > 1:
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
             (self.folder / f"{self.weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        self._aborted = True
+        self._join()
         if self._current is not None:
             self._current.f.close()
             self._current = None
@@ -258,7 +415,7 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
     refs = [_SlotRef(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]
     with AtomicDir(target, replace=True) as folder:
         writer = ModelWriter(folder, refs, max_shard_bytes=max_shard_bytes,  # type: ignore[arg-type]
-                             weights_name=newest.weights_name, aliases=aliases)
+                             weights_name=newest.weights_name, aliases=aliases, background=False)  # live accumulators
         try:
             for name in order:
                 writer.write(name, avg.result(name).cpu())

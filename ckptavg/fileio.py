@@ -23,7 +23,7 @@ import torch
 
 from .errors import CheckpointChangedError, CheckpointVanishedError, TruncatedFileError
 
-__all__ = ["FileIdentity", "identify", "read_exact", "FileCache"]
+__all__ = ["FileCache", "FileIdentity", "identify", "read_exact"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class FileIdentity:
     mtime_ns: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "FileIdentity":
+    def of(cls, st: os.stat_result) -> FileIdentity:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -148,7 +148,7 @@ class FileCache:
                 os.close(entry.fd)
             self._open.clear()
 
-    def __enter__(self) -> "FileCache":
+    def __enter__(self) -> FileCache:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -24,7 +24,7 @@ class Progress:
     def advance(self, nbytes: int) -> None:
         pass
 
-    def checkpoint_done(self, ckpt: "Checkpoint", nbytes: int, seconds: float) -> None:
+    def checkpoint_done(self, ckpt: Checkpoint, nbytes: int, seconds: float) -> None:
         rate = nbytes / seconds / 1e9 if seconds > 0 else float("inf")
         log.info("read %s: %s in %.2f s (%.2f GB/s)", ckpt.label, format_bytes(nbytes), seconds, rate)
 

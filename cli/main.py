@@ -6,10 +6,12 @@ Exit codes: 0 success, 1 a checkpoint or output problem, 2 a usage error,
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
 import warnings
+from typing import Any
 
 import click
 
@@ -34,7 +36,24 @@ def configure_logging(level: str) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CKPTAVG"})
+class _LazyGroup(click.Group):
+    """A group whose commands are imported when used: ``ckptavg average`` starts without loading the
+    daemon, the Hub client or the report's plotting (start-up time counts in a one-shot run)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy: dict[str, str] = {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy:
+            self.add_command(getattr(importlib.import_module(self.lazy[name]), name), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CKPTAVG"})
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
               show_default=True, help="How much to log; 'debug' also shows tracebacks.")
 @click.version_option(__version__, prog_name="ckptavg")
@@ -46,16 +65,9 @@ def cli(ctx: click.Context, log_level: str) -> None:
 
 
 def _register() -> None:
-    from .average import average
-    from .demo import demo
-    from .inspect import inspect
-    from .publish import publish
-    from .report import report
-    from .status import status
-    from .watch import watch
-
-    for command in (average, demo, inspect, publish, report, status, watch):
-        cli.add_command(command)
+    # name -> module of this package defining the click command of that name, imported when it runs
+    for name in ("average", "demo", "inspect", "publish", "report", "status", "watch"):
+        cli.lazy[name] = f"{__package__}.{name}"
 
 
 _register()

@@ -581,12 +581,7 @@ def test_row8_tensor_change_is_refused_and_the_old_output_is_untouched(tmp_path,
                    out=tmp_path / "fresh", logs_ok=True)
 
 
-@pytest.mark.parametrize("fmt", [
-    "safetensors",
-    pytest.param("pt", marks=pytest.mark.xfail(strict=True, reason="BUG: pickles take the checkpoint-major path "
-                 "(Engine.fold), which only rejects shape [0] against an existing non-empty slot; when every "
-                 "checkpoint holds the ZeRO-3 placeholder the empty tensors are averaged and written (exit 0)")),
-])
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_row8_zero3_placeholders_in_every_checkpoint(tmp_path, ckptavg, fmt):
     def edit(i, state):
         state["layers.0.attn.weight"] = torch.zeros(0)
@@ -634,19 +629,13 @@ def _nan_in_first(i, state):
         state["layers.0.mlp.bias"][:] = float("inf")
 
 
-LAWA_BUG = pytest.mark.xfail(strict=True, reason="BUG: LAWA's running sum S keeps NaN/Inf after the poisoned "
-                             "checkpoint is subtracted (NaN - NaN = NaN); only a promotion of F every k folds cleans "
-                             "it, so unless the number of inputs is a multiple of k the result is NaN and the CLI "
-                             "blames a checkpoint outside the window")
-
-
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 @pytest.mark.parametrize("window,n", [
     (2, 4),
-    pytest.param(3, 4, marks=LAWA_BUG),
-    pytest.param(2, 3, marks=LAWA_BUG),
+    (3, 4),
+    (2, 3),
     (2, 5),
-    pytest.param(3, 5, marks=LAWA_BUG),
+    (3, 5),
 ])
 def test_row9_nonfinite_that_left_the_lawa_window_does_not_poison(tmp_path, ckptavg, fmt, window, n):
     paths, states = fp32_run(tmp_path / "run", n, fmt, edit=_nan_in_first)
@@ -1010,9 +999,6 @@ def test_row18_one_file_by_two_names_is_taken_once(tmp_path, ckptavg):
     torch.testing.assert_close(got["embed.weight"], want.float())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: discovery checks only the entries it walks; a checkpoint folder inside "
-                   "the root whose model.safetensors is a symlink out of the root is read (sharded index members "
-                   "are checked, single weight files are not)")
 def test_row18_weights_file_linking_out_of_the_root_is_not_followed(tmp_path, ckptavg):
     _paths, _ = fp32_run(tmp_path / "run", 2)
     outside = write_checkpoint(tmp_path / "elsewhere" / "model.safetensors", tiny_state(9, dtype=torch.float32),

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _HEADER_LEN = struct.Struct("<Q")
 
-__all__ = ["SafetensorsHeader", "read_header", "index_file", "index_sharded", "MAX_HEADER_BYTES"]
+__all__ = ["MAX_HEADER_BYTES", "SafetensorsHeader", "index_file", "index_sharded", "read_header"]
 
 
 class SafetensorsHeader:
@@ -249,7 +249,7 @@ def check_shard_keys(listed: set[str], present: set[str], shard_path: Path, inde
                         (present - listed, f"the shard holds a tensor that {index_name} does not list")):
         if extra:
             more = f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""
-            raise IndexMismatchError(what + more, path=shard_path, tensor=sorted(extra)[0])
+            raise IndexMismatchError(what + more, path=shard_path, tensor=min(extra))
 
 
 def index_sharded(index_path: Path) -> tuple[dict[str, TensorRef], list[SafetensorsHeader]]:

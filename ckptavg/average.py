@@ -6,13 +6,19 @@ that grow: a tensor seen for the first time starts its average at that
 checkpoint; one whose shape or dtype changes restarts (policy ``reset``, logged)
 or stops the run (policy ``error``). Counts are kept per tensor, so LAWA and
 SWA means stay right for tensors that joined late.
+
+Accumulators live on ``device``, in pinned CPU memory (``pinned``: spilled
+from a GPU), or in a :class:`~ckptavg.store.DiskStore` (``store``), as a
+:class:`~ckptavg.store.Placement` decides; the arithmetic is the same in
+every case.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -22,9 +28,12 @@ from .formats.refs import TensorRef
 from .methods import EMA, Latest, Method, Slot
 from .rules import Rule, match_rule
 
+if TYPE_CHECKING:
+    from .store import DiskStore, Placement
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Average", "ON_SHAPE_CHANGE"]
+__all__ = ["ON_SHAPE_CHANGE", "Average"]
 
 ON_SHAPE_CHANGE = ("error", "reset")
 _LATEST = Latest()
@@ -54,6 +63,11 @@ class Average:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     slots: dict[str, Slot] = field(default_factory=dict)
     folded: list[FoldRecord] = field(default_factory=list)
+    placement: Placement | None = field(default=None, repr=False)  # decides device / pinned / store, once
+    store: DiskStore | None = field(default=None, repr=False)  # the accumulators are on disk
+    pinned: bool = False  # CPU accumulators in pinned memory (spilled from a GPU)
+    # one-shot only: per tensor, the idents of the inputs that end in its LAWA window (see LAWA.apply)
+    final_windows: dict[str, frozenset] | None = field(default=None, repr=False)
     _rule_methods: dict[float, Method] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -115,19 +129,64 @@ class Average:
                         self.name)
             slot = None
         if slot is None:
-            slot = method.new_slot(ref.shape, ref.dtype, self.accum_dtype, self.device)
+            slot = self.new_slot(ref.name, ref.shape, ref.dtype, method)
             self.slots[ref.name] = slot
         else:
             slot.dtype = ref.dtype
+        if slot.store is not None:  # a fold follows: map the tensor's accumulators in one go
+            slot.store.acquire_slot(slot)
         return slot
+
+    # -- where the accumulators live --------------------------------------------------------
+    def alloc(self, tensor: str, buf: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed flat accumulator for ``tensor``'s buffer ``buf``, where this average keeps them."""
+        if self.store is not None and buf != "value":  # ``latest`` values (integer buffers) stay in memory
+            return self.store.alloc(f"{tensor}/{buf}", numel, dtype)
+        if self.pinned:
+            return torch.zeros(numel, dtype=dtype, pin_memory=True)
+        return torch.zeros(numel, dtype=dtype, device=self.device)
+
+    def new_slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, method: Method) -> Slot:
+        slot = method.new_slot(shape, dtype, self.accum_dtype, self.device,
+                               alloc=lambda buf, n, dt: self.alloc(name, buf, n, dt))
+        slot.store = self.store
+        if self.final_windows is not None:
+            slot.final = self.final_windows.get(name, frozenset())
+        return slot
+
+    def buffer_dtypes(self, method: Method, dtype: torch.dtype) -> list[tuple[str, torch.dtype]]:
+        return [(b, dtype if b == "value" else self.accum_dtype) for b in method.buffers]
+
+    def _buffers(self, refs: Iterable[TensorRef]) -> list[tuple[str, str, int, torch.dtype]]:
+        out = []
+        for ref in refs:
+            method = self.method_for(ref.name, ref.dtype)
+            if method is not None:
+                out += [(ref.name, b, ref.numel, dt) for b, dt in self.buffer_dtypes(method, ref.dtype)]
+        return out
+
+    def store_layout(self, refs: Iterable[TensorRef]) -> list[tuple[str, int, torch.dtype]]:
+        """The accumulators of ``refs`` that a disk store holds, as (store key, numel, dtype)."""
+        return [(f"{name}/{b}", n, dt) for name, b, n, dt in self._buffers(refs) if b != "value"]
+
+    def accumulator_bytes(self, refs: Iterable[TensorRef]) -> int:
+        """Bytes of accumulators (and ``latest`` values) this average keeps for the tensors ``refs``."""
+        return sum(n * dt.itemsize for _, _, n, dt in self._buffers(refs))
 
     # -- results ---------------------------------------------------------------------
     def value(self, name: str) -> torch.Tensor:
-        """The average of tensor ``name``, flat, in the accumulator dtype (``latest``: source dtype)."""
+        """The average of tensor ``name``, flat, in the accumulator dtype (``latest``: source dtype).
+
+        From a disk store it is a private copy (the tensor's pages are dropped again)."""
         slot = self.slots[name]
         method = self.method_for(name, slot.dtype)
         assert method is not None
-        return method.value(slot)
+        value = method.value(slot)
+        if slot.store is not None:
+            if slot.store.owns(value):
+                value = value.clone()
+            slot.store.release_slot(slot)
+        return value
 
     def result(self, name: str) -> torch.Tensor:
         """The average of tensor ``name`` in its source dtype and shape."""

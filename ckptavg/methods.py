@@ -32,7 +32,11 @@ Methods (``METHODS`` is the registry; unknown names list the valid ones):
   window sum ``S`` is updated by add/subtract, while a fresh sum ``F`` of the
   latest checkpoints is built with adds only; every ``k`` folds ``F`` holds
   exactly the window and replaces ``S``, so at most ``k − 1`` add/subtract
-  pairs ever separate ``S`` from an exact sum.
+  pairs ever separate ``S`` from an exact sum. One-shot knows each tensor's
+  final window (``Slot.final``): members that will leave it are added and
+  later subtracted with NaN/Inf as 0, so a poisoned checkpoint outside the
+  window cannot leave NaN in ``S``; finite inputs give the same bits as the
+  daemon.
 * ``swa`` — mean of every checkpoint with ``s_i ≥ s0``.
 * ``latest`` — the newest value (non-float tensors, and the ``latest`` rule).
 """
@@ -41,14 +45,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Hashable
+from typing import Any, ClassVar
 
 import torch
 
 from .errors import UsageError
 
-__all__ = ["Slot", "FoldInfo", "Method", "Uniform", "EMA", "LAWA", "SWA", "Latest", "METHODS", "make_method"]
+__all__ = ["EMA", "LAWA", "METHODS", "SWA", "FoldInfo", "Latest", "Method", "Slot", "Uniform", "make_method"]
 
 
 @dataclass
@@ -72,6 +77,10 @@ class Slot:
     fresh: int = 0  # LAWA: folds in F since its last promotion
     window: deque = field(default_factory=deque)  # LAWA: idents in the window, oldest first
     bufs: dict[str, torch.Tensor] = field(default_factory=dict)  # flat accumulators
+    # one-shot only: the idents that end in this tensor's LAWA window (None: unknown, as in the daemon)
+    final: frozenset | None = None
+    # where the buffers live when not in plain memory (a DiskStore); told after every fold
+    store: Any = field(default=None, repr=False)
 
     @property
     def numel(self) -> int:
@@ -94,6 +103,7 @@ class Plan:
     a: float = 1.0  # multiplier of the old accumulator (EMA β)
     b: float = 1.0  # multiplier of the new value (EMA 1 − β, weighted w)
     old: Hashable | None = None  # LAWA: checkpoint leaving the window
+    clean: bool = False  # LAWA, one-shot: this member leaves the window later; fold NaN/Inf as 0
     skip: bool = False
 
 
@@ -105,6 +115,11 @@ def _div(t: torch.Tensor, d: float) -> torch.Tensor:
     CPU and CUDA agree bit for bit.
     """
     return t / torch.tensor(d, dtype=t.dtype, device=t.device)
+
+
+def _finite(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``t`` with NaN and ±Inf replaced by 0, written to ``out``; finite values are copied bit for bit."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0, out=out)
 
 
 class Method:
@@ -127,11 +142,14 @@ class Method:
     def needs_steps(self) -> bool:
         return False
 
-    def new_slot(self, shape: tuple[int, ...], dtype: torch.dtype, accum_dtype: torch.dtype, device: torch.device) -> Slot:
+    def new_slot(self, shape: tuple[int, ...], dtype: torch.dtype, accum_dtype: torch.dtype, device: torch.device,
+                 alloc: Callable[[str, int, torch.dtype], torch.Tensor] | None = None) -> Slot:
+        """A slot of zeroed accumulators; ``alloc(buffer, numel, dtype)`` provides them (default: ``device`` memory)."""
         slot = Slot(shape=tuple(shape), dtype=dtype)
         n = math.prod(shape)
         for b in self.buffers:
-            slot.bufs[b] = torch.zeros(n, dtype=accum_dtype if b != "value" else dtype, device=device)
+            dt = accum_dtype if b != "value" else dtype
+            slot.bufs[b] = alloc(b, n, dt) if alloc is not None else torch.zeros(n, dtype=dt, device=device)
         return slot
 
     def prepare(self, slot: Slot, info: FoldInfo) -> Plan:
@@ -141,6 +159,12 @@ class Method:
         raise NotImplementedError
 
     def commit(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
+        """Bookkeeping after every chunk was applied; then a store may drop the tensor's pages."""
+        self.bookkeep(slot, plan, info)
+        if slot.store is not None:
+            slot.store.release_slot(slot)
+
+    def bookkeep(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
         slot.count += 1
         slot.last_step = info.step
 
@@ -178,8 +202,8 @@ class Uniform(Method):
             x = torch.mul(x, plan.b, out=tmp)
         slot.bufs["sum"][lo:hi].add_(x)
 
-    def commit(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
-        super().commit(slot, plan, info)
+    def bookkeep(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
+        super().bookkeep(slot, plan, info)
         slot.weight_sum += plan.b
 
     def value(self, slot: Slot) -> torch.Tensor:
@@ -287,18 +311,25 @@ class LAWA(Method):
 
     def prepare(self, slot: Slot, info: FoldInfo) -> Plan:
         old = slot.window[0] if len(slot.window) == self.window else None
-        return Plan(first=slot.count == 0, old=old)
+        clean = slot.final is not None and info.ident not in slot.final
+        return Plan(first=slot.count == 0, old=old, clean=clean)
 
     def apply(self, slot: Slot, plan: Plan, x: torch.Tensor, old: torch.Tensor | None, lo: int, hi: int, tmp: torch.Tensor) -> None:
+        # One-shot knows the future (``slot.final``): a member that will leave the window is folded, and
+        # later subtracted, with NaN/Inf as 0, so a poisoned checkpoint that left the window cannot leave
+        # NaN behind in S (NaN - NaN = NaN). Finite values are unchanged: the arithmetic, and so the
+        # daemon's bitwise equality, is that of the plain method.
         S, F = slot.bufs["S"][lo:hi], slot.bufs["F"][lo:hi]
         if plan.old is not None:
             assert old is not None
-            S.sub_(old)
+            S.sub_(_finite(old, tmp) if slot.final is not None else old)
+        if plan.clean:
+            x = _finite(x, tmp)
         S.add_(x)
         F.add_(x)
 
-    def commit(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
-        super().commit(slot, plan, info)
+    def bookkeep(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
+        super().bookkeep(slot, plan, info)
         if plan.old is not None:
             slot.window.popleft()
         slot.window.append(info.ident)

@@ -1,13 +1,24 @@
-"""One-shot averaging of saved checkpoints into model folders (the engine of ``ckptavg average``)."""
+"""One-shot averaging of saved checkpoints into model folders (the engine of ``ckptavg average``).
+
+Safetensors inputs are folded tensor-major (one tensor's accumulators at a
+time); pickles checkpoint-major into long-lived accumulators, which go to a
+disk store when they exceed ``memory_budget`` (see :mod:`ckptavg.store`).
+LAWA is told which inputs end in each tensor's window, so a NaN/Inf in an
+input that leaves the window cannot poison the result.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import secrets
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -17,14 +28,16 @@ from .checkpoint import Checkpoint
 from .engine import Engine, expected_outputs
 from .errors import StepError, UsageError
 from .export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder
-from .methods import make_method
+from .formats.refs import TensorRef
+from .methods import LAWA, make_method
 from .progress import Progress
 from .rules import Rule
+from .store import Placement, ensure_placed
 from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AverageSpec", "build_averages", "order_checkpoints", "average_checkpoints", "Result"]
+__all__ = ["AverageSpec", "Result", "average_checkpoints", "build_averages", "lawa_final_windows", "order_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +55,7 @@ class Result:
     bytes_read: int
     seconds: float
     schedule: str
+    placement: dict[str, str] = field(default_factory=dict)  # per average: "cpu", "cuda[:N]", "pinned" or "disk"
 
 
 def build_averages(
@@ -51,16 +65,26 @@ def build_averages(
     accum_dtype: torch.dtype = torch.float32,
     on_shape_change: str = "error",
     device: torch.device | str = "cpu",
+    memory_budget: int | None = None,
+    store_dir: Path | None = None,
 ) -> list[Average]:
+    """Averages from ``specs``. With ``memory_budget`` (bytes of host memory for accumulators) or on a
+    CUDA device they share a :class:`~ckptavg.store.Placement`: averages beyond the budget keep their
+    accumulators in a disk store under ``store_dir``, those beyond the free GPU memory in pinned CPU
+    memory (decided at the first checkpoint-major fold, see :func:`~ckptavg.store.ensure_placed`)."""
+    device = torch.device(device)
+    placement = None
+    if memory_budget is not None or device.type == "cuda":
+        placement = Placement(memory_budget=memory_budget, store_dir=None if store_dir is None else Path(store_dir))
     averages = []
     for spec in specs:
         method = make_method(spec.method, **spec.options)
         averages.append(Average(spec.name or method.label(), method, rules=tuple(rules), accum_dtype=accum_dtype,
-                                on_shape_change=on_shape_change, device=torch.device(device)))
+                                on_shape_change=on_shape_change, device=device, placement=placement))
     names = [a.name for a in averages]
     dup = {n for n in names if names.count(n) > 1}
     if dup:
-        raise UsageError(f"two averages are both named {sorted(dup)[0]!r}; give them different options")
+        raise UsageError(f"two averages are both named {min(dup)!r}; give them different options")
     return averages
 
 
@@ -84,12 +108,38 @@ def order_checkpoints(
         kept.append((c, None if weights is None else weights[i]))
     if all(c.step is not None for c, _ in kept):
         kept.sort(key=lambda t: t[0].step)  # type: ignore[arg-type,return-value]
-        for (a, _), (b, _) in zip(kept, kept[1:]):
+        for (a, _), (b, _) in itertools.pairwise(kept):
             if a.step == b.step:
                 raise StepError(f"has the same step ({b.step}) as {a.path}", path=b.path,
                                 hint="pass --steps to set the steps explicitly")
     ordered = [c for c, _ in kept]
     return ordered, (None if weights is None else [w for _, w in kept])  # type: ignore[misc]
+
+
+def lawa_final_windows(ckpts: Sequence[Checkpoint], avg: Average) -> dict[str, frozenset] | None:
+    """For a LAWA average over ``ckpts`` (folded with their positions as idents): per tensor, the
+    positions of the inputs in its final window (its last ``window`` occurrences). None for other methods."""
+    if not isinstance(avg.method, LAWA):
+        return None
+    k = avg.method.window
+    windows: dict[str, list[int]] = {}
+    for i in reversed(range(len(ckpts))):
+        if not avg.method.accepts(ckpts[i].step):
+            continue
+        for name in ckpts[i].tensors:
+            w = windows.setdefault(name, [])
+            if len(w) < k:
+                w.append(i)
+    shared: dict[tuple[int, ...], frozenset] = {}
+    return {name: shared.setdefault(tuple(w), frozenset(w)) for name, w in windows.items()}
+
+
+def _union_refs(ckpts: Sequence[Checkpoint]) -> list[TensorRef]:
+    """Every tensor of ``ckpts``, as its newest ref: what long-lived accumulators will hold."""
+    refs: dict[str, TensorRef] = {}
+    for c in ckpts:
+        refs.update(c.tensors)
+    return list(refs.values())
 
 
 def _protect(out: Path, protected: Sequence[Path]) -> None:
@@ -130,11 +180,16 @@ def average_checkpoints(
     protected: Sequence[Path] = (),
     subfolders: bool | None = None,
     progress: Progress | None = None,
+    memory_budget: int | None = None,
+    scratch_dir: Path | None = None,
 ) -> Result:
     """Average ``ckpts`` into one model folder per average and return where they are.
 
     With one average the folder is ``out``; with several (or ``subfolders=True``)
     it is ``out/<name>``. Nothing is written unless every average succeeds.
+    ``memory_budget`` bounds the host memory of long-lived (checkpoint-major)
+    accumulators: averages beyond it fold through a disk store in
+    ``scratch_dir`` (default: a hidden folder beside ``out``, removed at the end).
     """
     if not ckpts:
         raise UsageError("no checkpoints to average")
@@ -163,10 +218,25 @@ def average_checkpoints(
     if progress is not None:
         engine.progress = progress
     schedule = "tensor-major" if all(c.format.startswith("safetensors") for c in ckpts) else "checkpoint-major"
+    for a in averages:
+        a.final_windows = lawa_final_windows(ckpts, a)
+    own_scratch = scratch_dir is None
+    scratch = Path(scratch_dir) if scratch_dir is not None else out.parent / f".{out.name}.ckptavg-scratch-{secrets.token_hex(4)}"
     total = sum(c.nbytes for c in ckpts)
     started = time.perf_counter()
     engine.progress.start(total, len(ckpts))
     try:
+        if schedule == "checkpoint-major":  # long-lived accumulators: decide where they live
+            if memory_budget is not None:
+                shared = Placement(memory_budget=memory_budget)
+                for a in averages:
+                    if a.placement is None and not a.slots:
+                        a.placement = shared
+            for placement in {id(a.placement): a.placement for a in averages if a.placement is not None}.values():
+                placement.store_dir = placement.store_dir or scratch
+                if memory_budget is not None:
+                    placement.memory_budget = memory_budget
+            ensure_placed(averages, _union_refs(ckpts), engine=engine)
         with contextlib.ExitStack() as stack:
             folders = {name: stack.enter_context(AtomicDir(t, replace=force)) for name, t in targets.items()}
             writers = {
@@ -196,7 +266,15 @@ def average_checkpoints(
         engine.progress.finish()
         if owns_engine:
             engine.close()
+        placed = {a.name: a.placement.where.get(a.name, "") for a in averages if a.placement is not None}
+        for a in averages:
+            if a.store is not None:
+                a.slots.clear()
+                a.store.close()
+        if own_scratch and scratch.exists():
+            shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - started
     log.info("averaged %d checkpoints (%s) into %s in %.2f s", len(ckpts), format_bytes(total),
              ", ".join(str(t) for t in targets.values()), seconds)
-    return Result(outputs=targets, bytes_read=total, seconds=seconds, schedule=schedule)
+    return Result(outputs=targets, bytes_read=total, seconds=seconds, schedule=schedule,
+                  placement={k: v for k, v in placed.items() if v})

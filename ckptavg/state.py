@@ -15,6 +15,9 @@ newest generation whose checksum verifies, falls back to the previous one with
 a warning, and refuses — never silently resets — when none verifies or the
 state was written by a newer schema. A state folder is owned by one process at
 a time (``flock`` on ``lock``).
+
+Disk-backed averages (:mod:`ckptavg.store`) save and load one tensor at a
+time, their pages dropped after each, so neither needs the model in memory.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import os
 import re
 import secrets
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -43,7 +47,7 @@ from .methods import Slot
 
 log = logging.getLogger(__name__)
 
-__all__ = ["StateStore", "StateError", "StateLockedError", "SCHEMA_VERSION"]
+__all__ = ["SCHEMA_VERSION", "StateError", "StateLockedError", "StateStore"]
 
 SCHEMA_VERSION = 1
 _MANIFEST = re.compile(r"^manifest-(\d+)\.json$")
@@ -99,21 +103,23 @@ class StateStore:
         gen = (gens[-1] + 1) if gens else 1
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"accumulators-{gen}.safetensors"
-        entries: list[tuple[str, torch.Tensor]] = []
+        entries: list[tuple[str, torch.Tensor, Any]] = []
         for avg in averages:
             for tensor, slot in avg.slots.items():
                 for buf, t in slot.bufs.items():
-                    entries.append((f"{avg.name}/{tensor}/{buf}", t))
+                    entries.append((f"{avg.name}/{tensor}/{buf}", t, avg.store))
         tmp = self.folder / f".{name}.ckptavg-tmp-{secrets.token_hex(4)}"
         digest = hashlib.sha256()
         try:
-            writer = _ShardFile(tmp, [_Entry(k, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for k, t in entries],
+            writer = _ShardFile(tmp, [_Entry(k, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for k, t, _ in entries],
                                 {"format": "pt", "ckptavg.state": str(gen)})
-            for key, t in entries:
+            for key, t, store in entries:
                 data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 if data.numel():
                     digest.update(memoryview(data.numpy()))
                 writer.write(key, t.detach().cpu())
+                if store is not None:  # a disk-backed average: drop the pages just read
+                    store.release(t)
             writer.close()
             os.replace(tmp, self.folder / name)
         except OSError as e:
@@ -149,7 +155,10 @@ class StateStore:
         """Restore ``averages`` from the newest valid generation; returns its ``extra`` (None: no state).
 
         ``averages`` must be configured as when they were saved (same names,
-        methods, options and rules); anything else is refused.
+        methods, options and rules); anything else is refused. Accumulators are
+        read straight into where each average keeps them (memory, GPU, or its disk
+        store, placed from the manifest's sizes), checksummed on the way, and
+        attached only once the checksum verifies.
         """
         gens = self.generations()
         if not gens:
@@ -158,14 +167,24 @@ class StateStore:
         for gen in reversed(gens[-2:]):
             try:
                 manifest = self._read_manifest(gen)
-                tensors = self._read_accumulators(manifest)
             except StateError as e:
                 if "newer" in e.message:
                     raise
                 problems.append(str(e))
                 log.warning("state generation %d is unusable (%s); trying the previous one", gen, e.message)
                 continue
-            self._restore(manifest, tensors, averages)
+            self._check_configuration(manifest, averages)
+            try:
+                slots = self._read_accumulators(manifest, averages)
+            except StateError as e:
+                problems.append(str(e))
+                log.warning("state generation %d is unusable (%s); trying the previous one", gen, e.message)
+                continue
+            saved = {a["name"]: a for a in manifest["averages"]}
+            for avg in averages:
+                avg.slots = slots[avg.name]
+                avg.folded = [FoldRecord(r["path"], r["step"], r["fingerprint"], r.get("weight"))
+                              for r in saved[avg.name]["folded"]]
             if problems:
                 log.warning("resumed from generation %d after: %s", gen, "; ".join(problems))
             return manifest["extra"]
@@ -183,50 +202,96 @@ class StateStore:
         if manifest["schema"] > SCHEMA_VERSION:
             raise StateError(f"was written by a newer ckptavg (state schema {manifest['schema']}, this version reads "
                              f"{SCHEMA_VERSION})", path=path, hint="upgrade ckptavg")
+        if not isinstance(manifest.get("averages"), list):
+            raise StateError("manifest lists no averages", path=path)
         return manifest
 
-    def _read_accumulators(self, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
-        path = self.folder / str(manifest.get("accumulators"))
-        try:
-            header = read_header(path)
-        except CheckpointError as e:
-            raise StateError(f"accumulator file is unusable: {e.message}", path=path) from None
-        digest = hashlib.sha256()
-        tensors = {}
-        with FileCache() as files:
-            ident = identify(path)
-            for name, ref in header.tensors.items():
-                raw = files.read(path, ident, ref.offset, ref.nbytes)  # type: ignore[arg-type]
-                digest.update(memoryview(raw.numpy()))
-                tensors[name] = raw.view(ref.dtype).reshape(ref.shape)
-        if digest.hexdigest() != manifest.get("sha256"):
-            raise StateError("accumulator checksum does not match its manifest", path=path)
-        return tensors
-
     @staticmethod
-    def _restore(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], averages: Sequence[Average]) -> None:
-        saved = {a["name"]: a for a in manifest["averages"]}
-        for avg in averages:  # validate everything before touching any average
+    def _check_configuration(manifest: dict[str, Any], averages: Sequence[Average]) -> None:
+        saved = {a.get("name"): a for a in manifest["averages"] if isinstance(a, dict)}
+        for avg in averages:
             s = saved.get(avg.name)
             want = avg.describe()
             if s is None or any(s.get(k) != want[k] for k in ("method", "options", "rules", "accum_dtype")):
                 raise StateError(
                     f"the saved state does not hold average {avg.name!r} with this configuration "
-                    f"(saved: {', '.join(sorted(saved)) or 'none'})",
+                    f"(saved: {', '.join(sorted(map(str, saved))) or 'none'})",
                     hint="use the configuration the state was made with, or another state folder",
                 )
-        for avg in averages:
-            s = saved[avg.name]
-            avg.slots.clear()
-            for tensor, meta in s["slots"].items():
+
+    def _read_accumulators(self, manifest: dict[str, Any], averages: Sequence[Average]) -> dict[str, dict[str, Slot]]:
+        """New slots for ``averages`` read from the generation's accumulator file, checksum verified."""
+        path = self.folder / str(manifest.get("accumulators"))
+        try:
+            header = read_header(path)
+        except CheckpointError as e:
+            raise StateError(f"accumulator file is unusable: {e.message}", path=path) from None
+        by_name = {a.name: a for a in averages}
+        saved = {a["name"]: a for a in manifest["averages"]}
+        try:
+            where: dict[str, tuple[str, str, str]] = {}  # file key -> (average, tensor, buffer)
+            for name in by_name:
+                for tensor, meta in saved[name]["slots"].items():
+                    for buf in meta["bufs"]:
+                        where[f"{name}/{tensor}/{buf}"] = (name, tensor, buf)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise StateError(f"manifest is malformed ({e})", path=path) from None
+        need = {name: 0 for name in by_name}
+        for key, ref in header.tensors.items():
+            if key in where:
+                need[where[key][0]] += ref.nbytes
+        pending = [a for a in averages if a.placement is not None and not a.placement.decided]
+        for placement in {id(a.placement): a.placement for a in pending}.values():
+            placement.place([a for a in pending if a.placement is placement], need)
+        for avg in averages:  # lay out each disk store at once: one file per average, not one per tensor
+            if avg.store is not None:
+                avg.store.reserve([(f"{where[k][1]}/{where[k][2]}", ref.numel, ref.dtype)
+                                   for k, ref in header.tensors.items()
+                                   if k in where and where[k][0] == avg.name and where[k][2] != "value"])
+        digest = hashlib.sha256()
+        bufs: dict[tuple[str, str, str], torch.Tensor] = {}
+        scratch = torch.empty(0, dtype=torch.uint8)
+        with FileCache() as files:
+            ident = identify(path)
+            for key, ref in header.tensors.items():
+                target = where.get(key)
+                avg = by_name[target[0]] if target is not None else None
+                full: torch.Tensor | None = None  # where this tensor's bytes go (None: only checksummed)
+                if target is not None and avg is not None and avg.device.type == "cpu":
+                    full = avg.alloc(target[1], target[2], ref.numel, ref.dtype).view(torch.uint8)
+                elif avg is not None:
+                    full = torch.empty(ref.nbytes, dtype=torch.uint8)
+                elif scratch.numel() < min(ref.nbytes, _READ_CHUNK):
+                    scratch = torch.empty(min(ref.nbytes, _READ_CHUNK), dtype=torch.uint8)
+                for off in range(0, ref.nbytes, _READ_CHUNK):
+                    n = min(_READ_CHUNK, ref.nbytes - off)
+                    part = full[off:off + n] if full is not None else scratch[:n]
+                    files.read(path, ident, ref.offset + off, n, out=part)  # type: ignore[operator]
+                    digest.update(memoryview(part.numpy()))
+                if target is None or avg is None or full is None:
+                    continue
+                t = full.view(ref.dtype)
+                if avg.store is not None:
+                    avg.store.release(t)
+                elif avg.device.type != "cpu":
+                    t = t.to(avg.device)
+                bufs[target] = t
+        if digest.hexdigest() != manifest.get("sha256"):
+            raise StateError("accumulator checksum does not match its manifest", path=path)
+        slots: dict[str, dict[str, Slot]] = {}
+        for name, avg in by_name.items():
+            slots[name] = {}
+            for tensor, meta in saved[name]["slots"].items():
                 slot = Slot(shape=tuple(meta["shape"]), dtype=_DTYPE_BY_NAME[meta["dtype"]], count=meta["count"],
                             last_step=meta["last_step"], weight_sum=meta["weight_sum"], fresh=meta["fresh"],
-                            window=deque(meta["window"]))
+                            window=deque(meta["window"]), store=avg.store)
                 for buf in meta["bufs"]:
-                    t = tensors[f"{avg.name}/{tensor}/{buf}"]
-                    slot.bufs[buf] = t if avg.device.type == "cpu" else t.to(avg.device)
-                avg.slots[tensor] = slot
-            avg.folded = [FoldRecord(r["path"], r["step"], r["fingerprint"], r.get("weight")) for r in s["folded"]]
+                    if (name, tensor, buf) not in bufs:
+                        raise StateError(f"accumulator {name}/{tensor}/{buf} is missing", path=path)
+                    slot.bufs[buf] = bufs[(name, tensor, buf)]
+                slots[name][tensor] = slot
+        return slots
 
 
+_READ_CHUNK = 64 << 20
 _DTYPE_BY_NAME = {str(t).removeprefix("torch."): t for t in SAFETENSORS_TO_TORCH.values()}

@@ -145,6 +145,10 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--on-shape-change", type=click.Choice(["error", "reset"]), default="error", show_default=True,
               help="A tensor whose shape or dtype changes: stop with an error, or restart its average.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 2GB).")
+@click.option("--memory-budget", help="Host memory for long-lived accumulators (pickle inputs), e.g. 8GiB; averages "
+              "beyond it fold through an fp32 disk store in --scratch-dir.")
+@click.option("--scratch-dir", type=click.Path(path_type=Path),
+              help="Folder for the disk store (default: a hidden folder beside -o, removed at the end).")
 @click.option("--state-key", help="Pickles: the entry that holds the state dict (e.g. 'ema' or 'model/state').")
 @click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name ('none' to keep "
               "Lightning's module prefix; 'module.' and '_orig_mod.' are always removed).")
@@ -154,8 +158,9 @@ def _is_run_folder(path: Path) -> bool:
 def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], half_life: float | None,
             decay: float | None, window: int | None, start_step: int | None, weights: str | None,
             last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
-            on_shape_change: str, shard_size: str, state_key: str | None, strip_prefix: str | None,
-            allow_nonfinite: bool, force: bool, progress: bool | None) -> None:
+            on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
+            state_key: str | None, strip_prefix: str | None, allow_nonfinite: bool, force: bool,
+            progress: bool | None) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
     \b
@@ -178,6 +183,9 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], hal
     if weight_list is not None and any(s.method != "uniform" for s in specs):
         raise UsageError("--weights applies to the uniform (weighted) mean only")
     max_shard = parse_size(shard_size, option="--shard-size")
+    budget = None if memory_budget is None else parse_size(memory_budget, option="--memory-budget")
+    if scratch_dir is not None and scratch_dir.exists() and not scratch_dir.is_dir():
+        raise UsageError(f"--scratch-dir {scratch_dir}: not a folder")
     ckpts, run_folders = resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key,
                                         strip_prefix=strip)
     if weight_list is not None and len(weight_list) != len(ckpts):
@@ -185,13 +193,15 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], hal
     show_bar = sys.stderr.isatty() if progress is None else progress
     with Engine(device=device, check_finite=not allow_nonfinite) as engine:
         averages = build_averages(specs, rules=parse_rules(rules), accum_dtype=getattr(torch, accum_dtype),
-                                  on_shape_change=on_shape_change, device=engine.device)
+                                  on_shape_change=on_shape_change, device=engine.device, memory_budget=budget)
         with make_progress(show_bar) as bar:
             result = average_checkpoints(ckpts, averages, output, weights=weight_list, engine=engine,
                                          max_shard_bytes=max_shard, force=force, protected=run_folders,
-                                         progress=bar)
+                                         progress=bar, memory_budget=budget, scratch_dir=scratch_dir)
     rate = result.bytes_read / result.seconds / 1e9 if result.seconds else 0.0
     for name, path in result.outputs.items():
         click.echo(f"{name}: {path}")
-    log.info("read %s from %d checkpoint(s) in %.2f s (%.2f GB/s, %s, %s)", format_bytes(result.bytes_read),
-             len(ckpts), result.seconds, rate, result.schedule, engine.device)
+    on_disk = [name for name, where in result.placement.items() if where == "disk"]
+    log.info("read %s from %d checkpoint(s) in %.2f s (%.2f GB/s, %s, %s%s)", format_bytes(result.bytes_read),
+             len(ckpts), result.seconds, rate, result.schedule, engine.device,
+             f", accumulators of {', '.join(on_disk)} on disk" if on_disk else "")

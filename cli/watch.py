@@ -26,6 +26,8 @@ from ..errors import UsageError
 @click.option("--marker", help="Glob that marks a checkpoint finished (e.g. COMPLETE).")
 @click.option("--publish-every", type=int, help="Publish after this many folds (default 1).")
 @click.option("--persist-every", type=int, help="Persist the state after this many folds (default 1).")
+@click.option("--memory-budget", metavar="SIZE",
+              help="Host memory for accumulators (e.g. 8GiB); averages beyond it live in STATE/store on disk.")
 @click.option("--eval", "eval_command", metavar="CMD",
               help="Evaluate with a shell command; {model_dir}, {step}, {name} are filled in; it prints a JSON "
                    "object of metrics as its last stdout line.")
@@ -41,7 +43,7 @@ from ..errors import UsageError
 def watch(run: Path | None, output: Path | None, config_path: Path | None, ema: tuple[float, ...], lawa: tuple[int, ...],
           swa_start: tuple[int, ...], state_dir: Path | None, device: str | None, poll: str | None,
           poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
-          persist_every: int | None, eval_command: str | None, eval_python: str | None,
+          persist_every: int | None, memory_budget: str | None, eval_command: str | None, eval_python: str | None,
           eval_hf_perplexity: str | None, metric: str | None, mode: str | None, eval_every: int | None,
           eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None) -> None:
     """Watch a training run's checkpoint folder and keep averages of its checkpoints up to date.
@@ -55,7 +57,7 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, ema: 
     """
     options = {"state_dir": str(state_dir) if state_dir else None, "device": device, "poll": poll,
                "poll_interval": poll_interval, "settle": settle, "marker": marker, "publish_every": publish_every,
-               "persist_every": persist_every}
+               "persist_every": persist_every, "memory_budget": memory_budget}
     evaluators = {k: v for k, v in (("command", eval_command), ("function", eval_python),
                                     ("data", eval_hf_perplexity)) if v is not None}
     if len(evaluators) > 1:

@@ -42,6 +42,7 @@ from ..oneshot import AverageSpec, average_checkpoints, build_averages
 from ..progress import Progress
 from ..ready import check_ready
 from ..state import StateStore
+from ..store import ensure_placed
 from ..steps import step_from_name
 from ..units import format_bytes
 from .config import WatchConfig, load_config
@@ -130,12 +131,20 @@ class Service:
     def _new_averages(self) -> list[Average]:
         specs = [AverageSpec(a.method, a.options, a.name) for a in self.cfg.averages]
         averages = build_averages(specs, rules=self.cfg.rules, accum_dtype=getattr(torch, self.cfg.accum_dtype),
-                                  on_shape_change=self.cfg.on_shape_change, device=self.engine.device)
+                                  on_shape_change=self.cfg.on_shape_change, device=self.engine.device,
+                                  memory_budget=self.cfg.memory_budget, store_dir=self.cfg.state_path / "store")
         for avg, a in zip(averages, self.cfg.averages):
             avg.rules = tuple(a.rules) + tuple(self.cfg.rules)
         return averages
 
+    def _close_stores(self) -> None:
+        for avg in getattr(self, "averages", []):
+            if avg.store is not None:
+                avg.slots.clear()
+                avg.store.close()
+
     def _load_state(self) -> None:
+        self._close_stores()  # a rollback replaces the averages: their disk stores are closed first
         self.averages = self._new_averages()
         extra = self.store.load(self.averages) or {}
         self.folded = {int(k): v for k, v in extra.get("folded", {}).items()}
@@ -236,6 +245,7 @@ class Service:
             self.state = "stopped"
             self._write_status()
             self.engine.close()
+            self._close_stores()
         log.info("stopped after folding %d checkpoint(s)", len(self.folded))
         return 0
 
@@ -332,6 +342,7 @@ class Service:
             if _fault("remove-source-before-fold"):  # rotation right before the read
                 for src in self.cfg.watch.glob(f"*-{step}"):
                     shutil.rmtree(src, ignore_errors=True)
+            ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
             nbytes = self.engine.fold(ckpt, self.averages, ident=step, history=self._history)
         except CkptavgError as e:
             self.last_error = f"step {step}: {e}"
@@ -370,7 +381,9 @@ class Service:
         redo, folded, skipped = list(self.unpersisted), dict(self.folded), dict(self.skipped)
         self._load_state()
         for step in redo:
-            self.engine.fold(self._history(step), self.averages, ident=step, history=self._history)
+            ckpt = self._history(step)
+            ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
+            self.engine.fold(ckpt, self.averages, ident=step, history=self._history)
         self.folded, self.skipped, self.unpersisted = folded, skipped, redo
         if redo:
             self.last_step = redo[-1]

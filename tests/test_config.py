@@ -20,7 +20,7 @@ def test_example_config_loads_with_every_key():
     text = EXAMPLE.read_text()
     for key in ("watch", "output", "state_dir", "device", "accum_dtype", "publish_every", "persist_every", "poll",
                 "poll_interval", "settle", "marker", "late_policy", "on_shape_change", "keep_for_lawa", "nice",
-                "ionice_idle", "threads", "rules"):
+                "ionice_idle", "threads", "rules", "memory_budget"):
         assert f"\n{key} = " in text, key  # every top-level key is shown (and commented) in the example
     ev = cfg.evaluate
     assert (ev.kind, ev.metric, ev.mode, ev.every, ev.raw) == ("command", "val_loss", "min", 1, True)

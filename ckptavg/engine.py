@@ -237,6 +237,10 @@ class _Prefetcher:
 class Engine:
     """Streams checkpoint tensors into averages. See the module docstring."""
 
+    # On CUDA, averages whose accumulators live in CPU memory (spilled: pinned, or the disk store) are
+    # folded on the CPU from a device-to-host copy of each chunk; CPU and CUDA arithmetic are bitwise equal.
+    host_accumulators = True
+
     def __init__(
         self,
         *,
@@ -278,6 +282,15 @@ class Engine:
         self.close()
 
     # -- staging ------------------------------------------------------------------------
+    def _host_chunk(self, slot: int, dtype: torch.dtype, n: int) -> torch.Tensor:
+        """CPU scratch for averages spilled off the GPU (see ``host_accumulators``)."""
+        key = ("host", dtype, slot)
+        buf = self._scratch.get(key)  # type: ignore[call-overload]
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, min(self.chunk_elems, 1 << 16)), dtype=dtype)
+            self._scratch[key] = buf  # type: ignore[index]
+        return buf[:n]
+
     def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int) -> torch.Tensor:
         key = (dtype, slot)
         buf = self._scratch.get(key)
@@ -370,15 +383,25 @@ class Engine:
         olds = {id(j): read_old(j.plan.old, j.slot).reshape(-1) for j in jobs if j.plan.old is not None}
         floats = [j for j in jobs if not isinstance(j.method, Latest)]
         acc_dtypes = {j.average.accum_dtype for j in floats}
+        on_host = {id(j) for j in floats if flat.is_cuda and j.average.device.type == "cpu"}
         for lo in range(0, n, self.chunk_elems):
             hi = min(lo + self.chunk_elems, n)
             raw = flat[lo:hi]
             cast = {dt: self._scratch_chunk(0, dt, hi - lo).copy_(raw) for dt in acc_dtypes}
+            cast_h: dict[torch.dtype, torch.Tensor] = {}
             for j in jobs:
                 if isinstance(j.method, Latest):
-                    j.method.apply(j.slot, j.plan, raw, None, lo, hi, raw)
+                    j.method.apply(j.slot, j.plan, raw, None, lo, hi, raw)  # copy_ crosses devices
                     continue
                 dt = j.average.accum_dtype
+                if id(j) in on_host:  # a spilled average: fold on the CPU
+                    if dt not in cast_h:
+                        cast_h[dt] = self._host_chunk(0, dt, hi - lo).copy_(cast[dt])
+                    old = None
+                    if j.plan.old is not None:
+                        old = self._host_chunk(2, dt, hi - lo).copy_(olds[id(j)][lo:hi])
+                    j.method.apply(j.slot, j.plan, cast_h[dt], old, lo, hi, self._host_chunk(1, dt, hi - lo))
+                    continue
                 old = None
                 if j.plan.old is not None:
                     old = self._scratch_chunk(2, dt, hi - lo).copy_(olds[id(j)][lo:hi])

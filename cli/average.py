@@ -152,6 +152,8 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--state-key", help="Pickles: the entry that holds the state dict (e.g. 'ema' or 'model/state').")
 @click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name ('none' to keep "
               "Lightning's module prefix; 'module.' and '_orig_mod.' are always removed).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for the arithmetic (default: all cores but one).")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN/Inf instead of stopping.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
@@ -159,8 +161,8 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], hal
             decay: float | None, window: int | None, start_step: int | None, weights: str | None,
             last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
-            state_key: str | None, strip_prefix: str | None, allow_nonfinite: bool, force: bool,
-            progress: bool | None) -> None:
+            state_key: str | None, strip_prefix: str | None, threads: int | None, allow_nonfinite: bool,
+            force: bool, progress: bool | None) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
     \b
@@ -191,7 +193,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], hal
     if weight_list is not None and len(weight_list) != len(ckpts):
         raise UsageError(f"--weights has {len(weight_list)} values for {len(ckpts)} checkpoints")
     show_bar = sys.stderr.isatty() if progress is None else progress
-    with Engine(device=device, check_finite=not allow_nonfinite) as engine:
+    with Engine(device=device, check_finite=not allow_nonfinite, threads=threads) as engine:
         averages = build_averages(specs, rules=parse_rules(rules), accum_dtype=getattr(torch, accum_dtype),
                                   on_shape_change=on_shape_change, device=engine.device, memory_budget=budget)
         with make_progress(show_bar) as bar:

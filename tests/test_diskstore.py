@@ -413,8 +413,6 @@ def test_cli_subprocess_disk_store_leaves_nothing_behind(tmp_path, make_run):
 
 # -- CUDA: averages that do not fit the GPU fold into pinned CPU memory, or the disk store ---------------------
 @pytest.mark.gpu
-@pytest.mark.xfail(not hasattr(Engine, "host_accumulators"), strict=True,
-                   reason="the engine folds into device accumulators only (see the report: Engine.host_accumulators)")
 @pytest.mark.parametrize("budget", [None, 1], ids=["pinned", "disk"])
 def test_gpu_spill_matches_the_cpu_bitwise(tmp_path, make_run, budget):
     ckpts = [open_checkpoint(p) for p in make_run(STEPS, fmt="pt")]

@@ -242,3 +242,15 @@ def test_cuda_pieces_equal_cpu_whole(tmp_path, kind):
         average_checkpoints(ckpts, averages, tmp_path / "cuda", engine=engine)
     got = {str(f.relative_to(tmp_path / "cuda")): f.read_bytes() for f in sorted((tmp_path / "cuda").rglob("*.safetensors"))}
     assert got == cpu
+
+
+def test_cli_threads_option_gives_the_same_bytes(tmp_path, make_run, ckptavg):
+    paths = make_run([100, 200, 300])
+    outs = []
+    for t in ("1", "2"):
+        out = tmp_path / f"t{t}"
+        r = ckptavg("average", *paths, "--method", "ema:150", "--threads", t, "-o", out)
+        assert r.code == 0, r
+        outs.append((out / "model.safetensors").read_bytes())
+    assert outs[0] == outs[1]
+    assert ckptavg("average", *paths, "--threads", "0", "-o", tmp_path / "x").code == 2

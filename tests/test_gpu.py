@@ -37,24 +37,27 @@ def _state(i: int) -> dict[str, torch.Tensor]:
     }
 
 
-def _average(paths, device: str, out):
+def _average(paths, device: str, out, **engine_options):
     ckpts = [open_checkpoint(p) for p in paths]
-    with Engine(device=device) as engine:
+    with Engine(device=device, **engine_options) as engine:
         averages = build_averages(SPECS, device=engine.device)
         average_checkpoints(ckpts, averages, out, engine=engine)
     return {a: load_file(str(f)) for a in ("uniform", "ema-150", "lawa-3", "swa-300")
             for f in sorted((out / a).glob("*.safetensors"))}
 
 
-@pytest.mark.parametrize("fmt", ["sharded", "pt"])
-def test_cuda_matches_cpu(tmp_path, fmt):
+@pytest.mark.parametrize("fmt,whole", [("sharded", False), ("sharded", True), ("pt", False)],
+                         ids=["sharded-pieces", "sharded-whole-tensors", "pt"])
+def test_cuda_matches_cpu(tmp_path, fmt, whole):
+    """``whole``: one-shot without pieces, so big.weight (> 16 MiB) goes through the chunked pinned H2D copy."""
     steps = [100, 200, 250, 400, 500, 700]
     paths = []
     for i, s in enumerate(steps):
         name = f"checkpoint-{s}" if fmt != "pt" else f"step_{s}.pt"
         paths.append(write_checkpoint(tmp_path / "run" / name, _state(i), fmt, shard_bytes=6 << 20))
+    options = {"piece_elems": 1 << 30} if whole else {}
     cpu = _average(paths, "cpu", tmp_path / "cpu")
-    gpu = _average(paths, "cuda", tmp_path / "cuda")
+    gpu = _average(paths, "cuda", tmp_path / "cuda", **options)
     assert cpu.keys() == gpu.keys()
     for avg in cpu:
         for name, t in cpu[avg].items():

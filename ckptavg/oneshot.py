@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import shutil
 import time
@@ -168,6 +169,23 @@ def _input_paths(ckpts: Sequence[Checkpoint]) -> list[Path]:
     return paths
 
 
+def _remove_stale_scratch(out: Path) -> None:
+    """Disk stores that a killed run left beside ``out`` (their process is gone) are removed."""
+    for old in out.parent.glob(f".{out.name}.ckptavg-scratch-*"):
+        pid_text = old.name.rsplit("-scratch-", 1)[1].split("-")[0]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+            continue  # that run is still going
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # another user's live process
+        log.warning("removing %s, the disk store of an interrupted run", old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def average_checkpoints(
     ckpts: Sequence[Checkpoint],
     averages: Sequence[Average],
@@ -221,7 +239,10 @@ def average_checkpoints(
     for a in averages:
         a.final_windows = lawa_final_windows(ckpts, a)
     own_scratch = scratch_dir is None
-    scratch = Path(scratch_dir) if scratch_dir is not None else out.parent / f".{out.name}.ckptavg-scratch-{secrets.token_hex(4)}"
+    scratch = (Path(scratch_dir) if scratch_dir is not None
+               else out.parent / f".{out.name}.ckptavg-scratch-{os.getpid()}-{secrets.token_hex(4)}")
+    if own_scratch:
+        _remove_stale_scratch(out)
     total = sum(c.nbytes for c in ckpts)
     started = time.perf_counter()
     engine.progress.start(total, len(ckpts))

@@ -486,3 +486,20 @@ def test_daemon_with_a_memory_budget_folds_through_the_disk_store_and_survives_k
     assert "on disk" in err  # the placement line names the averages kept on disk
     one_shot(run, tmp_path / "oneshot")
     assert_same(out, tmp_path / "oneshot")
+
+
+def test_a_killed_runs_disk_store_is_removed_by_the_next_run(tmp_path, make_run, ckptavg):
+    import subprocess
+
+    paths = make_run([100, 200, 300], fmt="pt")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".out.ckptavg-scratch-{dead.pid}-abcd1234"
+    stale.mkdir()
+    (stale / "ema-150.safetensors").write_bytes(b"x" * 100)
+    live = tmp_path / f".out.ckptavg-scratch-{os.getpid()}-ffff0000"  # a live process's: kept
+    live.mkdir()
+    r = ckptavg("average", *paths, "--method", "ema:150", "--memory-budget", "1KB", "-o", tmp_path / "out")
+    assert r.code == 0, r
+    assert not stale.exists() and live.exists()
+    assert "disk store of an interrupted run" in r.err

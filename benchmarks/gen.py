@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +111,8 @@ def generate(root: Path, nbytes: int, k: int, *, seed: int = 0, shards: int = 4)
     import torch
     from safetensors.torch import save_file
 
+    from ckptavg.atomic import fsync_path
+
     shape = shape_for(nbytes)
     layout = tensor_layout(shape)
     total = layout_bytes(shape)
@@ -141,7 +142,7 @@ def generate(root: Path, nbytes: int, k: int, *, seed: int = 0, shards: int = 4)
                      for name, b in base.items()}
             path = folder / fname
             save_file(state, str(path), metadata={"format": "pt"})
-            _fsync(path)
+            fsync_path(path)
             del state
         del base, drift
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -149,13 +150,6 @@ def generate(root: Path, nbytes: int, k: int, *, seed: int = 0, shards: int = 4)
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
         (folder / "config.json").write_text(json.dumps(shape.config(), indent=2))
         for name in ("model.safetensors.index.json", "config.json"):
-            _fsync(folder / name)
+            fsync_path(folder / name)
     return folders
 
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -45,6 +45,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link ``src`` to ``dst`` (free, and immune to later replacement of ``src``); copy where links
+    are impossible (another filesystem, no permission), keeping the mtime."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")

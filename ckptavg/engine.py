@@ -262,7 +262,7 @@ class Engine:
         self.progress = progress or Progress()
         self.files = FileCache(max_open=128)  # used by the prefetch thread only
         self._old_files = FileCache(max_open=32)  # LAWA's leaving members, read on the calling thread
-        self._scratch: dict[tuple[torch.dtype, int], torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.dtype, int, bool], torch.Tensor] = {}
         self._old_bufs: list[torch.Tensor] = []
         self._cuda = self.device.type == "cuda"
         if self._cuda:
@@ -282,20 +282,13 @@ class Engine:
         self.close()
 
     # -- staging ------------------------------------------------------------------------
-    def _host_chunk(self, slot: int, dtype: torch.dtype, n: int) -> torch.Tensor:
-        """CPU scratch for averages spilled off the GPU (see ``host_accumulators``)."""
-        key = ("host", dtype, slot)
-        buf = self._scratch.get(key)  # type: ignore[call-overload]
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, min(self.chunk_elems, 1 << 16)), dtype=dtype)
-            self._scratch[key] = buf  # type: ignore[index]
-        return buf[:n]
-
-    def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int) -> torch.Tensor:
-        key = (dtype, slot)
+    def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int, *, host: bool = False) -> torch.Tensor:
+        """Reused scratch on the engine's device; ``host``: on the CPU, for averages spilled off the GPU."""
+        key = (dtype, slot, host)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, min(self.chunk_elems, 1 << 16)), dtype=dtype, device=self.device)
+            buf = torch.empty(max(n, min(self.chunk_elems, 1 << 16)), dtype=dtype,
+                              device="cpu" if host else self.device)
             self._scratch[key] = buf
         return buf[:n]
 
@@ -396,11 +389,11 @@ class Engine:
                 dt = j.average.accum_dtype
                 if id(j) in on_host:  # a spilled average: fold on the CPU
                     if dt not in cast_h:
-                        cast_h[dt] = self._host_chunk(0, dt, hi - lo).copy_(cast[dt])
+                        cast_h[dt] = self._scratch_chunk(0, dt, hi - lo, host=True).copy_(cast[dt])
                     old = None
                     if j.plan.old is not None:
-                        old = self._host_chunk(2, dt, hi - lo).copy_(olds[id(j)][lo:hi])
-                    j.method.apply(j.slot, j.plan, cast_h[dt], old, lo, hi, self._host_chunk(1, dt, hi - lo))
+                        old = self._scratch_chunk(2, dt, hi - lo, host=True).copy_(olds[id(j)][lo:hi])
+                    j.method.apply(j.slot, j.plan, cast_h[dt], old, lo, hi, self._scratch_chunk(1, dt, hi - lo, host=True))
                     continue
                 old = None
                 if j.plan.old is not None:

@@ -40,7 +40,7 @@ from typing import Any
 from urllib.parse import quote
 
 from . import __version__
-from .atomic import TMP_MARK, AtomicDir, atomic_write_bytes, fsync_dir
+from .atomic import TMP_MARK, AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
 from .errors import CkptavgError, UsageError
 
 log = logging.getLogger(__name__)
@@ -538,10 +538,7 @@ def _snapshot(src: Path, dest: Path) -> int:
     for rel, path in files.items():
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(path, target)
-        except OSError:  # another filesystem, or links not allowed: copy
-            shutil.copy2(path, target)
+        link_or_copy(path, target)
     return len(files)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes, fsync_dir
+from ..atomic import atomic_write_bytes, fsync_dir, fsync_path, link_or_copy
 from ..errors import CkptavgError, OutputError
 from ..evaluators import Candidate, make_evaluator
 from ..export import copy_meta_files
@@ -55,20 +55,13 @@ class EvalRound:
     candidates: list[Candidate] = field(default_factory=list)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def snapshot_model_folder(src: Path, dst: Path) -> None:
     """Hard-link (or copy) a model folder's weights, index, config and tokenizer files into ``dst``."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.iterdir()):
         if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".safetensors.index.json")
                             or f.name in ("ckptavg.json", "README.md")):
-            _link_or_copy(f, dst / f.name)
+            link_or_copy(f, dst / f.name)
     copy_meta_files(src, dst)
 
 
@@ -338,14 +331,13 @@ class Evaluation:
         tmp.mkdir()
         for f in sorted(Path(cand.model_dir).iterdir()):
             if f.is_file() and f.name not in ("README.md", "ckptavg.json"):
-                _link_or_copy(f, tmp / f.name)
+                link_or_copy(f, tmp / f.name)
         prov = self._read_json(Path(cand.model_dir) / "ckptavg.json") or {}
         prov["selection"] = {k: v for k, v in best.items() if k != "folder"}
         (tmp / "ckptavg.json").write_text(json.dumps(prov, indent=2) + "\n")
         (tmp / "README.md").write_text(best_model_card(best))
         for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_path(f)
         fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)

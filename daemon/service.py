@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ..atomic import TMP_MARK, atomic_write_bytes
+from ..atomic import TMP_MARK, atomic_write_bytes, link_or_copy
 from ..average import Average
 from ..checkpoint import Checkpoint, open_checkpoint
 from ..discover import find_candidates
@@ -42,8 +42,8 @@ from ..oneshot import AverageSpec, average_checkpoints, build_averages
 from ..progress import Progress
 from ..ready import check_ready
 from ..state import StateStore
-from ..store import ensure_placed
 from ..steps import step_from_name
+from ..store import ensure_placed
 from ..units import format_bytes
 from .config import WatchConfig, load_config
 from .evaluation import EvalRound, Evaluation, snapshot_model_folder
@@ -82,13 +82,6 @@ def _written_at(ckpt: Checkpoint) -> float | None:
         return max(os.stat(f).st_mtime for f in ckpt.files)
     except (OSError, ValueError):
         return None
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
 
 
 def _fault(name: str) -> str | None:
@@ -465,14 +458,13 @@ class Service:
         self.evaluation.submit(rnd)
 
     def _snapshot_raw(self, ckpt: Checkpoint, dst: Path) -> None:
-        src = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
         if ckpt.format.startswith("safetensors") and ckpt.path.is_dir():
             dst.mkdir(parents=True)
             for f in ckpt.files:
-                _link_or_copy(f, dst / f.name)
+                link_or_copy(f, dst / f.name)
             for index in ckpt.path.glob("*.safetensors.index.json"):
-                _link_or_copy(index, dst / index.name)
-            copy_meta_files(ckpt.meta_dir or src, dst)
+                link_or_copy(index, dst / index.name)
+            copy_meta_files(ckpt.meta_dir or ckpt.path, dst)
             return
         # a pickle or a bare file: export it as a safetensors model folder (a mean of one checkpoint is itself)
         raw = build_averages([AverageSpec("uniform", name="raw")], device="cpu")

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def start_daemon(run: Path, out: Path, *extra: str, env: dict | None = None) -> 
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})},
     )
+
+
+def start_daemon_from_config(run: Path, out: Path, tables: str, *args: str, env: dict) -> subprocess.Popen:
+    """``ckptavg [ARGS] watch --config`` on a config at ``out``'s side: the run, the output, CPU, quick settle
+    and polling, then ``tables`` (``[[average]]``, ``[evaluate]``, ``[hub]``...)."""
+    config = out.parent / "exp.toml"
+    config.write_text(f'watch = "{run}"\noutput = "{out}"\ndevice = "cpu"\nsettle = 0.1\npoll_interval = 0.2\n'
+                      + textwrap.dedent(tables))
+    return subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", *args, "watch", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
 
 
 def status(out: Path) -> dict:

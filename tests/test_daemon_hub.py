@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import textwrap
 
 import pytest
 from hub_server import HubServer
-from test_daemon import status, stop, wait_for, write_trainer_checkpoint
+from test_daemon import start_daemon_from_config, status, stop, wait_for, write_trainer_checkpoint
 from test_evaluation import EVAL_SCRIPT
 
 from ckptavg.hub import PUBLISH_ID_TRAILER
@@ -20,20 +19,16 @@ TOKEN = "hf_daemonsecret0123456789abcdef"
 
 
 def test_daemon_pushes_each_new_best_once_and_never_logs_the_token(tmp_path):
-    import subprocess
 
     run, out = tmp_path / "run", tmp_path / "avg"
     run.mkdir()
     script = tmp_path / "eval_b.py"
     script.write_text(EVAL_SCRIPT)
     with HubServer(token=TOKEN) as hub:
-        cfg = tmp_path / "exp.toml"
-        cfg.write_text(textwrap.dedent(f"""
-            watch = "{run}"
-            output = "{out}"
-            device = "cpu"
-            settle = 0.1
-            poll_interval = 0.2
+        env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+               "CKPTAVG_LOG_LEVEL": "debug"}
+        env.pop("HF_ENDPOINT", None)
+        proc = start_daemon_from_config(run, out, f"""
             [[average]]
             method = "ema"
             half_life = 150
@@ -48,13 +43,7 @@ def test_daemon_pushes_each_new_best_once_and_never_logs_the_token(tmp_path):
             revision = "averaged"
             private = true
             endpoint = "{hub.url}"
-        """))
-        env = {**os.environ, "HF_TOKEN": TOKEN, "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
-               "CKPTAVG_LOG_LEVEL": "debug"}
-        env.pop("HF_ENDPOINT", None)
-        proc = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "--log-level", "debug", "watch", "--config",
-                                 str(cfg)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=env)
+        """, "--log-level", "debug", env=env)
         try:
             for i, step in enumerate((100, 200, 300, 400)):
                 write_trainer_checkpoint(run, step, seed=i)
@@ -78,5 +67,5 @@ def test_daemon_pushes_each_new_best_once_and_never_logs_the_token(tmp_path):
         assert hub.repos["org/exp1-averaged"].private
     # FAULTS row 32: the token is in no log line and no file the daemon wrote
     assert TOKEN not in err
-    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and p != cfg and TOKEN.encode() in p.read_bytes()]
+    leaked = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "exp.toml" and TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked

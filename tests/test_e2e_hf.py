@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from test_daemon import status, wait_for
+from test_daemon import start_daemon_from_config, status, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -74,13 +74,8 @@ def test_trainer_daemon_hf_perplexity_best_and_report(tmp_path):
     train_text.write_text(make_text(3000, 0))
     val_text.write_text(make_text(300, 1))
     (tmp_path / "trainer.py").write_text(TRAINER)
-    cfg = tmp_path / "exp.toml"
-    cfg.write_text(textwrap.dedent(f"""
-        watch = "{run}"
-        output = "{out}"
-        device = "cpu"
-        settle = 0.1
-        poll_interval = 0.2
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    daemon = start_daemon_from_config(run, out, f"""
         [[average]]
         method = "ema"
         half_life = 20
@@ -95,11 +90,7 @@ def test_trainer_daemon_hf_perplexity_best_and_report(tmp_path):
         max_tokens = 4096
         metric = "val_loss"
         mode = "min"
-    """))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    daemon = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "watch", "--config", str(cfg)],
-                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env)
+    """, env=env)
     try:
         trainer = subprocess.run([sys.executable, str(tmp_path / "trainer.py"), str(run), str(train_text), "60", "10"],
                                  capture_output=True, text=True, timeout=300, env=env)

@@ -94,6 +94,16 @@ def titles(hub: HubServer, repo: str, branch: str = "main") -> list[str]:
     return [c.title for c in hub.log(repo, branch)]
 
 
+def run_until_idle(pub: HubPublisher) -> dict:
+    """Start ``pub``, wait until nothing is pending, close it; returns its last status."""
+    pub.start()
+    try:
+        assert pub.wait_idle(30)
+        return pub.status()
+    finally:
+        pub.close()
+
+
 def wait_for(predicate, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -307,12 +317,7 @@ def test_restart_resumes_a_pending_upload(hub: HubServer, model: Path, tmp_path:
     hub.clear_faults()
     second = HubPublisher(target, state_dir=state_dir, token=TOKEN, backoff=FAST)
     assert second.status()["pending_step"] == 300
-    second.start()
-    try:
-        assert second.wait_idle(30)
-        status = second.status()
-    finally:
-        second.close()
+    status = run_until_idle(second)
     log = hub.log("org/resume", "avg")
     assert [c.title for c in log] == ["step 300", "initial commit"]
     assert log[0].files == {".gitattributes": GITATTRIBUTES, **expected}
@@ -337,12 +342,7 @@ def test_restart_after_a_lost_response_does_not_commit_twice(hub: HubServer, mod
     assert hub.count("commit") == 1 and (state_dir / "hub" / "uploading").is_dir()
     hub.clear_faults()
     second = HubPublisher(target, state_dir=state_dir, token=TOKEN, backoff=FAST)
-    second.start()
-    try:
-        assert second.wait_idle(30)
-        status = second.status()
-    finally:
-        second.close()
+    status = run_until_idle(second)
     assert titles(hub, "org/lost-restart") == ["step 7", "initial commit"]
     assert status["last_commit"] == hub.log("org/lost-restart")[0].sha and status["last_step"] == 7
     assert hub.count("commit") == 1  # the restarted publisher found its publish id on the branch
@@ -365,11 +365,7 @@ def test_unfinished_upload_for_another_target_is_dropped(hub: HubServer, model: 
     hub.clear_faults()
     second = HubPublisher(HubTarget("org/new", endpoint=hub.url), state_dir=state_dir, token=TOKEN, backoff=FAST)
     with caplog.at_level(logging.WARNING, logger="ckptavg"):
-        second.start()
-        try:
-            assert second.wait_idle(30)
-        finally:
-            second.close()
+        run_until_idle(second)
     assert any("the target is now org/new@main" in r.getMessage() for r in caplog.records)
     assert not (state_dir / "hub" / "uploading").exists() and not leftover.exists()
     assert "org/new" not in hub.repos and titles(hub, "org/old") == ["initial commit"]
@@ -382,11 +378,7 @@ def test_newer_submit_replaces_one_not_yet_uploading(hub: HubServer, tmp_path: P
     pub.submit(old, step=1, message="step 1")
     pub.submit(new, step=2, message="step 2")
     assert pub.status()["pending_step"] == 2
-    pub.start()
-    try:
-        assert pub.wait_idle(30)
-    finally:
-        pub.close()
+    run_until_idle(pub)
     log = hub.log("org/newest")
     assert [c.title for c in log] == ["step 2", "initial commit"]
     assert log[0].files == {".gitattributes": GITATTRIBUTES, **folder_bytes(new)}

@@ -217,8 +217,6 @@ class Service:
                 if self.queue:
                     self._fold(min(self.queue))
                     continue
-                if self.evaluation is not None and self.since_eval and self.last_step is not None:
-                    self._schedule_eval()  # the queue is drained: evaluate what was folded (eval_every aside)
                 self._write_status()
                 timeout = self.cfg.poll_interval if ping is None else min(self.cfg.poll_interval, ping)
                 self.wake.wait(timeout)

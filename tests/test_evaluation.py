@@ -383,3 +383,22 @@ def test_raw_pickle_checkpoints_are_exported_for_evaluation(tmp_path, make_run):
     assert raw and "metrics" in raw[0], rows
     want = torch.load(paths[1], weights_only=True)["embed.weight"].abs().mean().item()
     assert raw[0]["metrics"]["val_loss"] == pytest.approx(want)
+
+
+@pytest.mark.slow
+def test_eval_every_n_folds(tmp_path, eval_script):
+    """--eval-every 2: a round after every second fold, also when checkpoints arrive one at a time."""
+    run, out = tmp_path / "run", tmp_path / "avg"
+    run.mkdir()
+    proc = start_daemon(run, out, "--eval", f"{sys.executable} {eval_script} {{model_dir}}", "--eval-every", "2")
+    try:
+        for i, step in enumerate((100, 200, 300, 400)):
+            write_trainer_checkpoint(run, step, seed=i)
+            assert wait_for(lambda s=step: status(out).get("last_folded_step") == s, 60), status(out)
+            time.sleep(0.5)  # the queue is empty between checkpoints
+        assert wait_for(lambda: (status(out).get("evaluation") or {}).get("last_evaluated_step") == 400, 60)
+    finally:
+        code, err = stop(proc)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / ".ckptavg" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["step"] for r in rows}) == [200, 400]

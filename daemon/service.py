@@ -361,7 +361,7 @@ class Service:
             self.evaluation.note_checkpoint(_written_at(ckpt))
             self.since_eval += 1
             if self.since_eval >= self.evaluation.cfg.every:
-                self._schedule_eval()
+                self._schedule_eval(ckpt)
         self._release_unneeded()
         self.state, self.folding = "watching", None
         self._write_status()
@@ -426,14 +426,14 @@ class Service:
                             message=f"ckptavg: best model {best['candidate']} at step {best['step']} "
                                     f"({best['metric']}={best['value']:.6g})")
 
-    def _schedule_eval(self) -> None:
+    def _schedule_eval(self, newest: Checkpoint | None = None) -> None:
         """Snapshot the candidates of the current state and hand them to the eval worker (never waits for it)."""
         assert self.evaluation is not None and self.last_step is not None
         self.since_eval = 0
         if self.since_publish:
             self._publish()
         step = self.last_step
-        newest = self._history(step)
+        newest = newest or self._history(step)  # the fold's own (retained) checkpoint: not opened again
         rnd: EvalRound = self.evaluation.new_round(step, _written_at(newest))
         try:
             if self.evaluation.cfg.raw:

@@ -159,10 +159,6 @@ class Evaluation:
         """At start: is ``step`` (the newest folded) still to evaluate (never done, or every candidate failed)?"""
         return self.last_step != step or not self.last_ok
 
-    def busy(self) -> bool:
-        with self._cond:
-            return self._pending is not None or self._running is not None
-
     def wait_idle(self, timeout: float | None = None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:

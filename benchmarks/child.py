@@ -290,9 +290,9 @@ def task_avgmodel(args: dict) -> dict:
 
 def task_oneshot(args: dict) -> dict:
     """ckptavg's one-shot uniform mean through the public API, output fsynced (AtomicDir)."""
-    from ckptavg.checkpoint import open_checkpoint
-    from ckptavg.engine import Engine
-    from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
+    from ckptavg.averaging.engine import Engine
+    from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+    from ckptavg.reading.checkpoint import open_checkpoint
 
     start = time.perf_counter()
     ckpts = [open_checkpoint(f) for f in args["folders"]]
@@ -312,9 +312,9 @@ def task_fold(args: dict) -> dict:
     checkpoint leaving the window. Warm folds are timed first; then, before each cold fold,
     every input file is evicted from the page cache.
     """
-    from ckptavg.checkpoint import open_checkpoint
-    from ckptavg.engine import Engine
-    from ckptavg.oneshot import AverageSpec, build_averages
+    from ckptavg.averaging.engine import Engine
+    from ckptavg.averaging.oneshot import AverageSpec, build_averages
+    from ckptavg.reading.checkpoint import open_checkpoint
 
     folders = [Path(f) for f in args["folders"]]
     window, repeat = int(args["window"]), int(args.get("repeat", 1))

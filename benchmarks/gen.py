@@ -111,7 +111,7 @@ def generate(root: Path, nbytes: int, k: int, *, seed: int = 0, shards: int = 4)
     import torch
     from safetensors.torch import save_file
 
-    from ckptavg.atomic import fsync_path
+    from ckptavg.writing.atomic import fsync_path
 
     shape = shape_for(nbytes)
     layout = tensor_layout(shape)

@@ -4,14 +4,13 @@ The core library. ``ckptavg.cli``, ``ckptavg.daemon`` and ``ckptavg.evaluators``
 build on it; it imports none of them.
 """
 
-__version__ = "0.1.0"
-
-from .average import Average  # noqa: E402
-from .checkpoint import Checkpoint, CheckpointReader, open_checkpoint  # noqa: E402
-from .engine import Engine, resolve_device  # noqa: E402
-from .methods import EMA, LAWA, METHODS, SWA, Uniform, make_method  # noqa: E402
-from .oneshot import AverageSpec, average_checkpoints, build_averages  # noqa: E402
-from .rules import Rule, parse_rule  # noqa: E402
+from ckptavg._version import __version__
+from ckptavg.averaging.average import Average
+from ckptavg.averaging.engine import Engine, resolve_device
+from ckptavg.averaging.methods import EMA, LAWA, METHODS, SWA, Uniform, make_method
+from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.averaging.rules import Rule, parse_rule
+from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader, open_checkpoint
 
 __all__ = [
     "__version__",

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from .units import format_bytes
+from ckptavg.units import format_bytes
 
 if TYPE_CHECKING:
-    from .checkpoint import Checkpoint
+    from ckptavg.reading.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,15 @@ from pathlib import Path
 import click
 import torch
 
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..discover import find_candidates, is_noise, latest_complete
-from ..engine import Engine
-from ..errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
-from ..methods import METHODS
-from ..oneshot import AverageSpec, average_checkpoints, build_averages
-from ..rules import parse_rules
-from ..units import format_bytes, parse_size
-from .progressbar import make_progress
+from ckptavg.averaging.engine import Engine
+from ckptavg.averaging.methods import METHODS
+from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.averaging.rules import parse_rules
+from ckptavg.cli.progressbar import make_progress
+from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.discover import find_candidates, is_noise, latest_complete
+from ckptavg.units import format_bytes, parse_size
 
 log = logging.getLogger("ckptavg.cli")
 

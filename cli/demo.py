@@ -24,8 +24,8 @@ from pathlib import Path
 
 import click
 
-from ..demo import DemoConfig
-from ..errors import CkptavgError, UsageError
+from ckptavg.demo import DemoConfig
+from ckptavg.errors import CkptavgError, UsageError
 
 log = logging.getLogger("ckptavg.cli")
 
@@ -174,7 +174,7 @@ def _follow(trainer: subprocess.Popen, daemon: subprocess.Popen, status_path: Pa
 
 
 def _print_report(avg: Path, out: Path) -> None:
-    from ..report import build_report
+    from ckptavg.publishing.report import build_report
 
     report = build_report(avg)
     click.echo(report.table_text())

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..discover import find_candidates
-from ..dtypes import short_name
-from ..errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
-from ..units import format_bytes
+from ckptavg.dtypes import short_name
+from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.discover import find_candidates
+from ckptavg.units import format_bytes
 
 
 def describe(ckpt: Checkpoint) -> dict:

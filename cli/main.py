@@ -15,8 +15,8 @@ from typing import Any
 
 import click
 
-from .. import __version__
-from ..errors import CkptavgError
+from ckptavg._version import __version__
+from ckptavg.errors import CkptavgError
 
 log = logging.getLogger("ckptavg")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
-from ..checkpoint import Checkpoint
-from ..progress import Progress
+from ckptavg.progress import Progress
+from ckptavg.reading.checkpoint import Checkpoint
 
 
 class BarProgress(Progress):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..hub import HubTarget, folder_files, push_folder
-from ..units import format_bytes
+from ckptavg.publishing.hub import HubTarget, folder_files, push_folder
+from ckptavg.units import format_bytes
 
 log = logging.getLogger("ckptavg.cli")
 

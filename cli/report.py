@@ -7,8 +7,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import OutputError
-from ..report import build_report
+from ckptavg.errors import OutputError
+from ckptavg.publishing.report import build_report
 
 
 @click.command()

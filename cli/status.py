@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import UsageError
+from ckptavg.errors import UsageError
 
 
 @click.command()

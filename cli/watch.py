@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..daemon.config import config_from_flags, load_config
-from ..daemon.service import Service
-from ..errors import UsageError
+from ckptavg.daemon.config import config_from_flags, load_config
+from ckptavg.daemon.service import Service
+from ckptavg.errors import UsageError
 
 
 @click.command()

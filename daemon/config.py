@@ -12,10 +12,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from ..methods import METHODS, make_method
-from ..rules import Rule, parse_rule
-from ..units import parse_size
+from ckptavg.averaging.methods import METHODS, make_method
+from ckptavg.averaging.rules import Rule, parse_rule
+from ckptavg.errors import UsageError
+from ckptavg.units import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -210,7 +210,9 @@ def _hub(source: str, table: Any) -> HubConfig:
         raise _err(source, "hub.repo", f"expected 'org/name', got {table.get('repo')!r}")
     values = {k: _typed(source, f"hub.{k}", v, allowed[k]) for k, v in table.items()}
     hub = HubConfig(**{k: (v or None) if k in ("revision", "endpoint") else v for k, v in values.items()})
-    from ..hub import HubTarget  # validates the repo id, branch and endpoint now, not at the first best model
+    from ckptavg.publishing.hub import (
+        HubTarget,  # validates the repo id, branch and endpoint now, not at the first best model
+    )
 
     try:
         HubTarget(hub.repo, revision=hub.revision, private=hub.private, endpoint=hub.endpoint)

@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..atomic import atomic_write_bytes, fsync_dir, fsync_path, link_or_copy
-from ..errors import CkptavgError, OutputError
-from ..evaluators import Candidate, make_evaluator
-from ..export import copy_meta_files
-from .config import EvalConfig
+from ckptavg.daemon.config import EvalConfig
+from ckptavg.errors import CkptavgError, OutputError
+from ckptavg.evaluators import Candidate, make_evaluator
+from ckptavg.writing.atomic import atomic_write_bytes, fsync_dir, fsync_path, link_or_copy
+from ckptavg.writing.export import copy_meta_files
 
 log = logging.getLogger(__name__)
 

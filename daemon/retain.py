@@ -18,9 +18,9 @@ import os
 import shutil
 from pathlib import Path
 
-from ..checkpoint import Checkpoint
-from ..errors import CheckpointVanishedError, UsageError
-from ..export import copy_meta_files
+from ckptavg.errors import CheckpointVanishedError, UsageError
+from ckptavg.reading.checkpoint import Checkpoint
+from ckptavg.writing.export import copy_meta_files
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 persist, publish, report.
 
 Exactly once: a checkpoint is identified by its step plus a header fingerprint.
-The manifest (``ckptavg.state``) records what was folded; after a crash the
+The manifest (``ckptavg.writing.state``) records what was folded; after a crash the
 daemon resumes from the last committed generation and re-folds, from the
 retained copies, exactly the checkpoints after it. A checkpoint whose fold
 fails part-way (NaN/Inf, a file changed or vanished) is rolled back and skipped
@@ -30,26 +30,26 @@ from typing import Any
 
 import torch
 
-from ..atomic import TMP_MARK, atomic_write_bytes, link_or_copy
-from ..average import Average
-from ..checkpoint import Checkpoint, open_checkpoint
-from ..discover import find_candidates
-from ..engine import Engine
-from ..errors import CkptavgError, UsageError
-from ..evaluators import Candidate
-from ..export import copy_meta_files, publish_average
-from ..oneshot import AverageSpec, average_checkpoints, build_averages
-from ..progress import Progress
-from ..ready import check_ready
-from ..state import StateStore
-from ..steps import step_from_name
-from ..store import ensure_placed
-from ..units import format_bytes
-from .config import WatchConfig, load_config
-from .evaluation import EvalRound, Evaluation, snapshot_model_folder
-from .notify import Notifier
-from .retain import Retainer, probe_link
-from .watcher import Watcher
+from ckptavg.averaging.average import Average
+from ckptavg.averaging.engine import Engine
+from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.averaging.store import ensure_placed
+from ckptavg.daemon.config import WatchConfig, load_config
+from ckptavg.daemon.evaluation import EvalRound, Evaluation, snapshot_model_folder
+from ckptavg.daemon.notify import Notifier
+from ckptavg.daemon.retain import Retainer, probe_link
+from ckptavg.daemon.watcher import Watcher
+from ckptavg.errors import CkptavgError, UsageError
+from ckptavg.evaluators import Candidate
+from ckptavg.progress import Progress
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.discover import find_candidates
+from ckptavg.reading.ready import check_ready
+from ckptavg.reading.steps import step_from_name
+from ckptavg.units import format_bytes
+from ckptavg.writing.atomic import TMP_MARK, atomic_write_bytes, link_or_copy
+from ckptavg.writing.export import copy_meta_files, publish_average
+from ckptavg.writing.state import StateStore
 
 log = logging.getLogger(__name__)
 
@@ -404,7 +404,7 @@ class Service:
         if self.cfg.hub is not None:
             from huggingface_hub.utils import disable_progress_bars
 
-            from ..hub import HubPublisher, HubTarget
+            from ckptavg.publishing.hub import HubPublisher, HubTarget
 
             disable_progress_bars()  # tqdm bars would flood the journal
             h = self.cfg.hub

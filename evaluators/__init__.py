@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from .base import Candidate, EvaluationError, Evaluator, check_metrics
+from ckptavg.errors import UsageError
+from ckptavg.evaluators.base import Candidate, EvaluationError, Evaluator, check_metrics
 
 __all__ = ["KINDS", "Candidate", "EvaluationError", "Evaluator", "check_metrics", "make_evaluator"]
 
@@ -32,15 +32,15 @@ def make_evaluator(kind: str, options: dict[str, Any], *, log_dir: Path | None =
     """Build an evaluator from its config table (``[evaluate]``) or flags."""
     opts = dict(options)
     if kind == "command":
-        from .command import CommandEvaluator
+        from ckptavg.evaluators.command import CommandEvaluator
 
         return CommandEvaluator(opts.pop("command"), log_dir=log_dir, **opts)
     if kind == "python":
-        from .python import PythonEvaluator
+        from ckptavg.evaluators.python import PythonEvaluator
 
         return PythonEvaluator(opts.pop("function"), **opts.pop("kwargs", {}))
     if kind == "hf-perplexity":
-        from .hf_perplexity import HFPerplexity
+        from ckptavg.evaluators.hf_perplexity import HFPerplexity
 
         allowed = ("batch_size", "seq_len", "max_tokens", "device", "tokenizer", "dtype", "text_field")
         unknown = sorted(set(opts) - {"data", *allowed})

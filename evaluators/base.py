@@ -19,7 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ..errors import CkptavgError
+from ckptavg.errors import CkptavgError
 
 __all__ = ["Candidate", "EvaluationError", "Evaluator", "check_metrics"]
 

@@ -46,8 +46,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import UsageError
-from .base import Candidate, EvaluationError
+from ckptavg.errors import UsageError
+from ckptavg.evaluators.base import Candidate, EvaluationError
 
 __all__ = ["update_bn", "with_bn_recalibration"]
 

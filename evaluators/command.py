@@ -24,8 +24,8 @@ import threading
 import time
 from pathlib import Path
 
-from ..errors import UsageError
-from .base import Candidate, EvaluationError, check_metrics
+from ckptavg.errors import UsageError
+from ckptavg.evaluators.base import Candidate, EvaluationError, check_metrics
 
 log = logging.getLogger(__name__)
 

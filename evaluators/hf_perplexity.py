@@ -42,8 +42,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import UsageError
-from .base import Candidate, EvaluationError, check_metrics
+from ckptavg.errors import UsageError
+from ckptavg.evaluators.base import Candidate, EvaluationError, check_metrics
 
 if TYPE_CHECKING:  # transformers is imported lazily: the rest of ckptavg works without it
     from transformers import PreTrainedModel

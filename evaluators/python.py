@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
-from .base import Candidate, EvaluationError, check_metrics
+from ckptavg.errors import UsageError
+from ckptavg.evaluators.base import Candidate, EvaluationError, check_metrics
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli_subprocess, tiny_state, write_checkpoint, write_sharded_safetensors
 from safetensors.torch import save_file
 
 from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, TruncatedFileError
-from ckptavg.fileio import FileCache, identify
-from conftest import run_cli_subprocess, tiny_state, write_checkpoint, write_sharded_safetensors
+from ckptavg.reading.fileio import FileCache, identify
 
 
 def assert_refused(r, *needles: str, code: int = 1, out: Path | None = None) -> None:

@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
+from test_daemon import assert_same, one_shot, start_daemon, status, stop, wait_for, write_trainer_checkpoint
 
 from ckptavg.daemon import watcher as watcher_mod
-from test_daemon import assert_same, one_shot, start_daemon, status, stop, wait_for, write_trainer_checkpoint
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from hub_server import HubServer
 from test_daemon import start_daemon_from_config, status, stop, wait_for, write_trainer_checkpoint
 from test_evaluation import EVAL_SCRIPT
 
-from ckptavg.hub import PUBLISH_ID_TRAILER
+from ckptavg.publishing.hub import PUBLISH_ID_TRAILER
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 

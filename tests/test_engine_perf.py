@@ -18,12 +18,12 @@ import torch
 from conftest import tiny_state, write_checkpoint
 from safetensors.torch import load_file
 
-from ckptavg import export
-from ckptavg.checkpoint import open_checkpoint
-from ckptavg.engine import Engine
+from ckptavg.writing import export
+from ckptavg.averaging.engine import Engine
+from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.errors import OutputError
-from ckptavg.export import ModelWriter
-from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.reading.checkpoint import open_checkpoint
+from ckptavg.writing.export import ModelWriter
 
 STEPS = [100, 200, 350, 400, 600]
 SPECS = {
@@ -195,7 +195,7 @@ def test_writer_thread_overlaps_and_fsyncs_every_shard(tmp_path, monkeypatch):
 
 def test_finite_check_is_exact():
     """The quick NaN/Inf test (a sum) never passes a poisoned tensor nor refuses a clean one whose sum overflows."""
-    from ckptavg.engine import _all_finite
+    from ckptavg.averaging.engine import _all_finite
 
     big = torch.full((8,), 3e38)
     assert not torch.isfinite(big.sum()) and _all_finite(big)  # overflow of the sum alone: still finite

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import ckptavg as ckptavg_pkg
-from ckptavg import export, open_checkpoint
+from ckptavg import open_checkpoint
+from ckptavg.writing import export
 
 STEPS = [100, 200, 300]
 

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli_subprocess, tiny_state, write_checkpoint
 from safetensors.torch import load_file, save_file
 
-from ckptavg.checkpoint import open_checkpoint
-from ckptavg.discover import find_candidates
 from ckptavg.errors import (
     CheckpointChangedError,
     CheckpointVanishedError,
@@ -41,10 +40,11 @@ from ckptavg.errors import (
     TensorInvalidInfoError,
     TruncatedFileError,
 )
-from ckptavg.fileio import FileCache, identify
-from ckptavg.formats.safetensors import read_header
-from ckptavg.steps import step_from_name
-from conftest import run_cli_subprocess, tiny_state, write_checkpoint
+from ckptavg.reading.checkpoint import open_checkpoint
+from ckptavg.reading.discover import find_candidates
+from ckptavg.reading.fileio import FileCache, identify
+from ckptavg.reading.formats.safetensors import read_header
+from ckptavg.reading.steps import step_from_name
 
 ERR = "ckptavg: error:"
 LOG_PREFIXES = ("INFO: ", "WARNING: ", "DEBUG: ")

@@ -18,9 +18,9 @@ from conftest import write_checkpoint, write_sharded_safetensors
 from safetensors.torch import load_file, save_file
 
 from ckptavg import open_checkpoint
-from ckptavg.discover import find_candidates, latest_complete
 from ckptavg.errors import CheckpointChangedError, CkptavgError
-from ckptavg.steps import step_from_name
+from ckptavg.reading.discover import find_candidates, latest_complete
+from ckptavg.reading.steps import step_from_name
 
 
 def mixed_state(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import write_checkpoint
 from safetensors.torch import load_file
 
 from ckptavg import Engine, open_checkpoint
-from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
-from conftest import write_checkpoint
+from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
 
 pytestmark = pytest.mark.gpu
 

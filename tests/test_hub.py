@@ -19,7 +19,7 @@ from conftest import tiny_state, write_checkpoint
 from hub_server import GITATTRIBUTES, HubServer
 
 from ckptavg.errors import UsageError
-from ckptavg.hub import (
+from ckptavg.publishing.hub import (
     PUBLISH_ID_TRAILER,
     HubAuthError,
     HubNotFoundError,
@@ -165,7 +165,7 @@ def test_429_waits_as_long_as_retry_after_says(hub: HubServer, model: Path) -> N
 
 
 def test_gives_up_after_max_attempts(hub: HubServer, model: Path) -> None:
-    from ckptavg.hub import HubError
+    from ckptavg.publishing.hub import HubError
 
     hub.fail("commit", 503, times=100)
     with pytest.raises(HubError, match="gave up after 3 attempts.*HTTP 503"):

@@ -10,11 +10,11 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_state, write_checkpoint
 from safetensors.torch import load_file
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, get_swa_multi_avg_fn
 
-from ckptavg.methods import LAWA, FoldInfo
-from conftest import tiny_state, write_checkpoint
+from ckptavg.averaging.methods import LAWA, FoldInfo
 
 REGULAR = list(range(100, 2300, 100))  # 22 checkpoints
 IRREGULAR = [3, 10, 11, 40, 41, 42, 90, 200, 201, 260, 400, 401, 402, 700, 703, 900, 1000, 1500, 1510, 1600, 2000, 2100]
@@ -235,7 +235,7 @@ def test_growth_new_tensor_starts_fresh_and_shape_change_policies(tmp_path, ckpt
 
 def test_schedules_chunking_and_single_vs_multi_are_bitwise_identical(tmp_path, ckptavg):
     from ckptavg import Engine, open_checkpoint
-    from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
+    from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
 
     steps = [100, 150, 300, 320, 500, 800]
     states = _states(steps, torch.bfloat16)

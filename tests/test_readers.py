@@ -7,11 +7,11 @@ import os
 
 import pytest
 import torch
+from conftest import tiny_state, write_checkpoint
 from safetensors.torch import load_file
 
 from ckptavg import open_checkpoint
-from ckptavg.steps import step_from_name
-from conftest import tiny_state, write_checkpoint
+from ckptavg.reading.steps import step_from_name
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "safetensors-file", "sharded", "bin", "bin-sharded", "pt", "lightning"])

@@ -7,9 +7,9 @@ import os
 import time
 
 import torch
-
-from ckptavg.ready import check_ready
 from conftest import tiny_state, write_checkpoint, write_sharded_safetensors
+
+from ckptavg.reading.ready import check_ready
 
 
 def later(seconds: float = 60.0):

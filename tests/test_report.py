@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from ckptavg.errors import CkptavgError, UsageError
-from ckptavg.report import build_report, load_metrics
+from ckptavg.publishing.report import build_report, load_metrics
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = list(range(100, 3100, 100))

@@ -1,5 +1,5 @@
 """Checkpoint file formats: safetensors (single and sharded) and PyTorch pickles."""
 
-from .refs import TensorRef
+from ckptavg.reading.formats.refs import TensorRef
 
 __all__ = ["TensorRef"]

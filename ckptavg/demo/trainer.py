@@ -133,6 +133,3 @@ def main(argv: list[str] | None = None) -> None:
     saved = train(args.run, DemoConfig(steps=args.steps, save_every=args.save_every), step_delay=args.step_delay)
     print(f"trained {args.steps} steps; {len(saved)} checkpoints in {args.run}", flush=True)
 
-
-if __name__ == "__main__":
-    main()

@@ -19,9 +19,9 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint, _is_side_file, open_checkpoint
-from .errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
-from .steps import step_from_name
+from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
+from ckptavg.reading.checkpoint import PICKLE_SUFFIXES, Checkpoint, _is_side_file, open_checkpoint
+from ckptavg.reading.steps import step_from_name
 
 log = logging.getLogger(__name__)
 

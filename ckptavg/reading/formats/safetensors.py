@@ -6,7 +6,7 @@ byte ranges that tile the data section exactly (no overlap, no gap, nothing
 out of bounds) and agree with dtype × shape. A bad header is rejected after
 reading at most 100 MB, before any tensor byte is touched.
 
-Tensor bytes are not read here: see :mod:`ckptavg.fileio`.
+Tensor bytes are not read here: see :mod:`ckptavg.reading.fileio`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from ..dtypes import SAFETENSORS_TO_TORCH, itemsize
-from ..errors import (
+from ckptavg.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from ckptavg.errors import (
     IndexMismatchError,
     InvalidHeaderError,
     InvalidOffsetError,
@@ -31,8 +31,8 @@ from ..errors import (
     UnknownFormatError,
     UnsafePathError,
 )
-from ..fileio import FileIdentity
-from .refs import TensorRef
+from ckptavg.reading.fileio import FileIdentity
+from ckptavg.reading.formats.refs import TensorRef
 
 log = logging.getLogger(__name__)
 

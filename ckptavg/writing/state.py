@@ -16,7 +16,7 @@ a warning, and refuses — never silently resets — when none verifies or the
 state was written by a newer schema. A state folder is owned by one process at
 a time (``flock`` on ``lock``).
 
-Disk-backed averages (:mod:`ckptavg.store`) save and load one tensor at a
+Disk-backed averages (:mod:`ckptavg.averaging.store`) save and load one tensor at a
 time, their pages dropped after each, so neither needs the model in memory.
 """
 
@@ -36,14 +36,14 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_write_bytes
-from .average import Average, FoldRecord
-from .dtypes import SAFETENSORS_TO_TORCH
-from .errors import CheckpointError, CkptavgError, OutputError
-from .export import _Entry, _ShardFile
-from .fileio import FileCache, identify
-from .formats.safetensors import read_header
-from .methods import Slot
+from ckptavg.averaging.average import Average, FoldRecord
+from ckptavg.averaging.methods import Slot
+from ckptavg.dtypes import SAFETENSORS_TO_TORCH
+from ckptavg.errors import CheckpointError, CkptavgError, OutputError
+from ckptavg.reading.fileio import FileCache, identify
+from ckptavg.reading.formats.safetensors import read_header
+from ckptavg.writing.atomic import atomic_write_bytes
+from ckptavg.writing.export import _Entry, _ShardFile
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class StateStore:
         digest = hashlib.sha256()
         try:
             writer = _ShardFile(tmp, [_Entry(k, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for k, t, _ in entries],
-                                {"format": "pt", "ckptavg.state": str(gen)})
+                                {"format": "pt", "ckptavg.writing.state": str(gen)})
             for key, t, store in entries:
                 data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 if data.numel():

@@ -25,16 +25,16 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import (
+from ckptavg.errors import (
     CheckpointChangedError,
     CheckpointVanishedError,
     UnknownFormatError,
     UnsafePickleError,
     UnsupportedCheckpointError,
 )
-from ..fileio import FileIdentity, identify
-from .refs import TensorRef
-from .safetensors import check_shard_keys, read_index_json, resolve_shards
+from ckptavg.reading.fileio import FileIdentity, identify
+from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.formats.safetensors import check_shard_keys, read_index_json, resolve_shards
 
 log = logging.getLogger(__name__)
 

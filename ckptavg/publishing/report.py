@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes
-from .errors import MetricsError, OutputError, UsageError
+from ckptavg.errors import MetricsError, OutputError, UsageError
+from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Safetensors inputs are folded tensor-major (one tensor's accumulators at a
 time); pickles checkpoint-major into long-lived accumulators, which go to a
-disk store when they exceed ``memory_budget`` (see :mod:`ckptavg.store`).
+disk store when they exceed ``memory_budget`` (see :mod:`ckptavg.averaging.store`).
 LAWA is told which inputs end in each tensor's window, so a NaN/Inf in an
 input that leaves the window cannot poison the result.
 """
@@ -23,18 +23,18 @@ from typing import Any
 
 import torch
 
-from .atomic import AtomicDir
-from .average import Average
-from .checkpoint import Checkpoint
-from .engine import Engine, expected_outputs
-from .errors import StepError, UsageError
-from .export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder
-from .formats.refs import TensorRef
-from .methods import LAWA, make_method
-from .progress import Progress
-from .rules import Rule
-from .store import Placement, ensure_placed
-from .units import format_bytes
+from ckptavg.averaging.average import Average
+from ckptavg.averaging.engine import Engine, expected_outputs
+from ckptavg.averaging.methods import LAWA, make_method
+from ckptavg.averaging.rules import Rule
+from ckptavg.averaging.store import Placement, ensure_placed
+from ckptavg.errors import StepError, UsageError
+from ckptavg.progress import Progress
+from ckptavg.reading.checkpoint import Checkpoint
+from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.units import format_bytes
+from ckptavg.writing.atomic import AtomicDir
+from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +70,9 @@ def build_averages(
     store_dir: Path | None = None,
 ) -> list[Average]:
     """Averages from ``specs``. With ``memory_budget`` (bytes of host memory for accumulators) or on a
-    CUDA device they share a :class:`~ckptavg.store.Placement`: averages beyond the budget keep their
+    CUDA device they share a :class:`~ckptavg.averaging.store.Placement`: averages beyond the budget keep their
     accumulators in a disk store under ``store_dir``, those beyond the free GPU memory in pinned CPU
-    memory (decided at the first checkpoint-major fold, see :func:`~ckptavg.store.ensure_placed`)."""
+    memory (decided at the first checkpoint-major fold, see :func:`~ckptavg.averaging.store.ensure_placed`)."""
     device = torch.device(device)
     placement = None
     if memory_budget is not None or device.type == "cuda":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..fileio import FileIdentity
+from ckptavg.reading.fileio import FileIdentity
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointChangedError, CheckpointVanishedError, TruncatedFileError
+from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, TruncatedFileError
 
 __all__ = ["FileCache", "FileIdentity", "identify", "read_exact"]
 

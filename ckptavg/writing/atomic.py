@@ -17,7 +17,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from .errors import OutputError
+from ckptavg.errors import OutputError
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
 """An :class:`Average`: a named method with its per-tensor rules and accumulators.
 
 It decides, tensor by tensor, which method applies (rules, integer tensors),
-owns the :class:`~ckptavg.methods.Slot` of every tensor, and handles models
+owns the :class:`~ckptavg.averaging.methods.Slot` of every tensor, and handles models
 that grow: a tensor seen for the first time starts its average at that
 checkpoint; one whose shape or dtype changes restarts (policy ``reset``, logged)
 or stops the run (policy ``error``). Counts are kept per tensor, so LAWA and
 SWA means stay right for tensors that joined late.
 
 Accumulators live on ``device``, in pinned CPU memory (``pinned``: spilled
-from a GPU), or in a :class:`~ckptavg.store.DiskStore` (``store``), as a
-:class:`~ckptavg.store.Placement` decides; the arithmetic is the same in
+from a GPU), or in a :class:`~ckptavg.averaging.store.DiskStore` (``store``), as a
+:class:`~ckptavg.averaging.store.Placement` decides; the arithmetic is the same in
 every case.
 """
 
@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .dtypes import is_averageable, short_name
-from .errors import TensorMismatchError, UsageError
-from .formats.refs import TensorRef
-from .methods import EMA, Latest, Method, Slot
-from .rules import Rule, match_rule
+from ckptavg.averaging.methods import EMA, Latest, Method, Slot
+from ckptavg.averaging.rules import Rule, match_rule
+from ckptavg.dtypes import is_averageable, short_name
+from ckptavg.errors import TensorMismatchError, UsageError
+from ckptavg.reading.formats.refs import TensorRef
 
 if TYPE_CHECKING:
-    from .store import DiskStore, Placement
+    from ckptavg.averaging.store import DiskStore, Placement
 
 log = logging.getLogger(__name__)
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointNotFoundError, UnknownFormatError, UnsupportedCheckpointError
-from .fileio import FileCache
-from .formats import pickle as pkl
-from .formats import safetensors as st
-from .formats.refs import TensorRef
-from .steps import step_from_name
+from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError, UnsupportedCheckpointError
+from ckptavg.reading.fileio import FileCache
+from ckptavg.reading.formats import pickle as pkl
+from ckptavg.reading.formats import safetensors as st
+from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.steps import step_from_name
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, m
 
 
 def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None) -> Checkpoint:
-    from .discover import is_noise  # staging names are never the checkpoint
+    from ckptavg.reading.discover import is_noise  # staging names are never the checkpoint
 
     entries = sorted(p.name for p in folder.iterdir() if not is_noise(p.name))
     if (folder / ".metadata").exists() or any(n.endswith(".distcp") for n in entries):

@@ -16,7 +16,7 @@ kernel's writeback and the fsync of a finished shard overlap the averaging of
 the next tensors; writeback of each written range is started at once
 (``sync_file_range``) rather than left to the final fsync, so the fsync at the
 end finds little left to do. The folder is built in a temporary sibling,
-fsynced and renamed into place (:class:`~ckptavg.atomic.AtomicDir`).
+fsynced and renamed into place (:class:`~ckptavg.writing.atomic.AtomicDir`).
 
 Tied weights: a pickle that stores one tensor under two names (``lm_head.weight``
 sharing ``embed_tokens.weight``) is averaged once and written once, as
@@ -40,13 +40,13 @@ from typing import IO, Any
 
 import torch
 
-from . import __version__
-from .average import Average
-from .checkpoint import PICKLE_SUFFIXES, Checkpoint
-from .dtypes import TORCH_TO_SAFETENSORS, short_name
-from .errors import OutputError
-from .formats.refs import TensorRef
-from .units import format_bytes
+from ckptavg._version import __version__
+from ckptavg.averaging.average import Average
+from ckptavg.dtypes import TORCH_TO_SAFETENSORS, short_name
+from ckptavg.errors import OutputError
+from ckptavg.reading.checkpoint import PICKLE_SUFFIXES, Checkpoint
+from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.units import format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -409,7 +409,7 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
                     _crash_before_rename: bool = False) -> None:
     """Write the current state of a long-lived average as a model folder at ``target``, atomically
     replacing what was there (the daemon's publish). Accumulators are left as they are."""
-    from .atomic import AtomicDir
+    from ckptavg.writing.atomic import AtomicDir
 
     order = [n for n in newest.tensors if n in avg.slots] + [n for n in avg.slots if n not in newest.tensors]
     refs = [_SlotRef(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]

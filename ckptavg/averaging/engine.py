@@ -46,13 +46,13 @@ from typing import Any
 
 import torch
 
-from .average import Average, FoldRecord
-from .checkpoint import Checkpoint, CheckpointReader
-from .errors import CkptavgError, NonFiniteError, StepError, TensorMismatchError, UsageError
-from .fileio import FileCache
-from .formats.refs import TensorRef
-from .methods import FoldInfo, Latest, Method, Plan, Slot
-from .progress import Progress
+from ckptavg.averaging.average import Average, FoldRecord
+from ckptavg.averaging.methods import FoldInfo, Latest, Method, Plan, Slot
+from ckptavg.errors import CkptavgError, NonFiniteError, StepError, TensorMismatchError, UsageError
+from ckptavg.progress import Progress
+from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader
+from ckptavg.reading.fileio import FileCache
+from ckptavg.reading.formats.refs import TensorRef
 
 log = logging.getLogger(__name__)
 
@@ -484,7 +484,7 @@ class Engine:
 
         A tensor read in pieces is emitted as consecutive flat parts (1-D tensors of
         its source dtype, in element order) that together make the tensor:
-        :class:`~ckptavg.export.ModelWriter` appends them.
+        :class:`~ckptavg.writing.export.ModelWriter` appends them.
         """
         if weights is not None and len(weights) != len(ckpts):
             raise UsageError(f"--weights has {len(weights)} values for {len(ckpts)} checkpoints")

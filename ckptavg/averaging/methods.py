@@ -51,7 +51,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import UsageError
+from ckptavg.errors import UsageError
 
 __all__ = ["EMA", "LAWA", "METHODS", "SWA", "FoldInfo", "Latest", "Method", "Slot", "Uniform", "make_method"]
 

@@ -34,14 +34,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .dtypes import TORCH_TO_SAFETENSORS
-from .errors import OutputError, UsageError
-from .units import format_bytes
+from ckptavg.dtypes import TORCH_TO_SAFETENSORS
+from ckptavg.errors import OutputError, UsageError
+from ckptavg.units import format_bytes
 
 if TYPE_CHECKING:
-    from .average import Average
-    from .formats.refs import TensorRef
-    from .methods import Slot
+    from ckptavg.averaging.average import Average
+    from ckptavg.averaging.methods import Slot
+    from ckptavg.reading.formats.refs import TensorRef
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class _Segment:
 
     def __init__(self, path: Path, entries: Sequence[tuple[str, int, torch.dtype]], label: str) -> None:
         entries = sorted(entries, key=lambda e: -e[2].itemsize)  # widest first: every tensor aligned to its dtype
-        header: dict[str, object] = {"__metadata__": {"format": "pt", "ckptavg.store": label}}
+        header: dict[str, object] = {"__metadata__": {"format": "pt", "ckptavg.averaging.store": label}}
         offset = 0
         for key, numel, dtype in entries:
             nbytes = numel * dtype.itemsize

@@ -17,7 +17,7 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from .errors import UsageError
+from ckptavg.errors import UsageError
 
 __all__ = ["Rule", "parse_rule", "match_rule"]
 

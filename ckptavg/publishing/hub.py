@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from . import __version__
-from .atomic import TMP_MARK, AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
-from .errors import CkptavgError, UsageError
+from ckptavg._version import __version__
+from ckptavg.errors import CkptavgError, UsageError
+from ckptavg.writing.atomic import TMP_MARK, AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
 
 log = logging.getLogger(__name__)
 

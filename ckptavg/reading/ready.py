@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .discover import is_noise
-from .errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
-from .steps import step_from_name
+from ckptavg.errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.discover import is_noise
+from ckptavg.reading.steps import step_from_name
 
 __all__ = ["Readiness", "check_ready"]
 

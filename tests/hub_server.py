@@ -1,6 +1,6 @@
 """A local stand-in for the Hugging Face Hub, for tests: the real ``huggingface_hub`` client talks to it.
 
-It serves what a push uses: repo and branch creation, commit listing, repo info, the file tree,
+It serves what a push uses: repo and branch creation, commit listing (paged like the Hub), repo info, the file tree,
 preupload, the LFS batch / upload / verify protocol, the ndjson commit endpoint (with
 ``parentCommit``) and README YAML validation. Repos, branches, commits and LFS objects live in
 memory, so a test can read back exactly which commits landed and which bytes they hold.
@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n"
 _LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
@@ -91,7 +91,7 @@ class Fault:
     status: int = 503
     retry_after: str | None = None
     then: tuple[str, int] | None = None  # after it fires: that endpoint answers that status from then on
-    foreign: bool = False  # after applying the request (and before the answer is lost) someone else commits
+    foreign: int = 0  # after applying the request (and before the answer is lost) someone else commits N times
 
 
 class HubError(Exception):
@@ -147,13 +147,13 @@ class HubServer:
                                      None if retry_after is None else str(retry_after)))
 
     def lose_response(self, endpoint: str = "commit", times: int = 1, mode: str = "drop",
-                      then: tuple[str, int] | None = None, foreign: bool = False) -> None:
+                      then: tuple[str, int] | None = None, foreign: int = 0) -> None:
         """Apply the request, then drop the connection or answer 500; ``then=("commits", 503)`` also breaks
-        that endpoint from then on (until ``clear_faults``); ``foreign=True``: another client commits right
-        after the applied request, so the lost commit is no longer the head."""
+        that endpoint from then on (until ``clear_faults``); ``foreign=N`` (or True, once): another client commits
+        N times right after the applied request, so the lost commit is no longer the head."""
         assert mode in ("drop", "500")
         with self.lock:
-            self.faults.append(Fault(endpoint, times, mode, then=then, foreign=foreign))
+            self.faults.append(Fault(endpoint, times, mode, then=then, foreign=int(foreign)))
 
     def race(self, endpoint: str = "commit", times: int = 1) -> None:
         with self.lock:
@@ -234,7 +234,8 @@ class HubServer:
             return matches[0]
         raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
 
-    def handle(self, endpoint: str, m: dict[str, str], query: dict[str, list[str]], body: bytes) -> tuple[int, object]:
+    def handle(self, endpoint: str, m: dict[str, str], query: dict[str, list[str]],
+               body: bytes) -> tuple[int, object] | tuple[int, object, dict[str, str]]:
         if endpoint == "create_repo":
             data = json.loads(body)
             repo_id = f"{data.get('organization') or 'user'}/{data['name']}"
@@ -246,15 +247,7 @@ class HubServer:
         if endpoint == "validate_yaml":
             return 200, {"errors": [], "warnings": []}
         if endpoint == "commits":
-            repo = self._repo(m)
-            commit: Commit | None = self._resolve(repo, m["rev"])
-            items = []
-            while commit is not None:
-                message = commit.title + (f"\n\n{commit.description}" if commit.description else "")
-                items.append({"id": commit.sha, "title": commit.title, "message": message, "date": commit.date,
-                              "authors": [{"user": "ckptavg-test"}]})
-                commit = repo.commits[commit.parent] if commit.parent else None
-            return 200, items
+            return self._commits(m, query)
         if endpoint in ("revision", "info"):
             repo = self._repo(m)
             commit = self._resolve(repo, m.get("rev") or "main")
@@ -313,6 +306,31 @@ class HubServer:
         if endpoint == "commit":
             return 200, self._commit(m, body)
         raise AssertionError(endpoint)
+
+    def _commits(self, m: dict[str, str], query: dict[str, list[str]]) -> tuple[int, object, dict[str, str]]:
+        """One page of the history, newest first, as the Hub pages it: ``?p=<page>&limit=<n>`` (page 0 and 50
+        by default, at most 1000), the total in ``X-Total-Count`` and the next page as an absolute URL in a
+        ``Link: <...>; rel="next"`` header while more remain; ``message`` is the description (the title apart)."""
+        repo = self._repo(m)
+        try:
+            page = int(query.get("p", ["0"])[0])
+            limit = int(query.get("limit", ["50"])[0])
+        except ValueError:
+            raise HubError(400, "Invalid query: p and limit must be integers") from None
+        if page < 0 or not 1 <= limit <= 1000:
+            raise HubError(400, "Invalid query: p must be >= 0 and limit between 1 and 1000")
+        commit: Commit | None = self._resolve(repo, m["rev"])
+        history = []
+        while commit is not None:
+            history.append(commit)
+            commit = repo.commits[commit.parent] if commit.parent else None
+        items = [{"id": c.sha, "title": c.title, "message": c.description, "date": c.date,
+                  "authors": [{"user": "ckptavg-test"}]} for c in history[page * limit:(page + 1) * limit]]
+        headers = {"X-Total-Count": str(len(history))}
+        if (page + 1) * limit < len(history):
+            headers["Link"] = (f'<{self.url}/api/{m["type"]}/{m["repo"]}/commits/{quote(m["rev"], safe="")}'
+                               f'?p={page + 1}&limit={limit}>; rel="next"')
+        return 200, items, headers
 
     def _commit(self, m: dict[str, str], body: bytes) -> dict[str, object]:
         repo = self._repo(m)
@@ -421,13 +439,13 @@ class _Handler(BaseHTTPRequestHandler):
             hub.commit_foreign(groups["repo"], groups.get("rev", "main"))
         try:
             with hub.lock:
-                status, payload = hub.handle(endpoint, groups, parse_qs(split.query), body)
+                status, payload, *extra = hub.handle(endpoint, groups, parse_qs(split.query), body)
         except HubError as e:
             headers = {"X-Error-Code": e.code} if e.code else {}
             headers["X-Error-Message"] = e.message
             self._send(e.status, {"error": e.message, **e.extra}, headers)
             return
-        if fault is not None and fault.foreign:
+        for _ in range(fault.foreign if fault is not None else 0):
             hub.commit_foreign(groups["repo"], groups.get("rev", "main"))
         if fault is not None and fault.kind == "drop":
             self._drop()
@@ -435,6 +453,6 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "500":
             self._send(500, {"error": "injected: the request was applied but the answer is lost"})
             return
-        self._send(status, payload)
+        self._send(status, payload, *extra)
 
     do_GET = do_POST = do_PUT = _dispatch

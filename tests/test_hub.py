@@ -165,7 +165,7 @@ def test_429_waits_as_long_as_retry_after_says(hub: HubServer, model: Path) -> N
 
 
 def test_gives_up_after_max_attempts(hub: HubServer, model: Path) -> None:
-    from ckptavg.publishing.hub import HubError
+    from ckptavg.errors import HubError
 
     hub.fail("commit", 503, times=100)
     with pytest.raises(HubError, match="gave up after 3 attempts.*HTTP 503"):
@@ -192,6 +192,37 @@ def test_lost_response_then_another_commit_makes_no_duplicate(hub: HubServer, mo
     assert titles(hub, "org/lost2") == ["foreign edit", "once", "initial commit"]
     assert hub.log("org/lost2")[1].sha == sha  # found by its publish id, one commit below the head
     assert hub.count("commit") == 1
+
+
+def test_publish_id_is_found_beyond_the_first_page_of_commits(hub: HubServer, model: Path) -> None:
+    # ours lands, its answer is lost, then 60 foreign commits push it past the Hub's first page (50 commits)
+    hub.lose_response("commit", mode="drop", foreign=60)
+    sha = push_folder(model, HubTarget("org/paged", endpoint=hub.url), token=TOKEN, message="once", backoff=FAST)
+    log = hub.log("org/paged")
+    assert [c.title for c in log] == ["foreign edit"] * 60 + ["once", "initial commit"]
+    assert log[60].sha == sha and hub.count("commit") == 1
+    assert hub.count("commits") == 3  # one page before the commit, two pages (50 + 12) after the lost answer
+
+
+def test_hub_server_pages_commits_like_the_hub(hub: HubServer) -> None:
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import get_session
+
+    hub.create_repo("org/history")
+    for _ in range(120):
+        hub.commit_foreign("org/history")
+    commits = HfApi(endpoint=hub.url, token=TOKEN).list_repo_commits("org/history")
+    assert [c.commit_id for c in commits] == [c.sha for c in hub.log("org/history")]
+    assert hub.count("commits") == 3  # 50 + 50 + 21, following the Link headers
+
+    url, auth = f"{hub.url}/api/models/org/history/commits/main", {"Authorization": f"Bearer {TOKEN}"}
+    first = get_session().get(url, headers=auth)
+    assert len(first.json()) == 50 and first.headers["X-Total-Count"] == "121"
+    assert first.headers["Link"] == f'<{url}?p=1&limit=50>; rel="next"'
+    last = get_session().get(f"{url}?p=1&limit=100", headers=auth)
+    assert len(last.json()) == 21 and "Link" not in last.headers
+    assert last.json()[-1] == {"id": hub.log("org/history")[-1].sha, "title": "initial commit", "message": "",
+                               "date": hub.log("org/history")[-1].date, "authors": [{"user": "ckptavg-test"}]}
 
 
 def test_parent_commit_stops_a_commit_on_a_moved_branch(hub: HubServer, model: Path) -> None:
@@ -336,9 +367,10 @@ def test_restart_after_a_lost_response_does_not_commit_twice(hub: HubServer, mod
     try:
         first.start()
         first.submit(model, step=7, message="step 7")
-        wait_for(lambda: first.status()["attempts"] >= 3)
+        wait_for(lambda: hub.count("commits") >= 2)  # after the lost commit, it tries to read the branch again
     finally:
-        first.close()
+        first.close()  # waits for that read (huggingface_hub retries a 503 for ~23 s before it gives up)
+    assert first.status()["attempts"] >= 2  # the unreadable branch was retried, not committed to blindly
     assert hub.count("commit") == 1 and (state_dir / "hub" / "uploading").is_dir()
     hub.clear_faults()
     second = HubPublisher(target, state_dir=state_dir, token=TOKEN, backoff=FAST)

@@ -37,10 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 from ckptavg._version import __version__
-from ckptavg.errors import CkptavgError, UsageError
+from ckptavg.errors import CkptavgError, HubError, UsageError
+from ckptavg.redact import SCRUB_FILTER, remember_secret, scrub
 from ckptavg.writing.atomic import TMP_MARK, AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
 
 log = logging.getLogger(__name__)
@@ -64,23 +64,11 @@ __all__ = [
 PUBLISH_ID_TRAILER = "ckptavg-publish-id"
 KEEP_REMOTE = frozenset({".gitattributes"})  # never deleted from the repo: it tells the Hub which files are LFS
 REPO_TYPES = ("model", "dataset", "space")
-_RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-_HEAD_MOVED_STATUS = frozenset({409, 412})  # parent_commit is no longer the head: re-read and try again
 _MAX_RETRY_AFTER = 3600.0
 _BRANCH_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._/-]{0,199}$")
 
 
 # --------------------------------------------------------------------------- errors
-
-
-class HubError(CkptavgError):
-    """The Hub refused or failed a push. The local model folder is never affected."""
-
-    def __init__(self, message: str, *, repo: str | None = None, path: str | Path | None = None,
-                 hint: str | None = None) -> None:
-        self.repo = repo
-        text = scrub(f"{repo}: {message}" if repo else message)
-        super().__init__(text, path=path, hint=scrub(hint) if hint else None)
 
 
 class HubAuthError(HubError, PermissionError):
@@ -95,47 +83,7 @@ class HubOfflineError(HubError):
     """``HF_HUB_OFFLINE`` is set: nothing is pushed."""
 
 
-# --------------------------------------------------------------------------- secrets
-
-_SECRETS: set[str] = set()
-_SECRETS_LOCK = threading.Lock()
-_TOKEN_RE = re.compile(r"\bhf_[A-Za-z0-9]{6,}")
-
-
-def _remember_secret(token: str | None) -> None:
-    if token and len(token) >= 4:
-        with _SECRETS_LOCK:
-            _SECRETS.add(token)
-
-
-def scrub(text: str) -> str:
-    """``text`` with every known token (and anything shaped like an ``hf_...`` token) replaced by ``***``."""
-    with _SECRETS_LOCK:
-        secrets = sorted(_SECRETS, key=len, reverse=True)
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return _TOKEN_RE.sub("hf_***", text)
-
-
-class _ScrubFilter(logging.Filter):
-    """Rewrites a record whose text (or traceback) holds a token. Attached to huggingface_hub's loggers."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            text = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed record: leave it to the handler
-            return True
-        clean = scrub(text)
-        if clean != text:
-            record.msg, record.args = clean, ()
-        if record.exc_info and not record.exc_text:
-            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-        elif record.exc_text:
-            record.exc_text = scrub(record.exc_text)
-        return True
-
-
-_FILTER = _ScrubFilter()
+_FILTER = SCRUB_FILTER
 
 
 # huggingface_hub modules that log during a push; some are imported lazily, so their loggers are made here
@@ -160,7 +108,7 @@ def resolve_token(explicit: str | None = None) -> str | None:
     The systemd credential comes from ``LoadCredential=hf_token:/path/to/token`` in the unit. Every
     token seen is remembered so that :func:`scrub` removes it from any text.
     """
-    _remember_secret(os.environ.get("HF_TOKEN", "").strip() or None)
+    remember_secret(os.environ.get("HF_TOKEN", "").strip() or None)
     token: str | None = None
     source = ""
     if explicit and explicit.strip():
@@ -182,7 +130,7 @@ def resolve_token(explicit: str | None = None) -> str | None:
                 token, source = get_token(), "the stored Hugging Face login"
             except Exception as e:  # noqa: BLE001 - e.g. a failed OIDC exchange: go on unauthenticated, say why
                 log.warning("cannot read the stored Hugging Face login: %s", scrub(str(e)))
-    _remember_secret(token)
+    remember_secret(token)
     if token:
         log.debug("Hub token from %s", source)
     return token or None
@@ -293,25 +241,10 @@ def _description(publish_id: str) -> str:
     return f"Published by ckptavg {__version__}.\n\n{PUBLISH_ID_TRAILER}: {publish_id}"
 
 
-def _recent_commits(target: HubTarget, token: str | None) -> list[dict[str, Any]]:
-    """The first page of the branch's commits, newest first (the head is the first)."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
-
-    url = (f"{target.resolved_endpoint}/api/{target.repo_type}s/{target.repo_id}/commits/"
-           f"{quote(target.branch, safe='')}")
-    headers = build_hf_headers(token=token or False, library_name="ckptavg", library_version=__version__)
-    response = get_session().get(url, headers=headers)
-    hf_raise_for_status(response)
-    items = response.json()
-    return items if isinstance(items, list) else []
-
-
-def _find_publish(commits: list[dict[str, Any]], publish_id: str) -> str | None:
+def _find_publish(commits: list[Any], publish_id: str) -> str | None:
+    """The sha of the commit (``GitCommitInfo``) that carries ``publish_id`` in its description, if any."""
     marker = f"{PUBLISH_ID_TRAILER}: {publish_id}"
-    for item in commits:
-        if marker in f"{item.get('title') or ''}\n{item.get('message') or ''}":
-            return str(item["id"])
-    return None
+    return next((c.commit_id for c in commits if marker in f"{c.title or ''}\n{c.message or ''}"), None)
 
 
 @dataclass
@@ -358,40 +291,59 @@ def _is_transport_error(exc: BaseException) -> bool:
 
 
 def _classify(exc: BaseException, target: HubTarget, token: str | None) -> _Failure:
-    """Is ``exc`` worth another attempt? And the one-line, token-free error the user sees if not."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    """Is ``exc`` worth another attempt? And the one-line, token-free error the user sees if not.
+
+    ``huggingface_hub``'s error types decide where they say what happened; the status code only where no
+    type does: 401/403 (auth), 408/429/5xx (retry, honouring ``Retry-After``), 409/412 (``parent_commit`` is no
+    longer the head: re-read it and try again at once).
+    """
+    from huggingface_hub import errors as hf
 
     repo = str(target)
     for e in _chain(exc):
-        if isinstance(e, OfflineModeIsEnabled):
+        if isinstance(e, hf.OfflineModeIsEnabled):
             return _Failure(False, "offline", HubOfflineError("HF_HUB_OFFLINE is set: nothing was pushed", repo=repo,
                                                              hint="unset HF_HUB_OFFLINE to publish"))
-        if isinstance(e, HfHubHTTPError) and getattr(e, "response", None) is not None:
-            code = e.response.status_code
-            said = "; ".join(line.strip() for line in (getattr(e, "server_message", None) or "").splitlines()
-                             if line.strip())
-            detail = f": {said[:300]}" if said else ""
-            text = scrub(f"HTTP {code}{detail}")
-            if code in _RETRY_STATUS or code >= 500:
-                return _Failure(True, text, HubError(f"the Hub failed ({text})", repo=repo),
-                                retry_after=_retry_after(e.response.headers))
-            if code in _HEAD_MOVED_STATUS:
-                return _Failure(True, text, HubError(f"the branch kept moving ({text})", repo=repo), head_moved=True)
-            if code == 401:
-                hint = ("no Hugging Face token was found: set HF_TOKEN, use the systemd credential hf_token, "
-                        "or run `hf auth login`") if not token else \
-                    f"check HF_TOKEN, the credential hf_token or `hf auth login`: it needs write access to {target.repo_id}"
-                return _Failure(False, text, HubAuthError(f"the Hub rejected the token ({text})", repo=repo, hint=hint))
-            if code == 403:
-                return _Failure(False, text, HubAuthError(
-                    f"the token may not write to this repo ({text})", repo=repo,
-                    hint=f"use a token with write access to {target.repo_id} (fine-grained tokens need write on the "
-                         "repo or its organisation)"))
-            if code == 404:
-                return _Failure(False, text, HubNotFoundError(
-                    f"repo or branch not found ({text})", repo=repo,
-                    hint="check --hub and --revision; a token with write access creates a missing repo"))
+        if not isinstance(e, hf.HfHubHTTPError) or getattr(e, "response", None) is None:
+            continue
+        code = e.response.status_code
+        said = "; ".join(line.strip() for line in (e.server_message or "").splitlines() if line.strip())
+        text = scrub(f"HTTP {code}: {said[:300]}" if said else f"HTTP {code}")
+        if isinstance(e, hf.GatedRepoError):
+            return _Failure(False, text, HubAuthError(f"the repo is gated ({text})", repo=repo,
+                                                      hint=f"request access to {target.repo_id} for this token's user"))
+        if isinstance(e, hf.RepositoryNotFoundError) and code != 401:  # 401: the Hub hides repos the token may not see
+            return _Failure(False, text, HubNotFoundError(
+                f"repo not found ({text})", repo=repo,
+                hint="check --hub and --endpoint; a token with write access creates a missing repo"))
+        if isinstance(e, hf.RevisionNotFoundError):
+            return _Failure(False, text, HubNotFoundError(f"branch {target.branch!r} not found ({text})", repo=repo,
+                                                          hint="check --revision"))
+        if isinstance(e, hf.EntryNotFoundError):
+            return _Failure(False, text, HubNotFoundError(f"a file the commit names is not in the repo ({text})",
+                                                          repo=repo))
+        if isinstance(e, (hf.BadRequestError, hf.DisabledRepoError)):
             return _Failure(False, text, HubError(f"the Hub refused the push ({text})", repo=repo))
+        if code in (408, 429) or code >= 500:
+            return _Failure(True, text, HubError(f"the Hub failed ({text})", repo=repo),
+                            retry_after=_retry_after(e.response.headers))
+        if code in (409, 412):
+            return _Failure(True, text, HubError(f"the branch kept moving ({text})", repo=repo), head_moved=True)
+        if code == 401:
+            hint = ("no Hugging Face token was found: set HF_TOKEN, use the systemd credential hf_token, "
+                    "or run `hf auth login`") if not token else \
+                f"check HF_TOKEN, the credential hf_token or `hf auth login`: it needs write access to {target.repo_id}"
+            return _Failure(False, text, HubAuthError(f"the Hub rejected the token ({text})", repo=repo, hint=hint))
+        if code == 403:
+            return _Failure(False, text, HubAuthError(
+                f"the token may not write to this repo ({text})", repo=repo,
+                hint=f"use a token with write access to {target.repo_id} (fine-grained tokens need write on the "
+                     "repo or its organisation)"))
+        if code == 404:
+            return _Failure(False, text, HubNotFoundError(
+                f"repo or branch not found ({text})", repo=repo,
+                hint="check --hub and --revision; a token with write access creates a missing repo"))
+        return _Failure(False, text, HubError(f"the Hub refused the push ({text})", repo=repo))
     for e in _chain(exc):
         if _is_transport_error(e):
             text = scrub(f"{type(e).__name__}: {str(e).strip()[:200] or 'connection failed'}")
@@ -441,7 +393,7 @@ def _push(folder: Path, target: HubTarget, *, token: str | None, message: str, p
     from huggingface_hub import HfApi
 
     _guard_library_logs()
-    _remember_secret(token)
+    remember_secret(token)
     local = folder_files(folder)
     if not local:
         raise HubError("the folder holds no files to publish", repo=str(target), path=folder)
@@ -455,8 +407,9 @@ def _push(folder: Path, target: HubTarget, *, token: str | None, message: str, p
             if not ready:
                 _ensure_repo(api, target)
                 ready = True
-            commits = _recent_commits(target, token)
-            head = str(commits[0]["id"]) if commits else None
+            # newest first: the head, then the history a lost response may have hidden our commit in
+            commits = api.list_repo_commits(target.repo_id, revision=target.branch, repo_type=target.repo_type)
+            head = commits[0].commit_id if commits else None
             landed = _find_publish(commits, publish_id)
             if landed is not None:
                 log.info("%s: publish %s had landed already as %s (its response was lost); not committing again",

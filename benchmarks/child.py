@@ -291,7 +291,7 @@ def task_avgmodel(args: dict) -> dict:
 def task_oneshot(args: dict) -> dict:
     """ckptavg's one-shot uniform mean through the public API, output fsynced (AtomicDir)."""
     from ckptavg.averaging.engine import Engine
-    from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+    from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
     from ckptavg.reading.checkpoint import open_checkpoint
 
     start = time.perf_counter()
@@ -313,7 +313,7 @@ def task_fold(args: dict) -> dict:
     every input file is evicted from the page cache.
     """
     from ckptavg.averaging.engine import Engine
-    from ckptavg.averaging.oneshot import AverageSpec, build_averages
+    from ckptavg.oneshot import AverageSpec, build_averages
     from ckptavg.reading.checkpoint import open_checkpoint
 
     folders = [Path(f) for f in args["folders"]]

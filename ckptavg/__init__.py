@@ -8,8 +8,8 @@ from ckptavg._version import __version__
 from ckptavg.averaging.average import Average
 from ckptavg.averaging.engine import Engine, resolve_device
 from ckptavg.averaging.methods import EMA, LAWA, METHODS, SWA, Uniform, make_method
-from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.averaging.rules import Rule, parse_rule
+from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader, open_checkpoint
 
 __all__ = [

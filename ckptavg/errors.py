@@ -11,7 +11,10 @@ Exit codes used by the CLI: :class:`UsageError` → 2, every other
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+
+from ckptavg.redact import scrub
 
 __all__ = [
     "CkptavgError",
@@ -36,6 +39,12 @@ __all__ = [
     "StepError",
     "OutputError",
     "MetricsError",
+    "OptionError",
+    "StateError",
+    "NewerStateError",
+    "StateLockedError",
+    "HubError",
+    "EvaluationError",
 ]
 
 
@@ -158,3 +167,82 @@ class OutputError(CkptavgError, OSError):
 
 class MetricsError(CkptavgError, ValueError):
     """metrics.jsonl or eval.json is missing, malformed or holds nothing to report."""
+
+
+class OptionError(UsageError):
+    """A method option is unknown, missing, given twice over, or out of range.
+
+    Structured (``problem``, ``method``, ``options``, ``value``, ``expected``) so that each
+    front end phrases it in its own terms: the CLI names flags (``--half-life``), the
+    configuration loader names keys (``average[0].half_life``); see :meth:`phrase`.
+    """
+
+    def __init__(self, problem: str, *, method: str | None = None, options: tuple[str, ...] = (),
+                 value: object = None, expected: str | None = None, known: tuple[str, ...] = ()) -> None:
+        self.problem = problem  # invalid | missing | conflict | unknown
+        self.method = method
+        self.options = tuple(options)
+        self.value = value
+        self.expected = expected
+        self.known = tuple(known)
+        super().__init__(self.phrase())
+
+    @classmethod
+    def invalid(cls, method: str | None, option: str, value: object, expected: str) -> OptionError:
+        return cls("invalid", method=method, options=(option,), value=value, expected=expected)
+
+    @classmethod
+    def missing(cls, method: str | None, group: tuple[str, ...]) -> OptionError:
+        return cls("missing", method=method, options=group)
+
+    @classmethod
+    def conflict(cls, method: str | None, given: tuple[str, ...]) -> OptionError:
+        return cls("conflict", method=method, options=given)
+
+    @classmethod
+    def unknown(cls, method: str | None, option: str, known: tuple[str, ...]) -> OptionError:
+        return cls("unknown", method=method, options=(option,), known=known)
+
+    def requirement(self) -> str:
+        """``must be <expected>, got <value>`` (for an ``invalid`` error), to follow a caller's own name."""
+        return f"must be {self.expected}, got {self.value!r}"
+
+    def phrase(self, name: Callable[[str], str] = str, *, method_name: str | None = None) -> str:
+        """The message with each option named by ``name`` (a flag, a TOML key)."""
+        method = method_name or self.method or "this method"
+        opts = [name(o) for o in self.options]
+        if self.problem == "invalid":
+            return f"{opts[0]} {self.requirement()}"
+        if self.problem == "missing":
+            return f"{method} needs {opts[0]}" if len(opts) == 1 else f"{method} needs exactly one of {' or '.join(opts)}"
+        if self.problem == "conflict":
+            return f"{method} takes only one of {' and '.join(opts)}"
+        known = ", ".join(name(k) for k in self.known) or "none"
+        return f"{method} has no option {opts[0]} (its options: {known})"
+
+
+class StateError(CkptavgError):
+    """The daemon's saved state cannot be used (corrupt, other configuration)."""
+
+
+class NewerStateError(StateError):
+    """The saved state was written by a newer ckptavg (a newer state schema): never guessed at, never reset."""
+
+
+class StateLockedError(CkptavgError):
+    """Another process holds the state folder."""
+
+
+class HubError(CkptavgError):
+    """The Hub refused or failed a push. The local model folder is never affected; the message, the
+    hint and ``repo`` never hold a token (:func:`ckptavg.redact.scrub`)."""
+
+    def __init__(self, message: str, *, repo: str | None = None, path: str | Path | None = None,
+                 hint: str | None = None) -> None:
+        self.repo = repo
+        text = scrub(f"{repo}: {message}" if repo else message)
+        super().__init__(text, path=path, hint=scrub(hint) if hint else None)
+
+
+class EvaluationError(CkptavgError):
+    """An evaluator failed or returned something that is not a mapping of finite numbers."""

@@ -3,8 +3,8 @@
 Safetensors inputs are folded tensor-major (one tensor's accumulators at a
 time); pickles checkpoint-major into long-lived accumulators, which go to a
 disk store when they exceed ``memory_budget`` (see :mod:`ckptavg.averaging.store`).
-LAWA is told which inputs end in each tensor's window, so a NaN/Inf in an
-input that leaves the window cannot poison the result.
+A method that drops inputs (LAWA's window) is told which inputs end in each tensor's final
+state, so a NaN/Inf in an input that leaves it cannot poison the result.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import torch
 
 from ckptavg.averaging.average import Average
 from ckptavg.averaging.engine import Engine, expected_outputs
-from ckptavg.averaging.methods import LAWA, make_method
+from ckptavg.averaging.methods import make_method
+from ckptavg.averaging.placement import Placement, ensure_placed
 from ckptavg.averaging.rules import Rule
-from ckptavg.averaging.store import Placement, ensure_placed
 from ckptavg.errors import StepError, UsageError
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint
@@ -38,7 +38,7 @@ from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_fold
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AverageSpec", "Result", "average_checkpoints", "build_averages", "lawa_final_windows", "order_checkpoints"]
+__all__ = ["AverageSpec", "Result", "average_checkpoints", "build_averages", "final_members", "order_checkpoints"]
 
 
 @dataclass(frozen=True)
@@ -117,22 +117,23 @@ def order_checkpoints(
     return ordered, (None if weights is None else [w for _, w in kept])  # type: ignore[misc]
 
 
-def lawa_final_windows(ckpts: Sequence[Checkpoint], avg: Average) -> dict[str, frozenset] | None:
-    """For a LAWA average over ``ckpts`` (folded with their positions as idents): per tensor, the
-    positions of the inputs in its final window (its last ``window`` occurrences). None for other methods."""
-    if not isinstance(avg.method, LAWA):
-        return None
-    k = avg.method.window
-    windows: dict[str, list[int]] = {}
-    for i in reversed(range(len(ckpts))):
-        if not avg.method.accepts(ckpts[i].step):
-            continue
-        for name in ckpts[i].tensors:
-            w = windows.setdefault(name, [])
-            if len(w) < k:
-                w.append(i)
-    shared: dict[tuple[int, ...], frozenset] = {}
-    return {name: shared.setdefault(tuple(w), frozenset(w)) for name, w in windows.items()}
+def final_members(ckpts: Sequence[Checkpoint], avg: Average) -> dict[str, frozenset] | None:
+    """Per tensor, the positions (the idents one-shot folds with) of the inputs that end in the average's
+    final state, for a method that says (:meth:`Method.final_members`; LAWA: the tensor's last window).
+    The other inputs are folded with NaN/Inf as 0. None: the method keeps every input."""
+    occurrences: dict[str, list[int]] = {}
+    for i, c in enumerate(ckpts):
+        if avg.method.accepts(c.step):
+            for name in c.tensors:
+                occurrences.setdefault(name, []).append(i)
+    shared: dict[frozenset, frozenset] = {}
+    out: dict[str, frozenset] = {}
+    for name, idents in occurrences.items():
+        members = avg.method.final_members(idents)
+        if members is None:
+            return None
+        out[name] = shared.setdefault(members, members)
+    return out
 
 
 def _union_refs(ckpts: Sequence[Checkpoint]) -> list[TensorRef]:
@@ -237,7 +238,7 @@ def average_checkpoints(
         engine.progress = progress
     schedule = "tensor-major" if all(c.format.startswith("safetensors") for c in ckpts) else "checkpoint-major"
     for a in averages:
-        a.final_windows = lawa_final_windows(ckpts, a)
+        a.final_members = final_members(ckpts, a)
     own_scratch = scratch_dir is None
     scratch = (Path(scratch_dir) if scratch_dir is not None
                else out.parent / f".{out.name}.ckptavg-scratch-{os.getpid()}-{secrets.token_hex(4)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from ckptavg.errors import UsageError
+from ckptavg.errors import OptionError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -20,10 +20,10 @@ def parse_size(text: str | int, *, option: str = "size") -> int:
     else:
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
         if not m:
-            raise UsageError(f"{option}: cannot read {text!r} as a size", hint="write e.g. 500MB, 2GB or 1GiB")
+            raise OptionError.invalid(None, option, text, "a size like 500MB, 2GB or 1GiB")
         value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
     if value <= 0:
-        raise UsageError(f"{option}: size must be positive, got {text!r}")
+        raise OptionError.invalid(None, option, text, "a positive size")
     return value
 
 

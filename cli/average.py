@@ -11,51 +11,17 @@ import click
 import torch
 
 from ckptavg.averaging.engine import Engine
-from ckptavg.averaging.methods import METHODS
-from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.averaging.rules import parse_rules
+from ckptavg.cli.methodflags import DerivedOptionsCommand, average_flags, parse_methods
 from ckptavg.cli.progressbar import make_progress
 from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
+from ckptavg.oneshot import average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
-from ckptavg.reading.discover import find_candidates, is_noise, latest_complete
+from ckptavg.reading.discover import find_candidates, latest_complete
+from ckptavg.reading.names import is_noise
 from ckptavg.units import format_bytes, parse_size
 
 log = logging.getLogger("ckptavg.cli")
-
-_MAIN_OPTION = {"ema": "half_life", "lawa": "window", "swa": "start_step"}
-
-
-def parse_method(text: str, *, half_life: float | None, decay: float | None, window: int | None,
-                 start_step: int | None, weighted: bool) -> AverageSpec:
-    """``ema``, ``ema:2000``, ``lawa:5``, ``swa:6000``, ``uniform`` → an AverageSpec."""
-    name, _, value = text.partition(":")
-    name = name.strip().lower()
-    if name not in METHODS:
-        raise UsageError(f"--method {text!r}: unknown method; choose one of {', '.join(METHODS)}")
-    options: dict[str, object] = {}
-    if value:
-        if name not in _MAIN_OPTION:
-            raise UsageError(f"--method {text!r}: {name} takes no value")
-        try:
-            options[_MAIN_OPTION[name]] = float(value) if name == "ema" else int(value)
-        except ValueError:
-            raise UsageError(f"--method {text!r}: {value!r} is not a number") from None
-    if name == "ema" and not options:
-        if half_life is None and decay is None:
-            raise UsageError("--method ema needs --half-life H (in steps) or --decay D (per step), or write ema:H")
-        options = {"half_life": half_life} if half_life is not None else {"decay": decay}
-    elif name == "lawa" and not options:
-        if window is None:
-            raise UsageError("--method lawa needs --window K (checkpoints), or write lawa:K")
-        options = {"window": window}
-    elif name == "swa" and not options:
-        if start_step is None:
-            raise UsageError("--method swa needs --start-step S, or write swa:S")
-        options = {"start_step": start_step}
-    elif name == "uniform":
-        options = {"weighted": weighted}
-    return AverageSpec(name, options)
-
 
 def _expand(inputs: tuple[str, ...]) -> list[str]:
     """Expand globs that the shell left alone (quoted), dropping staging names."""
@@ -123,17 +89,13 @@ def _is_run_folder(path: Path) -> bool:
         return bool(find_candidates(path))
 
 
-@click.command()
+@click.command(cls=DerivedOptionsCommand, derive=average_flags)
 @click.argument("inputs", nargs=-1, required=True, metavar="CHECKPOINT... | RUN_FOLDER")
 @click.option("-o", "--output", "output", required=True, type=click.Path(path_type=Path),
               help="Output model folder (with several methods: a folder holding one subfolder per average).")
 @click.option("--method", "methods", multiple=True, metavar="NAME[:VALUE]",
-              help="uniform (default), ema, lawa, swa; repeat for several averages in one read "
-                   "(ema:2000, lawa:5, swa:6000 set the main option inline).")
-@click.option("--half-life", type=float, help="EMA half-life in training steps.")
-@click.option("--decay", type=float, help="EMA decay per step (instead of --half-life): h = ln 0.5 / ln d.")
-@click.option("--window", type=int, help="LAWA window: the number of latest checkpoints averaged.")
-@click.option("--start-step", type=int, help="SWA: average every checkpoint from this step on.")
+              help="An averaging method (default uniform; see the method options below); repeat for several "
+                   "averages in one read (ema:2000, lawa:5, swa:6000 set the main option inline).")
 @click.option("--weights", help="Comma-separated weights, one per input checkpoint (weighted mean).")
 @click.option("--last", type=int, help="With a run folder: its newest N complete checkpoints.")
 @click.option("--steps", help="Comma-separated training steps, one per input (when names carry none).")
@@ -157,12 +119,11 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN/Inf instead of stopping.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
-def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], half_life: float | None,
-            decay: float | None, window: int | None, start_step: int | None, weights: str | None,
+def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], weights: str | None,
             last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
             state_key: str | None, strip_prefix: str | None, threads: int | None, allow_nonfinite: bool,
-            force: bool, progress: bool | None) -> None:
+            force: bool, progress: bool | None, **method_options: object) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
     \b
@@ -180,8 +141,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], hal
     if last is not None and last < 1:
         raise UsageError(f"--last must be at least 1, got {last}")
     strip = None if strip_prefix in (None, "auto") else ("" if strip_prefix == "none" else strip_prefix)
-    specs = [parse_method(m, half_life=half_life, decay=decay, window=window, start_step=start_step,
-                          weighted=weight_list is not None) for m in (methods or ("uniform",))]
+    specs = parse_methods(methods or ("uniform",), method_options, weighted=weight_list is not None)
     if weight_list is not None and any(s.method != "uniform" for s in specs):
         raise UsageError("--weights applies to the uniform (weighted) mean only")
     max_shard = parse_size(shard_size, option="--shard-size")

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from ckptavg._version import __version__
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import CkptavgError, OptionError
 
 log = logging.getLogger("ckptavg")
 
@@ -73,6 +73,11 @@ def _register() -> None:
 _register()
 
 
+def _flag(option: str) -> str:
+    """The command-line flag of a library option name (``on_shape_change`` → ``--on-shape-change``)."""
+    return "--" + option.replace("_", "-")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("CKPTAVG_LOG_LEVEL", "").lower() == "debug" or "--log-level=debug" in args or any(
@@ -89,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     except CkptavgError as e:
         if debug:
             log.exception("failed")
-        click.echo(f"ckptavg: error: {e}", err=True)
+        text = e.phrase(_flag) if isinstance(e, OptionError) else str(e)  # options named as flags
+        click.echo(f"ckptavg: error: {text}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         click.echo("ckptavg: interrupted", err=True)

@@ -6,18 +6,17 @@ from pathlib import Path
 
 import click
 
+from ckptavg.averaging.methods import METHODS
+from ckptavg.cli.methodflags import DerivedOptionsCommand, watch_averages, watch_flags
 from ckptavg.daemon.config import config_from_flags, load_config
 from ckptavg.daemon.service import Service
 from ckptavg.errors import UsageError
 
 
-@click.command()
+@click.command(cls=DerivedOptionsCommand, derive=watch_flags)
 @click.argument("run", required=False, type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where averages are published as <name>/.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config (see systemd/exp1.toml).")
-@click.option("--ema", type=float, multiple=True, metavar="H", help="An EMA with half-life H steps (repeatable).")
-@click.option("--lawa", type=int, multiple=True, metavar="K", help="A LAWA over the last K checkpoints (repeatable).")
-@click.option("--swa-start", type=int, multiple=True, metavar="S", help="An SWA from step S on (repeatable).")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Daemon state (default OUTPUT/.ckptavg).")
 @click.option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--poll", "poll", flag_value="always", default=None, help="Poll instead of file events (network mounts).")
@@ -40,12 +39,12 @@ from ckptavg.errors import UsageError
 @click.option("--hub", "hub_repo", metavar="ORG/NAME", help="Push the best model to this Hugging Face Hub repo.")
 @click.option("--hub-revision", metavar="BRANCH", help="Hub branch to push to (default main).")
 @click.option("--hub-private", is_flag=True, default=None, help="Create the Hub repo private if it does not exist.")
-def watch(run: Path | None, output: Path | None, config_path: Path | None, ema: tuple[float, ...], lawa: tuple[int, ...],
-          swa_start: tuple[int, ...], state_dir: Path | None, device: str | None, poll: str | None,
+def watch(run: Path | None, output: Path | None, config_path: Path | None, state_dir: Path | None, device: str | None, poll: str | None,
           poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
           persist_every: int | None, memory_budget: str | None, eval_command: str | None, eval_python: str | None,
           eval_hf_perplexity: str | None, metric: str | None, mode: str | None, eval_every: int | None,
-          eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None) -> None:
+          eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None,
+          **method_flags: tuple) -> None:
     """Watch a training run's checkpoint folder and keep averages of its checkpoints up to date.
 
     \b
@@ -80,15 +79,17 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, ema: 
                           **({"private": True} if hub_private else {})}
     elif hub_revision or hub_private:
         raise UsageError("--hub-revision/--hub-private need --hub ORG/NAME")
+    tables = watch_averages(method_flags)
+    flags = "/".join(f for f in (cls.flag_for_watch() for cls in METHODS.values()) if f)
     if config_path is not None:
-        if ema or lawa or swa_start:
-            raise UsageError("--ema/--lawa/--swa-start cannot be combined with --config; add [[average]] tables instead")
+        if tables:
+            raise UsageError(f"{flags} cannot be combined with --config; add [[average]] tables instead")
         overrides = {**options, "watch": str(run) if run else None, "output": str(output) if output else None}
         cfg = load_config(config_path, **overrides)
     else:
         if run is None or output is None:
             raise UsageError("give RUN and -o OUTPUT (or --config FILE)")
-        if not (ema or lawa or swa_start):
-            raise UsageError("ask for at least one average: --ema H, --lawa K or --swa-start S")
-        cfg = config_from_flags(str(run), str(output), ema=ema, lawa=lawa, swa_start=swa_start, **options)
+        if not tables:
+            raise UsageError(f"ask for at least one average: {flags}")
+        cfg = config_from_flags(str(run), str(output), tables, **options)
     raise SystemExit(Service(cfg, config_path=config_path).run())

@@ -12,9 +12,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ckptavg.averaging.methods import METHODS, make_method
+from ckptavg.averaging.methods import METHODS
 from ckptavg.averaging.rules import Rule, parse_rule
-from ckptavg.errors import UsageError
+from ckptavg.errors import OptionError, UsageError
 from ckptavg.units import parse_size
 
 if sys.version_info >= (3, 11):
@@ -23,9 +23,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["AverageConfig", "EvalConfig", "HubConfig", "WatchConfig", "config_from_flags", "load_config"]
-
-_METHOD_OPTIONS = {"ema": ("half_life", "decay"), "lawa": ("window",), "swa": ("start_step",), "uniform": ()}
-
 
 @dataclass(frozen=True)
 class AverageConfig:
@@ -72,7 +69,6 @@ class WatchConfig:
     poll_interval: float = 10.0
     settle: float = 5.0
     marker: str | None = None
-    late_policy: str = "skip"
     on_shape_change: str = "error"
     keep_for_lawa: str = "auto"  # auto | link | copy
     nice: int = 10
@@ -91,7 +87,7 @@ class WatchConfig:
 
 _CHOICES = {
     "device": None, "accum_dtype": ("float32", "float64"), "poll": ("auto", "always", "never"),
-    "late_policy": ("skip",), "on_shape_change": ("error", "reset"), "keep_for_lawa": ("auto", "link", "copy"),
+    "on_shape_change": ("error", "reset"), "keep_for_lawa": ("auto", "link", "copy"),
 }
 _TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source"} | {"average"}
 
@@ -118,8 +114,8 @@ def _size(source: str, key: str, value: Any) -> int | None:
         raise _err(source, key, f"expected a size like \"8GiB\" or a number of bytes, got {value!r}")
     try:
         return parse_size(value, option=key)
-    except UsageError as e:
-        raise _err(source, key, e.message.removeprefix(f"{key}: ")) from None
+    except OptionError as e:
+        raise _err(source, key, e.requirement()) from None
 
 
 def _rules(source: str, key: str, value: Any) -> tuple[Rule, ...]:
@@ -127,26 +123,31 @@ def _rules(source: str, key: str, value: Any) -> tuple[Rule, ...]:
         raise _err(source, key, "expected a list of 'GLOB=ACTION' strings")
     try:
         return tuple(parse_rule(v) for v in value)
-    except UsageError as e:
-        raise _err(source, key, e.message) from None
+    except OptionError as e:
+        raise _err(source, key, e.requirement()) from None
 
 
 def _average(source: str, index: int, table: Any) -> AverageConfig:
+    """One ``[[average]]`` table: its keys are the method's declared options (see ckptavg.averaging.methods)."""
     where = f"average[{index}]"
     if not isinstance(table, dict):
         raise _err(source, where, "expected a table")
     method = table.get("method")
     if method not in METHODS:
         raise _err(source, f"{where}.method", f"expected one of {', '.join(METHODS)}, got {method!r}")
-    allowed = {"method", "name", "rules", *_METHOD_OPTIONS[method]}
+    cls = METHODS[method]
+    declared = [p.name for p in cls.params]
+    allowed = {"method", "name", "rules", *declared}
     unknown = sorted(set(table) - allowed)
     if unknown:
         raise _err(source, f"{where}.{unknown[0]}", f"unknown key for method {method} (allowed: {', '.join(sorted(allowed))})")
-    options = {k: table[k] for k in _METHOD_OPTIONS[method] if k in table}
+    options = {k: table[k] for k in declared if k in table}
     try:
-        built = make_method(method, **options)
-    except (UsageError, TypeError) as e:
-        raise _err(source, where, getattr(e, "message", str(e))) from None
+        built = cls(**options)
+    except OptionError as e:
+        if e.problem == "invalid":
+            raise _err(source, f"{where}.{e.options[0]}", e.requirement()) from None
+        raise _err(source, where, e.phrase(method_name=f"method {method}")) from None
     name = table.get("name", built.label())
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise _err(source, f"{where}.name", f"expected a plain folder name, got {name!r}")
@@ -294,12 +295,8 @@ def load_config(path: Path, **overrides: Any) -> WatchConfig:
     return build_config(data, source=str(path))
 
 
-def config_from_flags(watch: str, output: str, *, ema: tuple[float, ...] = (), lawa: tuple[int, ...] = (),
-                      swa_start: tuple[int, ...] = (), **options: Any) -> WatchConfig:
-    """``ckptavg watch RUN -o OUT --ema 2000 --lawa 5 --swa-start 6000`` → a config."""
-    tables: list[dict[str, Any]] = [{"method": "ema", "half_life": h} for h in ema]
-    tables += [{"method": "lawa", "window": k} for k in lawa]
-    tables += [{"method": "swa", "start_step": s} for s in swa_start]
-    data = {"watch": watch, "output": output, "average": tables, **{k: v for k, v in options.items() if v is not None}}
+def config_from_flags(watch: str, output: str, averages: list[dict[str, Any]], **options: Any) -> WatchConfig:
+    """``ckptavg watch RUN -o OUT --ema 2000 --lawa 5 --swa-start 6000`` → a config; ``averages`` are the
+    ``[[average]]`` tables the flags stand for (``{"method": "ema", "half_life": 2000.0}``)."""
+    data = {"watch": watch, "output": output, "average": averages, **{k: v for k, v in options.items() if v is not None}}
     return build_config(data, source="flags")
-

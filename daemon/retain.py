@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ckptavg.errors import CheckpointVanishedError, UsageError
 from ckptavg.reading.checkpoint import Checkpoint
+from ckptavg.writing.atomic import AtomicDir, remove_orphans
 from ckptavg.writing.export import copy_meta_files
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,7 @@ class Retainer:
         self.mode = mode
         self.keep_dir.mkdir(parents=True, exist_ok=True)
         self._warned_copy = False
-        for stale in self.keep_dir.glob(".*.tmp"):  # a retain interrupted by a crash
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_orphans(self.keep_dir)  # a retain interrupted by a crash
 
     def steps(self) -> list[int]:
         return sorted(int(p.name) for p in self.keep_dir.iterdir() if p.name.isdigit())
@@ -59,27 +59,21 @@ class Retainer:
         dest = self.keep_dir / str(step)
         if dest.exists():
             return self.path(step)
-        tmp = self.keep_dir / f".{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         try:
-            sources = list(ckpt.files)
-            if ckpt.path.is_dir():
-                sources += [p for p in ckpt.path.iterdir() if p.name.endswith(".index.json") or p.name == "trainer_state.json"]
-            for src in sources:
-                self._keep(src, tmp / src.name)
-            if ckpt.path.is_dir():
-                copy_meta_files(ckpt.path, tmp)
-            else:
-                (tmp / ".single").write_text(ckpt.path.name)
-            os.rename(tmp, dest)
+            with AtomicDir(dest) as tmp:  # links made durable, then renamed into place: never half a checkpoint
+                sources = list(ckpt.files)
+                if ckpt.path.is_dir():
+                    sources += [p for p in ckpt.path.iterdir()
+                                if p.name.endswith(".index.json") or p.name == "trainer_state.json"]
+                for src in sources:
+                    self._keep(src, tmp / src.name)
+                if ckpt.path.is_dir():
+                    copy_meta_files(ckpt.path, tmp)
+                else:
+                    (tmp / ".single").write_text(ckpt.path.name)
         except FileNotFoundError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointVanishedError("was deleted before ckptavg could keep it", path=e.filename or ckpt.path,
                                           hint="checkpoint rotation; it is skipped") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return self.path(step)
 
     def _keep(self, src: Path, dst: Path) -> None:

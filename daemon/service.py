@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
+from ckptavg import hooks
 from ckptavg.averaging.average import Average
 from ckptavg.averaging.engine import Engine
-from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
-from ckptavg.averaging.store import ensure_placed
+from ckptavg.averaging.placement import ensure_placed
 from ckptavg.daemon.config import WatchConfig, load_config
 from ckptavg.daemon.evaluation import EvalRound, Evaluation, snapshot_model_folder
 from ckptavg.daemon.notify import Notifier
@@ -41,13 +41,14 @@ from ckptavg.daemon.retain import Retainer, probe_link
 from ckptavg.daemon.watcher import Watcher
 from ckptavg.errors import CkptavgError, UsageError
 from ckptavg.evaluators import Candidate
+from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.ready import check_ready
 from ckptavg.reading.steps import step_from_name
 from ckptavg.units import format_bytes
-from ckptavg.writing.atomic import TMP_MARK, atomic_write_bytes, link_or_copy
+from ckptavg.writing.atomic import atomic_write_bytes, link_or_copy, remove_orphans
 from ckptavg.writing.export import copy_meta_files, publish_average
 from ckptavg.writing.state import StateStore
 
@@ -82,15 +83,6 @@ def _written_at(ckpt: Checkpoint) -> float | None:
         return max(os.stat(f).st_mtime for f in ckpt.files)
     except (OSError, ValueError):
         return None
-
-
-def _fault(name: str) -> str | None:
-    """Test hook: ``CKPTAVG_FAULT=name[=value],...`` in the daemon's environment."""
-    for item in os.environ.get("CKPTAVG_FAULT", "").split(","):
-        key, _, value = item.partition("=")
-        if key == name:
-            return value or "1"
-    return None
 
 
 class Service:
@@ -242,12 +234,8 @@ class Service:
 
     def _remove_orphans(self) -> None:
         """Staging folders a crash left beside the published averages (they never replaced anything)."""
-        if not self.cfg.output.is_dir():
-            return
-        for p in self.cfg.output.iterdir():
-            if p.name.startswith(".") and (TMP_MARK in p.name or ".ckptavg-old-" in p.name):
-                log.warning("removing %s, left by an interrupted publish", p)
-                shutil.rmtree(p, ignore_errors=True)
+        for p in remove_orphans(self.cfg.output):
+            log.warning("removed %s, left by an interrupted publish", p)
 
     def _reload(self) -> None:
         if self.config_path is None:
@@ -327,12 +315,7 @@ class Service:
             ckpt = open_checkpoint(path, step=step)
             if ckpt.fingerprint != fingerprint:
                 raise CkptavgError("changed after it was queued", path=path)
-            delay = _fault("slow-fold")
-            if delay:
-                time.sleep(float(delay))
-            if _fault("remove-source-before-fold"):  # rotation right before the read
-                for src in self.cfg.watch.glob(f"*-{step}"):
-                    shutil.rmtree(src, ignore_errors=True)
+            hooks.point("fold.start", step=step, path=path, watch=self.cfg.watch)
             ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
             nbytes = self.engine.fold(ckpt, self.averages, ident=step, history=self._history)
         except CkptavgError as e:
@@ -380,12 +363,11 @@ class Service:
             self.last_step = redo[-1]
 
     def _persist(self) -> None:
-        if _fault("crash-before-persist"):
-            os._exit(137)
+        hooks.point("state.before-persist", generation=self.store.next_generation())
         extra = {"folded": {str(k): v for k, v in sorted(self.folded.items())},
                  "skipped": {str(k): v for k, v in sorted(self.skipped.items())},
                  "last_step": self.last_step}
-        self.store.save(self.averages, extra, _crash_before_manifest=bool(_fault("crash-before-manifest")))
+        self.store.save(self.averages, extra)
         self.unpersisted = []
 
     def _publish(self) -> None:
@@ -396,7 +378,7 @@ class Service:
             if not avg.slots:
                 continue  # e.g. SWA before its start step
             publish_average(avg, self.cfg.output / avg.name, newest=newest, aliases=newest.aliases,
-                            extra={"daemon": True}, _crash_before_rename=bool(_fault("crash-before-publish-rename")))
+                            extra={"daemon": True})
         self.since_publish = 0
 
     # -- evaluation and the best model -----------------------------------------------------------
@@ -480,9 +462,8 @@ class Service:
         needed = set(self.queue) | set(self.unpersisted)
         if self.last_step is not None:
             needed.add(self.last_step)
-        for avg in self.averages:  # only LAWA slots hold a window: the members it must still subtract
-            for slot in avg.slots.values():
-                needed.update(slot.window)
+        for avg in self.averages:  # what each method will still read (LAWA: the members it must subtract)
+            needed.update(avg.needs())
         return needed
 
     def _release_unneeded(self) -> None:

@@ -19,13 +19,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from ckptavg.errors import CkptavgError
+from ckptavg.errors import EvaluationError
 
 __all__ = ["Candidate", "EvaluationError", "Evaluator", "check_metrics"]
-
-
-class EvaluationError(CkptavgError):
-    """An evaluator failed or returned something that is not a metrics mapping."""
 
 
 @dataclass

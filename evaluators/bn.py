@@ -54,9 +54,11 @@ __all__ = ["update_bn", "with_bn_recalibration"]
 log = logging.getLogger(__name__)
 
 
-def update_bn(model: nn.Module, loader: Iterable[Any], *, device: torch.device | str | None = None,
+def update_bn(loader: Iterable[Any], model: nn.Module, device: torch.device | str | None = None, *,
               max_batches: int | None = None) -> int:
     """Recompute the running statistics of every BatchNorm layer of ``model`` from ``loader``.
+
+    The arguments are in the order of :func:`torch.optim.swa_utils.update_bn` (``loader, model, device``).
 
     The statistics are reset and then accumulated as a cumulative (equal-weight) average over the
     batches (``momentum=None``), with the model in train mode and without gradients; each layer's
@@ -68,6 +70,9 @@ def update_bn(model: nn.Module, loader: Iterable[Any], *, device: torch.device |
     BatchNorm layers that track running statistics. A loader that yields nothing raises
     :class:`EvaluationError` and leaves the statistics as they were.
     """
+    if isinstance(loader, nn.Module) and not isinstance(model, nn.Module):
+        raise UsageError("update_bn(loader, model): the model was passed first; the order is torch's "
+                         "(torch.optim.swa_utils.update_bn(loader, model, device))")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise UsageError(f"update_bn: max_batches={max_batches!r} must be a positive integer or None")
@@ -135,7 +140,7 @@ def with_bn_recalibration(
             raise EvaluationError(f"with_bn_recalibration: the weights do not fit build_model(): {'; '.join(parts)}",
                                   hint="build_model must return the architecture that was trained")
         param = next(itertools.chain(model.parameters(), model.buffers()), None)
-        update_bn(model, loader, device=None if param is None else param.device, max_batches=max_batches)
+        update_bn(loader, model, None if param is None else param.device, max_batches=max_batches)
         return evaluate_fn(model)
 
     return evaluate

@@ -1,4 +1,4 @@
-"""Bad input (FAULTS.md rows 2–12, 17, 18): one clear line naming the file and tensor, exit 1
+"""Bad input (docs/FAULTS.md rows 2–12, 17, 18): one clear line naming the file and tensor, exit 1
 (usage errors 2), no traceback, and nothing written."""
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def test_symlinks_and_loops(tmp_path, ckptavg):
     assert json.loads((tmp_path / "o2" / "ckptavg.json").read_text())["steps"] == [100, 300]
 
 
-# -- a file changed during the read (FAULTS row 15, reader side) -------------------------------------
+# -- a file changed during the read (docs/FAULTS.md row 15, reader side) -------------------------------------
 @pytest.mark.parametrize("change", ["truncate", "replace", "append", "delete"])
 def test_file_changed_during_read_is_rejected(tmp_path, change):
     f = write_checkpoint(tmp_path / "a.safetensors", {"w": torch.arange(1000, dtype=torch.float32)}, "safetensors-file")

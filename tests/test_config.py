@@ -19,7 +19,7 @@ def test_example_config_loads_with_every_key():
     assert cfg.state_path == Path("/srv/runs/exp1-avg/.ckptavg") and cfg.poll == "auto" and cfg.marker is None
     text = EXAMPLE.read_text()
     for key in ("watch", "output", "state_dir", "device", "accum_dtype", "publish_every", "persist_every", "poll",
-                "poll_interval", "settle", "marker", "late_policy", "on_shape_change", "keep_for_lawa", "nice",
+                "poll_interval", "settle", "marker", "on_shape_change", "keep_for_lawa", "nice",
                 "ionice_idle", "threads", "rules", "memory_budget"):
         assert f"\n{key} = " in text, key  # every top-level key is shown (and commented) in the example
     ev = cfg.evaluate
@@ -33,21 +33,22 @@ def test_example_config_loads_with_every_key():
 
 
 def test_flags_build_named_averages():
-    cfg = config_from_flags("runs/exp1", "runs/exp1-avg", ema=(2000.0,), lawa=(5,), swa_start=(6000,), settle=1.0)
+    cfg = config_from_flags("runs/exp1", "runs/exp1-avg", [{"method": "ema", "half_life": 2000.0},
+                      {"method": "lawa", "window": 5}, {"method": "swa", "start_step": 6000}], settle=1.0)
     assert [a.name for a in cfg.averages] == ["ema-2000", "lawa-5", "swa-6000"] and cfg.settle == 1.0
 
 
 @pytest.mark.parametrize("text,needle", [
     ('watch="a"\noutput="b"\nbogus=1\n[[average]]\nmethod="ema"\nhalf_life=5', "bogus: unknown key"),
     ('watch="a"\noutput="b"\nsettle="soon"\n[[average]]\nmethod="ema"\nhalf_life=5', "settle: expected float"),
-    ('watch="a"\noutput="b"\n[[average]]\nmethod="ema"', "average[0]: EMA needs"),
+    ('watch="a"\noutput="b"\n[[average]]\nmethod="ema"', "average[0]: method ema needs exactly one of half_life or decay"),
     ('watch="a"\noutput="b"\n[[average]]\nmethod="lawa"\nwindow=3\nhalf_life=2', "average[0].half_life: unknown key"),
     ('watch="a"\noutput="b"\n[[average]]\nmethod="polyak"', "average[0].method: expected one of"),
     ('watch="a"\noutput="a/avg"\n[[average]]\nmethod="uniform"', "inside the watched folder"),
     ('watch="o/run"\noutput="o"\n[[average]]\nmethod="uniform"', "contains the watched folder"),
     ('watch="a"\noutput="b"\n[[average]]\nmethod="lawa"\nwindow=2\n[[average]]\nmethod="lawa"\nwindow=2', "named 'lawa-2'"),
     ('watch="a"\noutput="b"\npoll="sometimes"\n[[average]]\nmethod="uniform"', "poll: expected one of"),
-    ('watch="a"\noutput="b"\nrules=["x"]\n[[average]]\nmethod="uniform"', "rules: --rule 'x'"),
+    ('watch="a"\noutput="b"\nrules=["x"]\n[[average]]\nmethod="uniform"', "rules: must be GLOB=ACTION with ACTION one of"),
     ('watch="a"\noutput="b"', "at least one [[average]]"),
     ('watch = [', "not valid TOML"),
 ])

@@ -40,9 +40,20 @@ def write_trainer_checkpoint(run: Path, step: int, seed: int, archive: Path | No
     return final
 
 
+FAULTINJECT = Path(__file__).with_name("faultinject.py")
+
+
+def ckptavg_command(env: dict | None) -> list[str]:
+    """How a test starts the CLI in a child process: through the fault launcher when the test injects faults
+    (``CKPTAVG_FAULT``, see tests/faultinject.py), else plainly."""
+    if env and env.get("CKPTAVG_FAULT"):
+        return [sys.executable, str(FAULTINJECT)]
+    return [sys.executable, "-m", "ckptavg.cli.main"]
+
+
 def start_daemon(run: Path, out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "ckptavg.cli.main", "watch", str(run), "-o", str(out), *AVERAGES,
+        [*ckptavg_command(env), "watch", str(run), "-o", str(out), *AVERAGES,
          "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **(env or {})},
@@ -55,7 +66,7 @@ def start_daemon_from_config(run: Path, out: Path, tables: str, *args: str, env:
     config = out.parent / "exp.toml"
     config.write_text(f'watch = "{run}"\noutput = "{out}"\ndevice = "cpu"\nsettle = 0.1\npoll_interval = 0.2\n'
                       + textwrap.dedent(tables))
-    return subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", *args, "watch", "--config", str(config)],
+    return subprocess.Popen([*ckptavg_command(env), *args, "watch", "--config", str(config)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
 

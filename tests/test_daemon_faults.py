@@ -1,4 +1,4 @@
-"""FAULTS.md daemon rows, each against a real daemon process (or the watcher in-process for 27)."""
+"""docs/FAULTS.md daemon rows, each against a real daemon process (or the watcher in-process for 27)."""
 
 from __future__ import annotations
 

@@ -65,7 +65,7 @@ def test_daemon_pushes_each_new_best_once_and_never_logs_the_token(tmp_path):
         local = {p.name: p.read_bytes() for p in (out / "best").iterdir() if p.is_file()}
         assert {k: v for k, v in files.items() if k != ".gitattributes"} == local  # the branch mirrors best/
         assert hub.repos["org/exp1-averaged"].private
-    # FAULTS row 32: the token is in no log line and no file the daemon wrote
+    # docs/FAULTS.md row 32: the token is in no log line and no file the daemon wrote
     assert TOKEN not in err
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "exp.toml" and TOKEN.encode() in p.read_bytes()]
     assert not leaked, leaked

@@ -20,8 +20,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ckptavg import Engine, open_checkpoint
-from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
-from ckptavg.averaging.store import DiskStore, Placement, ensure_placed
+from ckptavg.averaging.placement import Placement, ensure_placed
+from ckptavg.averaging.store import DiskStore
+from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.writing.state import StateStore
 
 SPECS = [AverageSpec("ema", {"half_life": 150.0}), AverageSpec("lawa", {"window": 3}),
@@ -184,7 +185,7 @@ def test_store_files_are_fp32_safetensors(tmp_path, make_run):
             assert len(files) == 1 and files[0].parent == tmp_path / "store"
             with safe_open(str(files[0]), "pt") as f:
                 keys = set(f.keys())
-                assert f.metadata()["ckptavg.averaging.store"] == avg.name
+                assert f.metadata()["ckptavg.store"] == avg.name
                 for name, slot in avg.slots.items():
                     for buf, t in slot.bufs.items():
                         if t.dtype.is_floating_point and buf != "value":
@@ -338,8 +339,8 @@ _RSS_SCRIPT = textwrap.dedent("""
     import json, os, sys, threading, time
     import torch
     from ckptavg import Engine, open_checkpoint
-    from ckptavg.averaging.oneshot import AverageSpec, build_averages
-    from ckptavg.averaging.store import ensure_placed
+    from ckptavg.oneshot import AverageSpec, build_averages
+    from ckptavg.averaging.placement import ensure_placed
 
     def rss():
         with open("/proc/self/statm") as f:

@@ -18,11 +18,11 @@ import torch
 from conftest import tiny_state, write_checkpoint
 from safetensors.torch import load_file
 
-from ckptavg.writing import export
 from ckptavg.averaging.engine import Engine
-from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.errors import OutputError
+from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import open_checkpoint
+from ckptavg.reading.formats.safetensors_writer import ShardWriter
 from ckptavg.writing.export import ModelWriter
 
 STEPS = [100, 200, 350, 400, 600]
@@ -151,14 +151,14 @@ def test_writer_thread_error_surfaces_and_the_thread_ends(tmp_path, monkeypatch)
     state = {f"t{i}": torch.full((1000,), float(i)) for i in range(6)}
     folder = tmp_path / "out"
     folder.mkdir()
-    real = export._ShardFile.write
+    real = ShardWriter.write
 
     def failing(self, name, tensor):
         if name == "t2":
             raise OSError(28, "No space left on device")
         return real(self, name, tensor)
 
-    monkeypatch.setattr(export._ShardFile, "write", failing)
+    monkeypatch.setattr(ShardWriter, "write", failing)
     w = ModelWriter(folder, _refs(tmp_path, state), max_shard_bytes=8000)
     with pytest.raises(OSError, match="No space left"):
         for name, t in state.items():
@@ -174,13 +174,13 @@ def test_writer_thread_overlaps_and_fsyncs_every_shard(tmp_path, monkeypatch):
     folder = tmp_path / "out"
     folder.mkdir()
     synced: list[tuple[str, str]] = []
-    real_close = export._ShardFile.close
+    real_close = ShardWriter.close
 
     def close(self):
         synced.append((self.path.name, threading.current_thread().name))
         real_close(self)
 
-    monkeypatch.setattr(export._ShardFile, "close", close)
+    monkeypatch.setattr(ShardWriter, "close", close)
     w = ModelWriter(folder, _refs(tmp_path, state), max_shard_bytes=8000)
     for name, t in state.items():
         w.write(name, t)

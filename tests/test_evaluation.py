@@ -331,7 +331,7 @@ def test_evaluation_failures_do_not_stop_the_daemon_and_a_restart_evaluates_what
 
 @pytest.mark.slow
 def test_row35_a_slow_evaluation_does_not_stop_the_watchdog_pings(tmp_path, eval_script):
-    """The other half of FAULTS row 35: evaluation runs beside the loop, so a long evaluation never starves
+    """The other half of docs/FAULTS.md row 35: evaluation runs beside the loop, so a long evaluation never starves
     systemd's watchdog (only a blocked loop does, see test_daemon_faults)."""
     import socket
 

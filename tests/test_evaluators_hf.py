@@ -420,7 +420,7 @@ def test_update_bn_equals_torch_swa_utils():
     expected = copy.deepcopy(model)
     torch.optim.swa_utils.update_bn(batches, expected)
     before = _bn_buffers(model)
-    assert update_bn(model, batches) == 5
+    assert update_bn(batches, model) == 5
     got = _bn_buffers(model)
     torch.testing.assert_close(got, _bn_buffers(expected), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(got["features.1.running_mean"], before["features.1.running_mean"])
@@ -428,7 +428,7 @@ def test_update_bn_equals_torch_swa_utils():
     assert model.features[1].momentum == 0.3 and model.features[4].momentum == 0.1  # momenta restored
     assert not model.training  # eval mode restored
     model.train()
-    update_bn(model, batches)
+    update_bn(batches, model)
     assert model.training  # train mode restored too
 
 
@@ -438,10 +438,10 @@ def test_update_bn_max_batches_and_dict_batches():
     torch.optim.swa_utils.update_bn(batches[:2], expected)
     model = _wrong_stats_cnn(KwargsCNN)
     dict_batches = [{"pixel_values": x, "labels": y} for x, y in batches]
-    assert update_bn(model, dict_batches, max_batches=2, device="cpu") == 2
+    assert update_bn(dict_batches, model, max_batches=2, device="cpu") == 2
     torch.testing.assert_close(_bn_buffers(model), _bn_buffers(expected), rtol=1e-6, atol=1e-6)
     plain = _wrong_stats_cnn()
-    assert update_bn(plain, (x for x, _ in batches), max_batches=2) == 2  # bare tensors from a generator
+    assert update_bn((x for x, _ in batches), plain, max_batches=2) == 2  # bare tensors from a generator
     torch.testing.assert_close(_bn_buffers(plain), _bn_buffers(expected), rtol=1e-6, atol=1e-6)
 
 
@@ -454,7 +454,7 @@ def test_update_bn_without_batchnorm_is_a_no_op():
         raise AssertionError("the loader must not be read")
         yield  # pragma: no cover
 
-    assert update_bn(model, loader()) == 0
+    assert update_bn(loader(), model) == 0
     assert calls == []
 
 
@@ -462,13 +462,13 @@ def test_update_bn_errors_leave_the_model_usable():
     model = _wrong_stats_cnn()
     before = _bn_buffers(model)
     with pytest.raises(EvaluationError, match=r"update_bn: the loader yielded no batches"):
-        update_bn(model, [])
+        update_bn([], model)
     torch.testing.assert_close(_bn_buffers(model), before)  # untouched
     with pytest.raises(EvaluationError, match=r"update_bn: the forward pass on batch 1 failed"):
-        update_bn(model, [torch.randn(2, 3, 8, 8), torch.randn(2, 5, 8, 8)])
+        update_bn([torch.randn(2, 3, 8, 8), torch.randn(2, 5, 8, 8)], model)
     assert model.features[1].momentum == 0.3 and not model.training
     with pytest.raises(UsageError, match=r"max_batches=0 must be a positive integer"):
-        update_bn(model, _batches(), max_batches=0)
+        update_bn(_batches(), model, max_batches=0)
 
 
 def test_with_bn_recalibration_loads_recalibrates_and_evaluates(tmp_path):
@@ -506,3 +506,12 @@ def test_dtype_option_sets_the_compute_dtype(model_dir, txt_file):
     assert bf16["val_tokens"] == f32["val_tokens"]
     assert bf16["val_loss"] == pytest.approx(f32["val_loss"], abs=0.05)
     assert bf16["val_loss"] != f32["val_loss"]  # really computed in bfloat16
+
+
+def test_update_bn_takes_torchs_argument_order():
+    """``update_bn(loader, model)`` as ``torch.optim.swa_utils.update_bn``; the old order is refused by name."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    batches = [torch.randn(2, 3, 8, 8) for _ in range(3)]
+    with pytest.raises(UsageError, match=r"update_bn\(loader, model\): the model was passed first"):
+        update_bn(model, batches)
+    assert update_bn(batches, model, "cpu") == 3

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import ckptavg as ckptavg_pkg
 from ckptavg import open_checkpoint
-from ckptavg.writing import export
+from ckptavg.reading.formats.safetensors_writer import ShardWriter
 
 STEPS = [100, 200, 300]
 
@@ -257,7 +257,7 @@ def test_existing_output_is_refused_then_replaced_with_force(tmp_path, ckptavg):
 
 
 def _fail_after_first_write(monkeypatch, exc: BaseException, calls: list[str]) -> None:
-    real = export._ShardFile.write
+    real = ShardWriter.write
 
     def write(self, name, tensor):
         if calls:
@@ -265,7 +265,7 @@ def _fail_after_first_write(monkeypatch, exc: BaseException, calls: list[str]) -
         calls.append(name)
         return real(self, name, tensor)
 
-    monkeypatch.setattr(export._ShardFile, "write", write)
+    monkeypatch.setattr(ShardWriter, "write", write)
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -312,13 +312,13 @@ def test_nan_found_after_shards_were_written_leaves_nothing(tmp_path, ckptavg, m
         f.unlink()
     write_sharded_safetensors(paths[-1], bad, 3000)
     written: list[str] = []
-    real = export._ShardFile.write
+    real = ShardWriter.write
 
     def spy(self, name, tensor):  # counts, never changes anything
         written.append(name)
         return real(self, name, tensor)
 
-    monkeypatch.setattr(export._ShardFile, "write", spy)
+    monkeypatch.setattr(ShardWriter, "write", spy)
     out = tmp_path / "out"
     r = ckptavg("average", *paths, "--shard-size", "2KB", "-o", out)
     assert r.code == 1, r

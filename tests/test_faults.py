@@ -1,4 +1,4 @@
-"""FAULTS.md rows 2–12, 17 and 18 for the one-shot CLI (``ckptavg average`` / ``ckptavg inspect``),
+"""docs/FAULTS.md rows 2–12, 17 and 18 for the one-shot CLI (``ckptavg average`` / ``ckptavg inspect``),
 plus the reader side of row 15 (a file that changes while it is read).
 
 Every case builds tiny real files under ``tmp_path`` and runs the real CLI. A refusal must be:

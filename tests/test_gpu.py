@@ -14,7 +14,7 @@ from conftest import write_checkpoint
 from safetensors.torch import load_file
 
 from ckptavg import Engine, open_checkpoint
-from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 
 pytestmark = pytest.mark.gpu
 

@@ -235,7 +235,7 @@ def test_growth_new_tensor_starts_fresh_and_shape_change_policies(tmp_path, ckpt
 
 def test_schedules_chunking_and_single_vs_multi_are_bitwise_identical(tmp_path, ckptavg):
     from ckptavg import Engine, open_checkpoint
-    from ckptavg.averaging.oneshot import AverageSpec, average_checkpoints, build_averages
+    from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 
     steps = [100, 150, 300, 320, 500, 800]
     states = _states(steps, torch.bfloat16)

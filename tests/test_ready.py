@@ -1,4 +1,4 @@
-"""Readiness by the writer's rules (FAULTS.md: what the checkpoint writers guarantee), with an injected clock."""
+"""Readiness by the writer's rules (docs/FAULTS.md: what the checkpoint writers guarantee), with an injected clock."""
 
 from __future__ import annotations
 

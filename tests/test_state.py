@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ckptavg import Engine, open_checkpoint
-from ckptavg.averaging.oneshot import AverageSpec, build_averages
-from ckptavg.writing.state import StateError, StateLockedError, StateStore
+from ckptavg.errors import StateError, StateLockedError
+from ckptavg.oneshot import AverageSpec, build_averages
+from ckptavg.writing.state import StateStore
 
 SPECS = [AverageSpec("ema", {"half_life": 150.0}), AverageSpec("lawa", {"window": 3}),
          AverageSpec("swa", {"start_step": 300}), AverageSpec("uniform")]

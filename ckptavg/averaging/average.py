@@ -18,18 +18,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from ckptavg.averaging.methods import EMA, Latest, Method, Slot
+from ckptavg.averaging.methods.base import Method, Slot
+from ckptavg.averaging.methods.ema import EMA
+from ckptavg.averaging.methods.latest import Latest
+from ckptavg.averaging.placement import Placement
 from ckptavg.averaging.rules import Rule, match_rule
+from ckptavg.averaging.store import DiskStore
 from ckptavg.dtypes import is_averageable, short_name
-from ckptavg.errors import TensorMismatchError, UsageError
+from ckptavg.errors import OptionError, TensorMismatchError
 from ckptavg.reading.formats.refs import TensorRef
-
-if TYPE_CHECKING:
-    from ckptavg.averaging.store import DiskStore, Placement
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +67,15 @@ class Average:
     placement: Placement | None = field(default=None, repr=False)  # decides device / pinned / store, once
     store: DiskStore | None = field(default=None, repr=False)  # the accumulators are on disk
     pinned: bool = False  # CPU accumulators in pinned memory (spilled from a GPU)
-    # one-shot only: per tensor, the idents of the inputs that end in its LAWA window (see LAWA.apply)
-    final_windows: dict[str, frozenset] | None = field(default=None, repr=False)
+    # one-shot only: per tensor, the idents of the inputs that end in its final state (Method.final_members)
+    final_members: dict[str, frozenset] | None = field(default=None, repr=False)
     _rule_methods: dict[float, Method] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.on_shape_change not in ON_SHAPE_CHANGE:
-            raise UsageError(f"--on-shape-change must be one of {', '.join(ON_SHAPE_CHANGE)}, got {self.on_shape_change!r}")
+            raise OptionError.invalid(None, "on_shape_change", self.on_shape_change, f"one of {', '.join(ON_SHAPE_CHANGE)}")
         if self.accum_dtype not in (torch.float32, torch.float64):
-            raise UsageError(f"--accum-dtype must be float32 or float64, got {short_name(self.accum_dtype)}")
+            raise OptionError.invalid(None, "accum_dtype", short_name(self.accum_dtype), "float32 or float64")
         self.device = torch.device(self.device)
 
     # -- which method a tensor gets ------------------------------------------------
@@ -94,6 +95,15 @@ class Average:
 
     def needs_steps(self) -> bool:
         return self.method.needs_steps() or any(r.action == "ema" for r in self.rules)
+
+    def needs(self) -> set:
+        """Idents of the earlier checkpoints a later fold will read again (LAWA: each tensor's window)."""
+        out: set = set()
+        for name, slot in self.slots.items():
+            method = self.method_for(name, slot.dtype)
+            if method is not None:
+                out.update(method.needs(slot))
+        return out
 
     # -- growth and shape checks ------------------------------------------------------
     def check(self, ref: TensorRef, *, path: Any = None) -> bool:
@@ -150,8 +160,8 @@ class Average:
         slot = method.new_slot(shape, dtype, self.accum_dtype, self.device,
                                alloc=lambda buf, n, dt: self.alloc(name, buf, n, dt))
         slot.store = self.store
-        if self.final_windows is not None:
-            slot.final = self.final_windows.get(name, frozenset())
+        if self.final_members is not None:
+            slot.final = self.final_members.get(name, frozenset())
         return slot
 
     def buffer_dtypes(self, method: Method, dtype: torch.dtype) -> list[tuple[str, torch.dtype]]:

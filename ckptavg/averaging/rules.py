@@ -14,10 +14,11 @@ Non-floating tensors (integer buffers such as ``num_batches_tracked`` or
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-from ckptavg.errors import UsageError
+from ckptavg.errors import OptionError
 
 __all__ = ["Rule", "parse_rule", "match_rule"]
 
@@ -40,8 +41,9 @@ class Rule:
 def parse_rule(text: str) -> Rule:
     glob, sep, action = text.partition("=")
     glob, action = glob.strip(), action.strip()
+    expected = f"GLOB=ACTION with ACTION one of {', '.join(ACTIONS)}"
     if not sep or not glob or not action:
-        raise UsageError(f"--rule {text!r}: write GLOB=ACTION with ACTION one of {', '.join(ACTIONS)}")
+        raise OptionError.invalid(None, "rule", text, expected)
     if action in ("latest", "exclude"):
         return Rule(glob, action)
     if action.startswith("half-life:"):
@@ -49,10 +51,10 @@ def parse_rule(text: str) -> Rule:
             h = float(action.split(":", 1)[1])
         except ValueError:
             h = -1.0
-        if not h > 0:
-            raise UsageError(f"--rule {text!r}: half-life must be a positive number of steps")
+        if not (h > 0 and math.isfinite(h)):
+            raise OptionError.invalid(None, "rule", text, "GLOB=half-life:H with H a positive number of steps")
         return Rule(glob, "ema", h)
-    raise UsageError(f"--rule {text!r}: unknown action {action!r}; choose one of {', '.join(ACTIONS)}")
+    raise OptionError.invalid(None, "rule", text, expected)
 
 
 def parse_rules(texts: Iterable[str]) -> list[Rule]:

@@ -27,21 +27,12 @@ from ckptavg.reading.fileio import FileCache
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.steps import step_from_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint", "PICKLE_SUFFIXES", "SIDE_FILES"]
-
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-# pickles of arbitrary objects written beside the weights: never unpickled
-SIDE_FILES = {"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "meta.pt", ".metadata"}
-_SIDE_PREFIXES = ("rng_state", "optimizer", "scheduler")
-
-
-def _is_side_file(name: str) -> bool:
-    return name in SIDE_FILES or name.startswith(_SIDE_PREFIXES)
-
+__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint"]
 
 @dataclass
 class Checkpoint:
@@ -173,7 +164,7 @@ def _from_pickles(path: Path, kind: str, indexes: list[pkl.PickleIndex], meta_di
 
 def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, meta_dir: Path | None) -> Checkpoint:
     name = path.name
-    if _is_side_file(name):
+    if is_side_file(name):
         raise pkl.refuse_side_file(path)
     if name.endswith(".safetensors.index.json"):
         return _from_safetensors(path, "safetensors-sharded", path, meta_dir, name[: -len(".safetensors.index.json")])
@@ -200,7 +191,6 @@ def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, m
 
 
 def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None) -> Checkpoint:
-    from ckptavg.reading.discover import is_noise  # staging names are never the checkpoint
 
     entries = sorted(p.name for p in folder.iterdir() if not is_noise(p.name))
     if (folder / ".metadata").exists() or any(n.endswith(".distcp") for n in entries):
@@ -229,7 +219,7 @@ def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | Non
     if bin_indexes:
         idx = pkl.index_pickle_sharded(folder / bin_indexes[0], state_key=state_key, strip_prefix=strip_prefix)
         return _from_pickles(folder, "torch-sharded", idx, folder)
-    pickles = [n for n in entries if n.endswith(PICKLE_SUFFIXES) and not _is_side_file(n) and (folder / n).is_file()]
+    pickles = [n for n in entries if n.endswith(PICKLE_SUFFIXES) and not is_side_file(n) and (folder / n).is_file()]
     if pickles:
         chosen = "pytorch_model.bin" if "pytorch_model.bin" in pickles else (pickles[0] if len(pickles) == 1 else None)
         if chosen is None:

@@ -20,25 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
-from ckptavg.reading.checkpoint import PICKLE_SUFFIXES, Checkpoint, _is_side_file, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.names import WEIGHT_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.steps import step_from_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["find_candidates", "is_noise", "latest_complete"]
-
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-
-
-def is_noise(name: str) -> bool:
-    """Names that writers use while a checkpoint is not final yet, and hidden files."""
-    return (
-        name.startswith((".", "tmp-", "tmp_"))  # hidden; HF Trainer stages as tmp-checkpoint-N
-        or name.endswith((".tmp", ".partial", ".incomplete"))
-        or ".orbax-checkpoint-tmp" in name
-        or ".ckptavg-tmp-" in name
-    )
-
+__all__ = ["find_candidates", "latest_complete"]
 
 def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
     """Every path under ``root`` that names a step and may hold a checkpoint, sorted by step."""
@@ -95,7 +83,7 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
                         found.append((step, path))
                 elif depth < max_depth:
                     visit(path, depth + 1)
-            elif step is not None and entry.name.endswith(WEIGHT_SUFFIXES) and not _is_side_file(entry.name):
+            elif step is not None and entry.name.endswith(WEIGHT_SUFFIXES) and not is_side_file(entry.name):
                 key_e = (st_e.st_dev, st_e.st_ino)
                 if key_e in seen:
                     log.info("%s is the same file as one already found; taken once", path)
@@ -111,7 +99,7 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
 def _weight_names(folder: Path) -> list[str]:
     """Names in ``folder`` that may be (or index) its weights."""
     return [n for n in os.listdir(folder)
-            if not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")) and not _is_side_file(n)]
+            if not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")) and not is_side_file(n)]
 
 
 def _weights_outside(folder: Path, inside: Callable[[Path], bool]) -> Path | None:

@@ -28,7 +28,7 @@ from typing import Callable, Literal
 
 from ckptavg.errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
-from ckptavg.reading.discover import is_noise
+from ckptavg.reading.names import is_noise
 from ckptavg.reading.steps import step_from_name
 
 __all__ = ["Readiness", "check_ready"]

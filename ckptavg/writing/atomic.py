@@ -21,7 +21,7 @@ from ckptavg.errors import OutputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AtomicDir", "atomic_write_bytes", "fsync_dir", "fsync_path", "TMP_MARK"]
+__all__ = ["AtomicDir", "atomic_write_bytes", "fsync_dir", "fsync_path", "is_orphan", "link_or_copy", "remove_orphans", "TMP_MARK"]
 
 TMP_MARK = ".ckptavg-tmp-"
 
@@ -52,6 +52,28 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+def is_orphan(name: str) -> bool:
+    """A temporary or replaced folder or file that an interrupted write of ckptavg left behind."""
+    return TMP_MARK in name or ".ckptavg-old-" in name
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Remove what interrupted atomic writes left in ``folder`` (never a finished entry); returns what went."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        if p.name.startswith(".") and is_orphan(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

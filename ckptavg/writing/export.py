@@ -28,24 +28,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import struct
 import threading
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
+from ckptavg import hooks
 from ckptavg._version import __version__
 from ckptavg.averaging.average import Average
-from ckptavg.dtypes import TORCH_TO_SAFETENSORS, short_name
+from ckptavg.dtypes import short_name
 from ckptavg.errors import OutputError
-from ckptavg.reading.checkpoint import PICKLE_SUFFIXES, Checkpoint
-from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.checkpoint import Checkpoint
+from ckptavg.reading.formats.refs import TensorRef, TensorSpec
+from ckptavg.reading.formats.safetensors_writer import ShardWriter
+from ckptavg.reading.names import PICKLE_SUFFIXES
 from ckptavg.units import format_bytes
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 __all__ = ["DEFAULT_SHARD_BYTES", "ModelWriter", "copy_meta_files", "plan_shards"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
-WRITEBACK_BYTES = 32 << 20  # start the kernel's writeback every this many bytes written
 WRITE_QUEUE_BYTES = 64 << 20  # finished bytes waiting for the writer thread, at most
 
 # never copied from an input folder: weights, trainer state, pickles, our own outputs
@@ -62,126 +61,17 @@ _SKIP_NAMES = {"trainer_state.json", "README.md", "ckptavg.json", ".metadata", "
 _SKIP_PREFIXES = ("rng_state", "optimizer", "scheduler", "training_args", ".")
 
 
-@dataclass
-class _Entry:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-
-
-def plan_shards(refs: Sequence[TensorRef], max_bytes: int) -> list[list[_Entry]]:
+def plan_shards(refs: Sequence[TensorRef | TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     """Split tensors, in order, into shards of at most ``max_bytes`` (a bigger tensor gets its own)."""
-    shards: list[list[_Entry]] = [[]]
+    shards: list[list[TensorSpec]] = [[]]
     size = 0
     for ref in refs:
         if shards[-1] and size + ref.nbytes > max_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(_Entry(ref.name, ref.dtype, ref.shape, ref.nbytes))
+        shards[-1].append(TensorSpec(ref.name, ref.dtype, tuple(ref.shape)))
         size += ref.nbytes
     return shards if shards[0] else []
-
-
-def _libc_sync_file_range() -> Any:
-    """``sync_file_range(2)`` through ctypes (Python has no binding), or None where missing."""
-    try:
-        import ctypes
-
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_sync_file_range: Any = None
-_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4
-
-
-class _WriteBehind:
-    """Starts writeback of a file's written bytes early and keeps at most two windows dirty.
-
-    Without it the kernel writes back late and the final fsync waits for the whole
-    file; with it, writeback runs while the next tensors are averaged.
-    """
-
-    def __init__(self, fd: int) -> None:
-        global _sync_file_range
-        if _sync_file_range is None:
-            _sync_file_range = _libc_sync_file_range() or False
-        self.fd = fd
-        self.started = 0  # bytes whose writeback was started
-        self.prev: tuple[int, int] | None = None
-
-    def advance(self, written: int) -> None:
-        if not _sync_file_range or written - self.started < WRITEBACK_BYTES:
-            return
-        start, n = self.started, written - self.started
-        _sync_file_range(self.fd, start, n, _SFR_WRITE)
-        if self.prev is not None:  # bound dirty memory: wait for the window before this one
-            _sync_file_range(self.fd, self.prev[0], self.prev[1], _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER)
-        self.prev = (start, n)
-        self.started = written
-
-
-class _ShardFile:
-    """One safetensors file written as a stream: header first, then tensors in planned order.
-
-    A tensor comes whole or as consecutive flat parts of its dtype, in element order.
-    """
-
-    def __init__(self, path: Path, entries: list[_Entry], metadata: dict[str, str]) -> None:
-        self.path = path
-        self.entries = entries
-        self.next = 0
-        self._part = 0  # bytes of entries[next] written so far (parts)
-        header: dict[str, Any] = {"__metadata__": metadata}
-        offset = 0
-        for e in entries:
-            header[e.name] = {"dtype": TORCH_TO_SAFETENSORS[e.dtype], "shape": list(e.shape),
-                              "data_offsets": [offset, offset + e.nbytes]}
-            offset += e.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-(len(raw)) % 8)  # 8-byte alignment of the data section, as safetensors writes
-        self.data_bytes = offset
-        self.f: IO[bytes] = open(path, "wb")  # noqa: SIM115 - stays open across write() calls
-        self.f.write(struct.pack("<Q", len(raw)))
-        self.f.write(raw)
-        self._written = 8 + len(raw)
-        self._behind = _WriteBehind(self.f.fileno())
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        e = self.entries[self.next] if self.next < len(self.entries) else None
-        nbytes = tensor.numel() * tensor.element_size()
-        whole = e is not None and self._part == 0 and tuple(tensor.shape) == e.shape
-        part = e is not None and tensor.dim() == 1 and self._part + nbytes <= e.nbytes
-        if e is None or e.name != name or tensor.dtype != e.dtype or not (whole or part):
-            want = "nothing more" if e is None else f"{e.name} {short_name(e.dtype)} {list(e.shape)}"
-            raise OutputError(
-                f"internal: expected {want}, got {name} {short_name(tensor.dtype)} {list(tensor.shape)}", path=self.path,
-            )
-        data = tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
-        if data.numel():
-            self.f.write(memoryview(data.numpy()))
-            self._written += nbytes
-            if self._written - self._behind.started >= WRITEBACK_BYTES:
-                self.f.flush()
-                self._behind.advance(self._written)
-        self._part += nbytes
-        if self._part == e.nbytes:
-            self.next += 1
-            self._part = 0
-
-    @property
-    def done(self) -> bool:
-        return self.next == len(self.entries)
-
-    def close(self) -> None:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
 
 
 class ModelWriter:
@@ -226,7 +116,7 @@ class ModelWriter:
         self.weights_name = weights_name
         self._shards = shards
         self._metadata = metadata
-        self._current: _ShardFile | None = None
+        self._current: ShardWriter | None = None
         self._index = 0
         self.weight_map = {e.name: self.files[i] for i, shard in enumerate(shards) for e in shard}
         self.total_bytes = sum(e.nbytes for shard in shards for e in shard)
@@ -301,7 +191,7 @@ class ModelWriter:
         if self._current is None:
             if self._index >= len(self._shards):
                 raise OutputError(f"internal: tensor {name!r} was not planned", path=self.folder)
-            self._current = _ShardFile(self.folder / self.files[self._index], self._shards[self._index], self._metadata)
+            self._current = ShardWriter(self.folder / self.files[self._index], self._shards[self._index], self._metadata)
         self._current.write(name, tensor)
         if self._current.done:
             self._current.close()
@@ -405,14 +295,13 @@ def finish_folder(folder: Path, avg: Average, writer: ModelWriter, *, newest: Ch
 
 
 def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
-                    _crash_before_rename: bool = False) -> None:
+                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
     """Write the current state of a long-lived average as a model folder at ``target``, atomically
     replacing what was there (the daemon's publish). Accumulators are left as they are."""
     from ckptavg.writing.atomic import AtomicDir
 
     order = [n for n in newest.tensors if n in avg.slots] + [n for n in avg.slots if n not in newest.tensors]
-    refs = [_SlotRef(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]
+    refs = [TensorSpec(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]
     with AtomicDir(target, replace=True) as folder:
         writer = ModelWriter(folder, refs, max_shard_bytes=max_shard_bytes,  # type: ignore[arg-type]
                              weights_name=newest.weights_name, aliases=aliases, background=False)  # live accumulators
@@ -423,16 +312,4 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
             writer.abort()
             raise
         finish_folder(folder, avg, writer, newest=newest, formats=[newest.format], extra=extra)
-        if _crash_before_rename:  # test hook: the new folder is complete but not yet in place
-            os._exit(137)
-
-
-@dataclass(frozen=True)
-class _SlotRef:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * torch.empty((), dtype=self.dtype).element_size()
+        hooks.point("publish.before-rename", target=target)

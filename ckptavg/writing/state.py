@@ -29,36 +29,29 @@ import logging
 import os
 import re
 import secrets
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ckptavg import hooks
 from ckptavg.averaging.average import Average, FoldRecord
-from ckptavg.averaging.methods import Slot
+from ckptavg.averaging.methods.base import Slot
 from ckptavg.dtypes import SAFETENSORS_TO_TORCH
-from ckptavg.errors import CheckpointError, CkptavgError, OutputError
+from ckptavg.errors import CheckpointError, NewerStateError, OutputError, StateError, StateLockedError
 from ckptavg.reading.fileio import FileCache, identify
+from ckptavg.reading.formats.refs import TensorSpec
 from ckptavg.reading.formats.safetensors import read_header
+from ckptavg.reading.formats.safetensors_writer import ShardWriter
 from ckptavg.writing.atomic import atomic_write_bytes
-from ckptavg.writing.export import _Entry, _ShardFile
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SCHEMA_VERSION", "StateError", "StateLockedError", "StateStore"]
+__all__ = ["SCHEMA_VERSION", "StateStore"]
 
 SCHEMA_VERSION = 1
 _MANIFEST = re.compile(r"^manifest-(\d+)\.json$")
-
-
-class StateError(CkptavgError):
-    """The saved state cannot be used (corrupt, newer schema, other configuration)."""
-
-
-class StateLockedError(CkptavgError):
-    """Another process owns this state folder."""
 
 
 class StateStore:
@@ -96,11 +89,14 @@ class StateStore:
         gens = [int(m.group(1)) for p in self.folder.iterdir() if (m := _MANIFEST.match(p.name))]
         return sorted(gens)
 
-    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None, *,
-             _crash_before_manifest: bool = False) -> int:
+    def next_generation(self) -> int:
+        gens = self.generations()
+        return (gens[-1] + 1) if gens else 1
+
+    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None) -> int:
         """Commit a new generation holding ``averages`` and ``extra``; returns its number."""
         gens = self.generations()
-        gen = (gens[-1] + 1) if gens else 1
+        gen = self.next_generation()
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"accumulators-{gen}.safetensors"
         entries: list[tuple[str, torch.Tensor, Any]] = []
@@ -111,8 +107,8 @@ class StateStore:
         tmp = self.folder / f".{name}.ckptavg-tmp-{secrets.token_hex(4)}"
         digest = hashlib.sha256()
         try:
-            writer = _ShardFile(tmp, [_Entry(k, t.dtype, tuple(t.shape), t.numel() * t.element_size()) for k, t, _ in entries],
-                                {"format": "pt", "ckptavg.writing.state": str(gen)})
+            writer = ShardWriter(tmp, [TensorSpec(k, t.dtype, tuple(t.shape)) for k, t, _ in entries],
+                                {"format": "pt", "ckptavg.state": str(gen)})
             for key, t, store in entries:
                 data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
                 if data.numel():
@@ -125,8 +121,7 @@ class StateStore:
         except OSError as e:
             tmp.unlink(missing_ok=True)
             raise OutputError(f"could not save the averages' state: {e.strerror or e}", path=self.folder / name) from e
-        if _crash_before_manifest:  # test hook: the accumulators are written, the commit is not
-            os._exit(137)
+        hooks.point("state.before-manifest", generation=gen)
         manifest = {
             "schema": SCHEMA_VERSION,
             "generation": gen,
@@ -167,9 +162,9 @@ class StateStore:
         for gen in reversed(gens[-2:]):
             try:
                 manifest = self._read_manifest(gen)
+            except NewerStateError:
+                raise
             except StateError as e:
-                if "newer" in e.message:
-                    raise
                 problems.append(str(e))
                 log.warning("state generation %d is unusable (%s); trying the previous one", gen, e.message)
                 continue
@@ -200,7 +195,7 @@ class StateStore:
         if not isinstance(manifest, dict) or not isinstance(manifest.get("schema"), int):
             raise StateError("manifest has no schema version", path=path)
         if manifest["schema"] > SCHEMA_VERSION:
-            raise StateError(f"was written by a newer ckptavg (state schema {manifest['schema']}, this version reads "
+            raise NewerStateError(f"was written by a newer ckptavg (state schema {manifest['schema']}, this version reads "
                              f"{SCHEMA_VERSION})", path=path, hint="upgrade ckptavg")
         if not isinstance(manifest.get("averages"), list):
             raise StateError("manifest lists no averages", path=path)
@@ -282,9 +277,11 @@ class StateStore:
         for name, avg in by_name.items():
             slots[name] = {}
             for tensor, meta in saved[name]["slots"].items():
-                slot = Slot(shape=tuple(meta["shape"]), dtype=_DTYPE_BY_NAME[meta["dtype"]], count=meta["count"],
-                            last_step=meta["last_step"], weight_sum=meta["weight_sum"], fresh=meta["fresh"],
-                            window=deque(meta["window"]), store=avg.store)
+                dtype = _DTYPE_BY_NAME[meta["dtype"]]
+                method = avg.method_for(tensor, dtype)
+                slot = Slot(shape=tuple(meta["shape"]), dtype=dtype, count=meta["count"],
+                            last_step=meta["last_step"], weight_sum=meta["weight_sum"], store=avg.store,
+                            state=method.restore_state(meta) if method is not None else {})
                 for buf in meta["bufs"]:
                     if (name, tensor, buf) not in bufs:
                         raise StateError(f"accumulator {name}/{tensor}/{buf} is missing", path=path)

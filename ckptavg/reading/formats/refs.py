@@ -1,4 +1,5 @@
-"""A tensor known from a checkpoint's index: where it is and what it is."""
+"""Tensor records: :class:`TensorSpec` (what a tensor is: name, dtype, shape) and :class:`TensorRef`
+(a tensor known from a checkpoint's index: what it is and where its bytes are)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,23 @@ from pathlib import Path
 import torch
 
 from ckptavg.reading.fileio import FileIdentity
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: its name, dtype and shape."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
 
 
 @dataclass(frozen=True)

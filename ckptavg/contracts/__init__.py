@@ -1,0 +1,1 @@
+"""The files the daemon writes and other commands read, each described once."""

@@ -1,0 +1,54 @@
+"""The test suite's fault launcher: ``python tests/faultinject.py [CLI ARGS...]`` runs ckptavg's CLI with the
+faults named in ``CKPTAVG_FAULT`` installed at the named points of :mod:`ckptavg.hooks`.
+
+``CKPTAVG_FAULT`` is a comma-separated list of:
+
+``slow-fold=SECONDS``            sleep before each fold (``fold.start``)
+``remove-source-before-fold``    delete the trainer's folder of the step about to be folded (rotation)
+``crash-before-persist``         kill -9 (exit 137) before a state generation is saved
+``crash-before-manifest``        exit 137 after a generation's accumulators, before its manifest
+``crash-before-publish-rename``  exit 137 after a published average is complete, before it is renamed in
+
+Only the tests use this; shipped code merely names the points.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+
+def _crash(**_: object) -> None:
+    os._exit(137)
+
+
+def install_from_env(spec: str) -> None:
+    from ckptavg import hooks
+
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition("=")
+        if name == "slow-fold":
+            delay = float(value or "1")
+            hooks.install("fold.start", lambda delay=delay, **_: time.sleep(delay))
+        elif name == "remove-source-before-fold":
+            def remove(step: int, watch, **_: object) -> None:
+                for src in watch.glob(f"*-{step}"):
+                    shutil.rmtree(src, ignore_errors=True)
+            hooks.install("fold.start", remove)
+        elif name == "crash-before-persist":
+            hooks.install("state.before-persist", _crash)
+        elif name == "crash-before-manifest":
+            hooks.install("state.before-manifest", _crash)
+        elif name == "crash-before-publish-rename":
+            hooks.install("publish.before-rename", _crash)
+        else:
+            raise SystemExit(f"faultinject: unknown fault {name!r}")
+
+
+if __name__ == "__main__":
+    install_from_env(os.environ.get("CKPTAVG_FAULT", ""))
+    from ckptavg.cli.main import main
+
+    main(sys.argv[1:])

@@ -83,3 +83,18 @@ def test_imports_outside_the_core_are_absolute():
                 if isinstance(node, ast.ImportFrom) and node.level:
                     relative.append(f"{f.relative_to(ROOT)}:{node.lineno}")
     assert not relative, relative
+
+
+def test_every_package_folder_is_installed():
+    """pyproject's explicit package list names exactly the folders that are packages (a new subpackage that is
+    not listed would be missing from a wheel; a listed one without a folder breaks `pip install`)."""
+    setuptools = PYPROJECT["tool"]["setuptools"]
+    mapping = setuptools["package-dir"]
+    on_disk = set()
+    for package, folder in mapping.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(ROOT / folder)
+            name = ".".join([package, *rel.parts]) if rel.parts else package
+            if not any(name.startswith(p + ".") for p in mapping if p != package and p.startswith(package + ".")):
+                on_disk.add(name)
+    assert set(setuptools["packages"]) == on_disk

@@ -6,10 +6,14 @@
   the destination.
 * :func:`atomic_write_bytes`: the same for one file (temp file, fsync, rename,
   fsync of the folder).
+* :func:`swap_symlink`: point a link at a new target with one ``rename()`` of a freshly
+  made link, so a reader always finds the old target or the new one, never nothing.
+* :func:`exchange_paths`: swap two names atomically (``renameat2(RENAME_EXCHANGE)``, Linux).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
@@ -21,7 +25,19 @@ from ckptavg.errors import OutputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AtomicDir", "atomic_write_bytes", "fsync_dir", "fsync_path", "is_orphan", "link_or_copy", "remove_orphans", "TMP_MARK"]
+__all__ = [
+    "TMP_MARK",
+    "AtomicDir",
+    "atomic_write_bytes",
+    "exchange_paths",
+    "fsync_dir",
+    "fsync_path",
+    "is_orphan",
+    "link_or_copy",
+    "remove_orphans",
+    "swap_symlink",
+    "temp_name",
+]
 
 TMP_MARK = ".ckptavg-tmp-"
 
@@ -43,6 +59,56 @@ def fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def temp_name(final: Path) -> Path:
+    """A staging name beside ``final`` that :func:`remove_orphans` recognises."""
+    final = Path(final)
+    return final.with_name(f".{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def swap_symlink(link: Path, target: str | Path) -> None:
+    """Make ``link`` a symlink to ``target`` (stored as given: pass a relative path) with one atomic
+    ``rename()`` of a new link over the old one, then fsync the folder. ``link`` must not be a folder."""
+    link = Path(link)
+    tmp = temp_name(link)
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(link.parent)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+_renameat2_fn: object = None
+
+
+def _renameat2():  # a ctypes function, or None
+    global _renameat2_fn
+    if _renameat2_fn is None:
+        try:
+            fn = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+            fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            fn.restype = ctypes.c_int
+            _renameat2_fn = fn
+        except (OSError, AttributeError):
+            _renameat2_fn = False
+    return _renameat2_fn or None
+
+
+def exchange_paths(a: Path, b: Path) -> None:
+    """Swap the names ``a`` and ``b`` in one atomic step (``renameat2(RENAME_EXCHANGE)``): both must
+    exist, and may be of different kinds (a folder and a symlink). Raises OSError (ENOSYS, EINVAL,
+    ENOTSUP) where the C library, kernel or filesystem cannot."""
+    fn = _renameat2()
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available", str(a))
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
@@ -78,7 +144,7 @@ def remove_orphans(folder: Path) -> list[Path]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    tmp = path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = temp_name(path)
     try:
         with open(tmp, "wb") as f:
             f.write(data)
@@ -102,7 +168,7 @@ class AtomicDir:
     def __init__(self, final: Path, *, replace: bool = False) -> None:
         self.final = Path(final)
         self.replace = replace
-        self.tmp = self.final.with_name(f".{self.final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+        self.tmp = temp_name(self.final)
 
     def __enter__(self) -> Path:
         if self.final.exists() and not self.replace:

@@ -18,6 +18,11 @@ the next tensors; writeback of each written range is started at once
 end finds little left to do. The folder is built in a temporary sibling,
 fsynced and renamed into place (:class:`~ckptavg.writing.atomic.AtomicDir`).
 
+The daemon's publish (:func:`publish_average`) never replaces a folder: each publish is a new
+version folder under ``OUT/.ckptavg/versions/<name>/`` and ``OUT/<name>`` is a relative symlink
+swapped to it with one ``rename()`` (as ``OUT/best``), so ``OUT/<name>`` is never missing.
+:func:`remove_publish_orphans` clears what interrupted publishes leave, at start.
+
 Tied weights: a pickle that stores one tensor under two names (``lm_head.weight``
 sharing ``embed_tokens.weight``) is averaged once and written once, as
 safetensors requires; the alias is recorded in the shard metadata and in
@@ -26,10 +31,15 @@ safetensors requires; the alias is recorded in the shard metadata and in
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import re
+import secrets
 import shutil
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,10 +57,13 @@ from ckptavg.reading.formats.refs import TensorRef, TensorSpec
 from ckptavg.reading.formats.safetensors_writer import ShardWriter
 from ckptavg.reading.names import PICKLE_SUFFIXES
 from ckptavg.units import format_bytes
+from ckptavg.writing import atomic
+from ckptavg.writing.atomic import AtomicDir, fsync_dir, is_orphan, remove_orphans
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_SHARD_BYTES", "ModelWriter", "copy_meta_files", "plan_shards"]
+__all__ = ["DEFAULT_PUBLISH_GRACE", "DEFAULT_SHARD_BYTES", "ModelWriter", "copy_meta_files", "expire_versions",
+           "plan_shards", "publish_average", "remove_publish_orphans", "versions_dir"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 WRITE_QUEUE_BYTES = 64 << 20  # finished bytes waiting for the writer thread, at most
@@ -294,15 +307,87 @@ def finish_folder(folder: Path, avg: Average, writer: ModelWriter, *, newest: Ch
     (folder / "README.md").write_text(model_card(avg, prov, total_bytes=writer.total_bytes, n_tensors=len(writer.weight_map)))
 
 
+# -- the daemon's publish: versioned folders behind one symlink --------------------------------------
+
+DEFAULT_PUBLISH_GRACE = 60.0  # seconds a replaced version stays for readers that already resolved the link
+VERSIONS = Path(".ckptavg") / "versions"  # OUT/.ckptavg/versions/<name>/vNNNNNN-step<S>/
+MIGRATED = "v000000-migrated"  # a real OUT/<name> folder written by an older ckptavg, moved in once
+_NUMBER = re.compile(r"v(\d+)(?:-|$)")
+_NO_EXCHANGE = {errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM, errno.EXDEV}
+
+
+def versions_dir(target: Path) -> Path:
+    """Where the versions of the published average ``target`` (``OUT/<name>``) live."""
+    target = Path(target)
+    return target.parent / VERSIONS / target.name
+
+
+def _number(name: str) -> int | None:
+    m = _NUMBER.match(name)
+    return int(m.group(1)) if m else None
+
+
+def _linked(link: Path) -> Path | None:
+    """The folder a symlink ``link`` points to (resolved), or None."""
+    return Path(os.path.realpath(link)) if link.is_symlink() else None
+
+
+def _link_targets(folder: Path) -> set[Path]:
+    """Everything a symlink directly in ``folder`` points to: never removed."""
+    try:
+        return {Path(os.path.realpath(p)) for p in folder.iterdir() if p.is_symlink()}
+    except OSError:
+        return set()
+
+
+def _mkdirs(folder: Path) -> None:
+    """Create ``folder`` and its missing parents, each made durable in its parent."""
+    missing = []
+    p = folder
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for p in reversed(missing):
+        p.mkdir(exist_ok=True)
+        fsync_dir(p.parent)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
 def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
-    """Write the current state of a long-lived average as a model folder at ``target``, atomically
-    replacing what was there (the daemon's publish). Accumulators are left as they are."""
-    from ckptavg.writing.atomic import AtomicDir
+                    aliases: dict[str, str] | None = None, extra: dict[str, Any] | None = None,
+                    grace: float = DEFAULT_PUBLISH_GRACE) -> Path:
+    """Publish the current state of a long-lived average at ``target`` (the daemon's ``OUT/<name>``).
+    Accumulators are left as they are. Returns the new version folder.
+
+    The model folder is built as a new version ``OUT/.ckptavg/versions/<name>/vNNNNNN-step<S>/`` (in a
+    staging folder, fsynced, renamed in), then ``OUT/<name>`` is swapped to it with one ``rename()`` of a
+    new relative symlink: a reader (``from_pretrained``) always finds a whole folder, the old one or the
+    new one. Each opened file stays readable to the end; a replaced version is removed ``grace`` seconds
+    after it was replaced, so a reader that resolved ``OUT/<name>`` once (``os.path.realpath``) reads
+    every file of one publish. A real folder at ``target`` (an older ckptavg) is moved into the versions
+    once, atomically exchanged with the new link where the filesystem can.
+    """
+    if not grace >= 0:
+        raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
+    target = Path(target)
+    versions = versions_dir(target)
+    try:
+        _mkdirs(versions)
+        numbers = [n for p in versions.iterdir() if (n := _number(p.name)) is not None]
+    except OSError as e:
+        raise OutputError(f"cannot create the versions folder: {e.strerror or e}", path=versions) from e
+    step = avg.folded[-1].step if avg.folded else None
+    version = versions / (f"v{max(numbers, default=0) + 1:06d}" + (f"-step{step}" if step is not None else ""))
 
     order = [n for n in newest.tensors if n in avg.slots] + [n for n in avg.slots if n not in newest.tensors]
     refs = [TensorSpec(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]
-    with AtomicDir(target, replace=True) as folder:
+    with AtomicDir(version) as folder:
         writer = ModelWriter(folder, refs, max_shard_bytes=max_shard_bytes,  # type: ignore[arg-type]
                              weights_name=newest.weights_name, aliases=aliases, background=False)  # live accumulators
         try:
@@ -312,4 +397,133 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
             writer.abort()
             raise
         finish_folder(folder, avg, writer, newest=newest, formats=[newest.format], extra=extra)
-        hooks.point("publish.before-rename", target=target)
+    hooks.point("publish.before-rename", target=target)  # the new version is complete; OUT/<name> is unchanged
+    try:
+        _point_at(target, version)
+    except OSError as e:
+        raise OutputError(f"could not publish: {e.strerror or e}", path=target) from e
+    expire_versions(target, grace=grace)
+    return version
+
+
+def _point_at(target: Path, version: Path) -> None:
+    """Swap ``target`` to ``version`` atomically; the version it replaces starts its grace period now."""
+    rel = os.path.relpath(version, target.parent)
+    if target.is_symlink() or not os.path.lexists(target):
+        old = _linked(target)
+        if old is not None and old.parent == version.parent.resolve() and old.is_dir():
+            os.utime(old)  # replaced now: expire_versions counts the grace period from here
+        atomic.swap_symlink(target, rel)
+        return
+    # OUT/<name> is a real folder (an older ckptavg): move it into the versions, once
+    dest = version.parent / MIGRATED
+    if os.path.lexists(dest):
+        dest = version.parent / f"{MIGRATED}-{secrets.token_hex(4)}"
+    os.utime(target)
+    tmp = atomic.temp_name(target)
+    os.symlink(rel, tmp)
+    try:
+        atomic.exchange_paths(tmp, target)  # OUT/<name> is now the link; tmp holds the old folder
+    except OSError as e:
+        if e.errno not in _NO_EXCHANGE:
+            tmp.unlink(missing_ok=True)
+            raise
+        log.warning("%s is a folder written by an older ckptavg and this filesystem cannot exchange it with a "
+                    "link atomically: moving it into %s; readers find no %s for a moment, this once", target,
+                    dest, target.name)
+        os.rename(target, dest)  # a kill here leaves no OUT/<name>: remove_publish_orphans links dest back
+        os.replace(tmp, target)
+    else:
+        os.rename(tmp, dest)  # a kill here leaves the old folder as a staging orphan, removed at start
+        log.info("%s was a folder written by an older ckptavg: it is now a link to %s; the old folder is %s",
+                 target, version.name, dest)
+    fsync_dir(target.parent)
+    fsync_dir(dest.parent)
+
+
+def expire_versions(target: Path, *, grace: float = DEFAULT_PUBLISH_GRACE, startup: bool = False,
+                    now: float | None = None) -> list[Path]:
+    """Remove the versions of ``target`` that no link points to, once ``grace`` seconds have passed since
+    they were replaced (their mtime). With ``startup`` (nothing is publishing), also staging folders of
+    interrupted versions and complete versions newer than the linked one (built, never linked)."""
+    target = Path(target)
+    versions = versions_dir(target)
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        entries = list(versions.iterdir())
+    except OSError:
+        return removed
+    keep = _link_targets(target.parent)
+    linked = _linked(target)
+    linked_n = _number(linked.name) if linked is not None and linked.parent == versions.resolve() else None
+    for p in entries:
+        if Path(os.path.realpath(p)) in keep:
+            continue
+        if p.name.startswith("."):
+            if not (startup and is_orphan(p.name)):
+                continue
+        elif not (startup and linked_n is not None and (_number(p.name) or 0) > linked_n):
+            try:
+                if now - p.lstat().st_mtime < grace:
+                    continue
+            except OSError:
+                continue
+        _remove(p)
+        removed.append(p)
+    return removed
+
+
+def remove_publish_orphans(output: Path, *, grace: float = DEFAULT_PUBLISH_GRACE, best_grace: float = 600.0,
+                           best_link: str = "best", best_versions: str = ".best-versions") -> list[Path]:
+    """What the daemon runs at start, before it publishes: remove what interrupted publishes left in
+    ``output`` and return it. Never removes what a symlink in ``output`` points to.
+
+    * staging folders and links (``.<name>.ckptavg-tmp-*``) and ``.ckptavg-old-*`` folders in ``output``;
+    * per average (``.ckptavg/versions/<name>/``): staging folders, versions built but never linked,
+      and replaced versions older than ``grace``. A migration cut short between its two renames (no
+      ``OUT/<name>`` but a migrated folder) is repaired first: the link goes back to the old folder;
+    * ``.best-versions/``: staging folders, and versions ``best`` does not point to once both they and
+      the ``best`` link are older than ``best_grace`` (the link's age bounds when they were replaced).
+    """
+    output = Path(output)
+    removed = remove_orphans(output)
+    root = output / VERSIONS
+    try:
+        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        folders = []
+    for folder in folders:
+        target = output / folder.name
+        if not os.path.lexists(target) and (folder / MIGRATED).is_dir():
+            log.warning("%s was missing (a migration was interrupted): linking it back to %s", target, MIGRATED)
+            atomic.swap_symlink(target, os.path.relpath(folder / MIGRATED, output))
+        removed += expire_versions(target, grace=grace, startup=True)
+        try:
+            folder.rmdir()  # only when empty
+        except OSError:
+            pass
+    best = output / best_versions
+    if best.is_dir() and not best.is_symlink():
+        keep = _link_targets(output)
+        link = output / best_link
+        try:
+            since = link.lstat().st_mtime
+        except OSError:
+            since = 0.0
+        now = time.time()
+        for p in list(best.iterdir()):
+            if Path(os.path.realpath(p)) in keep:
+                continue
+            if p.name.startswith("."):
+                if not is_orphan(p.name):
+                    continue
+            else:
+                try:
+                    if now - max(p.lstat().st_mtime, since) < best_grace:
+                        continue
+                except OSError:
+                    continue
+            _remove(p)
+            removed.append(p)
+    return removed

@@ -31,6 +31,7 @@ __all__ = [
     "UnsafePathError",
     "IndexMismatchError",
     "TensorMismatchError",
+    "MixedModelsError",
     "NonFiniteError",
     "UnsafePickleError",
     "UnsupportedCheckpointError",
@@ -143,6 +144,11 @@ class IndexMismatchError(CheckpointError, ValueError):
 
 class TensorMismatchError(CheckpointError, ValueError):
     """A tensor changed shape or dtype between checkpoints."""
+
+
+class MixedModelsError(CheckpointError, ValueError):
+    """Two checkpoints are of different models (config ``model_type``/``architectures``, or tensor sets
+    that each hold names the other lacks)."""
 
 
 class NonFiniteError(CheckpointError, ValueError):

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ckptavg.averaging.average import Average
+from ckptavg.averaging.compat import check_inputs
 from ckptavg.averaging.engine import Engine, expected_outputs
 from ckptavg.averaging.methods import make_method
 from ckptavg.averaging.placement import Placement, ensure_placed
@@ -201,6 +202,7 @@ def average_checkpoints(
     progress: Progress | None = None,
     memory_budget: int | None = None,
     scratch_dir: Path | None = None,
+    allow_mixed_models: bool = False,
 ) -> Result:
     """Average ``ckpts`` into one model folder per average and return where they are.
 
@@ -209,12 +211,14 @@ def average_checkpoints(
     ``memory_budget`` bounds the host memory of long-lived (checkpoint-major)
     accumulators: averages beyond it fold through a disk store in
     ``scratch_dir`` (default: a hidden folder beside ``out``, removed at the end).
+    Inputs of different models are refused unless ``allow_mixed_models`` (:func:`check_inputs`).
     """
     if not ckpts:
         raise UsageError("no checkpoints to average")
     if not averages:
         raise UsageError("no averaging method requested")
     ckpts, weights = order_checkpoints(ckpts, weights)
+    check_inputs(ckpts, allow_mixed=allow_mixed_models)
     out = Path(out)
     if subfolders is None:
         subfolders = len(averages) > 1
@@ -273,7 +277,8 @@ def average_checkpoints(
                     history = dict(enumerate(ckpts))
                     for i, c in enumerate(ckpts):
                         engine.fold(c, averages, ident=i, weight=1.0 if weights is None else float(weights[i]),
-                                    history=history, check_inputs=False)  # outputs are checked instead
+                                    history=history, check_inputs=False,  # outputs are checked instead
+                                    check_model=False)  # judged above, all inputs at once
                     for a in averages:
                         for ref in plans[a.name]:
                             engine.finish_tensor(ref.name, ckpts, [a], lambda avg, name, t: writers[avg.name].write(name, t))

@@ -117,13 +117,16 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the arithmetic (default: all cores but one).")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN/Inf instead of stopping.")
+@click.option("--allow-mixed-models", is_flag=True,
+              help="Average checkpoints of different models (config model_type/architectures, or tensor sets that "
+                   "each hold names the other lacks) instead of stopping.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], weights: str | None,
             last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
             state_key: str | None, strip_prefix: str | None, threads: int | None, allow_nonfinite: bool,
-            force: bool, progress: bool | None, **method_options: object) -> None:
+            allow_mixed_models: bool, force: bool, progress: bool | None, **method_options: object) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
     \b
@@ -159,7 +162,8 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
         with make_progress(show_bar) as bar:
             result = average_checkpoints(ckpts, averages, output, weights=weight_list, engine=engine,
                                          max_shard_bytes=max_shard, force=force, protected=run_folders,
-                                         progress=bar, memory_budget=budget, scratch_dir=scratch_dir)
+                                         progress=bar, memory_budget=budget, scratch_dir=scratch_dir,
+                                         allow_mixed_models=allow_mixed_models)
     rate = result.bytes_read / result.seconds / 1e9 if result.seconds else 0.0
     for name, path in result.outputs.items():
         click.echo(f"{name}: {path}")

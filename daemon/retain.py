@@ -64,7 +64,7 @@ class Retainer:
                 sources = list(ckpt.files)
                 if ckpt.path.is_dir():
                     sources += [p for p in ckpt.path.iterdir()
-                                if p.name.endswith(".index.json") or p.name == "trainer_state.json"]
+                                if p.name.endswith(".index.json") or p.name in ("trainer_state.json", "zero_to_fp32.py")]
                 for src in sources:
                     self._keep(src, tmp / src.name)
                 if ckpt.path.is_dir():

@@ -28,7 +28,7 @@ from ckptavg.averaging.methods.latest import Latest
 from ckptavg.averaging.placement import Placement
 from ckptavg.averaging.rules import Rule, match_rule
 from ckptavg.averaging.store import DiskStore
-from ckptavg.dtypes import is_averageable, short_name
+from ckptavg.dtypes import cast_back, is_averageable, short_name
 from ckptavg.errors import OptionError, TensorMismatchError
 from ckptavg.reading.formats.refs import TensorRef
 
@@ -46,11 +46,14 @@ class FoldRecord:
     step: int | None
     fingerprint: str
     weight: float | None = None
+    model: str | None = None  # the checkpoint's config.json identity (Checkpoint.model)
 
     def to_json(self) -> dict[str, Any]:
-        d = {"path": self.path, "step": self.step, "fingerprint": self.fingerprint}
+        d: dict[str, Any] = {"path": self.path, "step": self.step, "fingerprint": self.fingerprint}
         if self.weight is not None:
             d["weight"] = self.weight
+        if self.model is not None:
+            d["model"] = self.model
         return d
 
 
@@ -106,17 +109,18 @@ class Average:
         return out
 
     # -- growth and shape checks ------------------------------------------------------
-    def check(self, ref: TensorRef, *, path: Any = None) -> bool:
+    def check(self, ref: TensorRef, *, path: Any = None, zero3: bool = False) -> bool:
         """Check a tensor against its slot. True if its slot must restart (policy reset).
 
-        Raises :class:`TensorMismatchError` under policy ``error``. Never mutates.
+        Raises :class:`TensorMismatchError` under policy ``error``; ``zero3``: the checkpoint was saved
+        by DeepSpeed, so a tensor that became empty is named as a ZeRO-3 placeholder. Never mutates.
         """
         slot = self.slots.get(ref.name)
         if slot is None:
             return False
         if slot.shape == ref.shape and slot.dtype == ref.dtype:
             return False
-        if ref.numel == 0 and slot.numel > 0:
+        if ref.numel == 0 and slot.numel > 0 and zero3:
             what = f"is empty (shape {list(ref.shape)}) where earlier checkpoints had {list(slot.shape)}"
             hint = "a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first"
         elif slot.shape != ref.shape:
@@ -201,7 +205,7 @@ class Average:
     def result(self, name: str) -> torch.Tensor:
         """The average of tensor ``name`` in its source dtype and shape."""
         slot = self.slots[name]
-        return self.value(name).to(slot.dtype).reshape(slot.shape)
+        return cast_back(self.value(name), slot.dtype).reshape(slot.shape)
 
     def drop(self, name: str) -> None:
         self.slots.pop(name, None)

@@ -47,7 +47,9 @@ from typing import Any
 import torch
 
 from ckptavg.averaging.average import Average, FoldRecord
+from ckptavg.averaging.compat import check_against
 from ckptavg.averaging.methods import FoldInfo, Latest, Method, Plan, Slot
+from ckptavg.dtypes import cast_back
 from ckptavg.errors import CkptavgError, NonFiniteError, StepError, TensorMismatchError, UsageError
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader
@@ -412,6 +414,7 @@ class Engine:
         weight: float = 1.0,
         history: Mapping[Hashable, Checkpoint] | Callable[[Hashable], Checkpoint] | None = None,
         check_inputs: bool | None = None,
+        check_model: bool = True,
     ) -> int:
         """Fold one checkpoint into every average that accepts its step. Returns bytes read.
 
@@ -420,17 +423,21 @@ class Engine:
         its position); ``history`` maps the ``ident`` of earlier checkpoints to
         themselves (LAWA reads the member leaving its window). With
         ``check_inputs`` (default: the engine's ``check_finite``) a tensor holding
-        NaN/Inf raises :class:`NonFiniteError` before it is folded.
+        NaN/Inf raises :class:`NonFiniteError` before it is folded. With ``check_model`` a checkpoint of
+        another model than an average holds raises :class:`MixedModelsError` (:func:`check_against`);
+        the one-shot, which judges all its inputs at once, turns it off.
         """
         check_inputs = self.check_finite if check_inputs is None else check_inputs
         info = FoldInfo(ident=ident, step=ckpt.step, weight=weight)
         _check_steps([ckpt], averages)
         accepting = [a for a in averages if a.method.accepts(ckpt.step)]
         for avg in accepting:
+            if check_model:
+                check_against(ckpt, avg)
             for ref in ckpt.tensors.values():
                 if avg.method_for(ref.name, ref.dtype) is not None:
-                    avg.check(ref, path=ckpt.path)
-                    if avg.on_shape_change == "error":
+                    avg.check(ref, path=ckpt.path, zero3=ckpt.zero3)
+                    if avg.on_shape_change == "error" and ckpt.zero3:
                         _reject_placeholder(ref, ckpt.path)
         get_old = _history_lookup(history)
         old_readers: dict[Hashable, CheckpointReader] = {}
@@ -466,7 +473,8 @@ class Engine:
             for r in old_readers.values():
                 r.release()
         for avg in accepting:
-            avg.folded.append(FoldRecord(str(ckpt.path), ckpt.step, ckpt.fingerprint, weight if avg.method.options().get("weighted") else None))
+            avg.folded.append(FoldRecord(str(ckpt.path), ckpt.step, ckpt.fingerprint,
+                                         weight if avg.method.options().get("weighted") else None, ckpt.model))
         self.progress.checkpoint_done(ckpt, total, time.perf_counter() - start)
         return total
 
@@ -508,7 +516,8 @@ class Engine:
         for avg in averages:
             for c, info in zip(ckpts, infos):
                 if avg.method.accepts(c.step):
-                    avg.folded.append(FoldRecord(str(c.path), c.step, c.fingerprint, info.weight if weights is not None else None))
+                    avg.folded.append(FoldRecord(str(c.path), c.step, c.fingerprint,
+                                                 info.weight if weights is not None else None, c.model))
 
     def _average(self, ckpts: Sequence[Checkpoint], averages: Sequence[Average],
                  emit: Callable[[Average, str, torch.Tensor], None], infos: list[FoldInfo],
@@ -580,7 +589,7 @@ class Engine:
             if self.check_finite and value.dtype.is_floating_point and not _all_finite(value):
                 raise self._find_nonfinite(name, ckpts, avg)
             slot = avg.slots[name]
-            emit(avg, name, value.to(slot.dtype).reshape(slot.shape).cpu())
+            emit(avg, name, cast_back(value, slot.dtype).reshape(slot.shape).cpu())
             avg.drop(name)
 
     def _find_nonfinite(self, name: str, ckpts: Sequence[Checkpoint], avg: Average) -> CkptavgError:
@@ -588,7 +597,7 @@ class Engine:
         for c in ckpts:
             if name in c.tensors and avg.method.accepts(c.step):
                 with c.reader() as r:
-                    if not bool(torch.isfinite(r.read(name)).all()):
+                    if not _all_finite(r.read(name)):
                         return NonFiniteError("holds NaN or Inf values", path=c.tensors[name].file, tensor=name,
                                               hint="drop this checkpoint, or pass --allow-nonfinite to average it anyway")
         return NonFiniteError(f"the {avg.name} average overflowed to Inf/NaN", tensor=name,
@@ -598,10 +607,13 @@ class Engine:
 def _all_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` holds no NaN/Inf. A sum is NaN or Inf when any element is, and summing
     is several times quicker than ``isfinite``; only a non-finite sum (which finite values
-    can also reach, by overflow) needs the elementwise test."""
-    if t.dtype in _SUMMABLE and bool(torch.isfinite(t.sum())):
-        return True
-    return bool(torch.isfinite(t).all())
+    can also reach, by overflow) needs the elementwise test. 8-bit floats have neither ``sum`` nor
+    ``isfinite`` in torch: they are tested through float32, a chunk at a time."""
+    if t.dtype in _SUMMABLE:
+        return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
+    flat = t.reshape(-1)
+    step = DEFAULT_CHUNK_ELEMS
+    return all(bool(torch.isfinite(flat[i:i + step].float()).all()) for i in range(0, flat.numel(), step))
 
 
 _SUMMABLE = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # fp8 has no sum
@@ -664,12 +676,23 @@ def _check_steps(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) -> No
 
 
 def _reject_placeholder(ref: TensorRef, path: Any) -> None:
-    """A ``[0]``-shaped float tensor is a DeepSpeed ZeRO-3 partitioned placeholder, never real weights."""
+    """In a checkpoint DeepSpeed saved, a ``[0]``-shaped float tensor is a ZeRO-3 partitioned placeholder,
+    never real weights (elsewhere an empty tensor is just empty, and is averaged like any other)."""
     if ref.shape == (0,) and ref.dtype.is_floating_point:
         raise TensorMismatchError(
             "is empty (shape [0])", path=path, tensor=ref.name,
             hint="a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first",
         )
+
+
+def _shape_change_hint(ref: TensorRef, before: Checkpoint, now: Checkpoint) -> str:
+    """What to do about a tensor that changed shape or dtype between ``before`` and ``now``: restarting
+    its average fits one model that grew, never two different models."""
+    if ref.numel == 0 and now.zero3:
+        return "a ZeRO-3 placeholder? consolidate first"
+    if before.model is not None and now.model is not None and before.model != now.model:
+        return f"the checkpoints are of different models ({before.model}, {now.model}); average checkpoints of one model"
+    return "use --on-shape-change reset to restart its average"
 
 
 def validate_sequence(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) -> None:
@@ -700,10 +723,10 @@ def validate_sequence(ckpts: Sequence[Checkpoint], averages: Sequence[Average]) 
                     raise TensorMismatchError(
                         f"is {list(ref.shape)} {str(ref.dtype)[6:]} here but {list(p.shape)} {str(p.dtype)[6:]} in {prev[1].path}",
                         path=c.path, tensor=ref.name,
-                        hint="a ZeRO-3 placeholder? consolidate first" if ref.numel == 0
-                        else "use --on-shape-change reset to restart its average",
+                        hint=_shape_change_hint(ref, prev[1], c),
                     )
-                _reject_placeholder(ref, c.path)
+                if c.zero3:
+                    _reject_placeholder(ref, c.path)
                 seen[ref.name] = (ref, c)
 
 

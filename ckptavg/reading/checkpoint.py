@@ -50,6 +50,8 @@ class Checkpoint:
     aliases: dict[str, str] = field(default_factory=dict)  # tied name -> stored name
     metadata: dict[str, str] = field(default_factory=dict)
     incomplete: str | None = None  # why the writer may not be done, or None
+    model: str | None = None  # config.json's model_type and architectures, e.g. "gpt2 (GPT2LMHeadModel)"
+    zero3: bool = False  # saved by DeepSpeed ZeRO-3: an empty float tensor is a partitioned placeholder
     _pickles: list[pkl.PickleIndex] = field(default_factory=list, repr=False)
 
     @property
@@ -262,7 +264,34 @@ def open_checkpoint(
             ckpt.step, ckpt.step_source = s, "trainer_state.json"
     if path.is_dir():
         ckpt.incomplete = _trainer_incomplete(path)
+    ckpt.model = _model_identity(ckpt.meta_dir)
+    ckpt.zero3 = _is_deepspeed(path if path.is_dir() else path.parent) or any(p.deepspeed for p in ckpt._pickles)
     return ckpt
+
+
+def _model_identity(meta_dir: Path | None) -> str | None:
+    """``model_type (Architecture, ...)`` from ``config.json`` beside the weights; None without one."""
+    if meta_dir is None:
+        return None
+    try:
+        config = json.loads((meta_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    kind = config.get("model_type")
+    archs = config.get("architectures")
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    if not isinstance(kind, str) and not archs:
+        return None
+    text = kind if isinstance(kind, str) else "?"
+    return f"{text} ({', '.join(archs)})" if archs else text
+
+
+def _is_deepspeed(folder: Path) -> bool:
+    """Whether DeepSpeed saved here: it copies ``zero_to_fp32.py`` beside its checkpoints and writes
+    ``global_step*/`` folders of ``zero_pp_rank_*`` partitions."""
+    return (folder / "zero_to_fp32.py").is_file() or next(folder.glob("global_step*/*zero_pp_rank_*"), None) is not None
 
 
 _TRAINER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "scaler.pt")

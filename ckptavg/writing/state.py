@@ -178,7 +178,7 @@ class StateStore:
             saved = {a["name"]: a for a in manifest["averages"]}
             for avg in averages:
                 avg.slots = slots[avg.name]
-                avg.folded = [FoldRecord(r["path"], r["step"], r["fingerprint"], r.get("weight"))
+                avg.folded = [FoldRecord(r["path"], r["step"], r["fingerprint"], r.get("weight"), r.get("model"))
                               for r in saved[avg.name]["folded"]]
             if problems:
                 log.warning("resumed from generation %d after: %s", gen, "; ".join(problems))

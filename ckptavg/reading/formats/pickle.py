@@ -20,6 +20,7 @@ import logging
 import os
 import pickle
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -67,8 +68,49 @@ def _check_torch(path: Path) -> None:
         )
 
 
+# The pickle part of a torch zip (``*/data.pkl``): names, shapes and storage keys, about 100 bytes per
+# tensor. It is bounded before anything is loaded: at most PICKLE_FLOOR or the bytes of the tensors it
+# describes, whichever is larger, and never more than PICKLE_LIMIT.
+PICKLE_LIMIT = 64 << 20
+PICKLE_FLOOR = 4 << 20
+
+
+def check_zip_bounds(path: Path) -> None:
+    """Refuse a torch zip whose loading could take more memory than its tensors need.
+
+    Reads the zip's central directory only (the declared sizes), never a member's data: a member
+    that is compressed (``torch.save`` stores every member uncompressed, and a compressed one can
+    inflate a thousandfold — a decompression bomb) or a pickle part beyond its bound
+    (:data:`PICKLE_LIMIT`, :data:`PICKLE_FLOOR`) is refused. Legacy (non-zip) pickles are bounded by
+    their file size and pass.
+    """
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # not a zip (a legacy pickle), or unreadable: torch.load says what is wrong
+    pickles = [m for m in members if m.filename.endswith("data.pkl")]
+    tensor_bytes = sum(m.file_size for m in members if "/data/" in m.filename)
+    allowed = min(PICKLE_LIMIT, max(PICKLE_FLOOR, tensor_bytes))
+    for m in pickles:
+        if m.file_size > allowed:
+            raise UnsafePickleError(
+                f"member {m.filename} declares {m.file_size} bytes of pickle for {tensor_bytes} bytes of tensors, "
+                f"over the {allowed}-byte limit; refused before loading",
+                path=path, hint="a decompression bomb or a corrupt file; torch.save never writes such a file",
+            )
+    packed = next((m for m in members if m.compress_type != zipfile.ZIP_STORED), None)
+    if packed is not None:
+        raise UnsafePickleError(
+            f"member {packed.filename} is compressed ({packed.compress_size} bytes inflating to {packed.file_size}); "
+            "refused before loading",
+            path=path, hint="torch.save stores members uncompressed; re-save the checkpoint with torch.save",
+        )
+
+
 def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
     _check_torch(path)
+    check_zip_bounds(path)
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
             warnings.simplefilter("ignore", UserWarning)
@@ -185,6 +227,7 @@ class PickleIndex:
         obj = _index_load(path)
         state, self.state_key = _find_state_dict(obj, path, state_key)
         self.lightning = lightning
+        self.deepspeed = isinstance(obj, Mapping) and "ds_version" in obj  # DeepSpeed's model_states files
         self.global_step = obj.get("global_step") if isinstance(obj, Mapping) and isinstance(obj.get("global_step"), int) else None
         names = _strip(list(state), lightning=lightning and self.state_key == "state_dict", strip_prefix=strip_prefix)
         self.key_of = {v: k for k, v in names.items()}

@@ -14,13 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import struct
 from pathlib import Path
 from typing import Any
 
-from ckptavg.dtypes import SAFETENSORS_TO_TORCH, itemsize
+from ckptavg.dtypes import BITS, SAFETENSORS_TO_TORCH
 from ckptavg.errors import (
     IndexMismatchError,
     InvalidHeaderError,
@@ -30,6 +29,7 @@ from ckptavg.errors import (
     TruncatedFileError,
     UnknownFormatError,
     UnsafePathError,
+    UnsupportedCheckpointError,
 )
 from ckptavg.reading.fileio import FileIdentity
 from ckptavg.reading.formats.refs import TensorRef
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
 _HEADER_LEN = struct.Struct("<Q")
+_U64_MAX = (1 << 64) - 1
+_I64_MAX = (1 << 63) - 1
 
 __all__ = ["MAX_HEADER_BYTES", "SafetensorsHeader", "index_file", "index_sharded", "read_header"]
 
@@ -135,25 +137,30 @@ def _validate_entries(
                 "entry must have exactly 'dtype', 'shape' and 'data_offsets'", path=path, tensor=name
             )
         dtype_name, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_TO_TORCH:
+        if not isinstance(dtype_name, str) or dtype_name not in BITS:
             raise TensorInvalidInfoError(
-                f"unknown dtype {dtype_name!r} (known: {', '.join(SAFETENSORS_TO_TORCH)})", path=path, tensor=name
+                f"unknown dtype {dtype_name!r} (known: {', '.join(BITS)})", path=path, tensor=name
             )
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise TensorInvalidInfoError(f"shape {shape!r} is not a list of non-negative integers", path=path, tensor=name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in offsets)
+            or not all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= _U64_MAX for o in offsets)
             or offsets[1] < offsets[0]
         ):
             raise InvalidOffsetError(f"data_offsets {offsets!r} are not [begin, end] with begin <= end", path=path, tensor=name)
-        dtype = SAFETENSORS_TO_TORCH[dtype_name]
-        nbytes = math.prod(shape) * itemsize(dtype)
+        nbytes = _tensor_bytes(dtype_name, shape, path, name)
         if offsets[1] - offsets[0] != nbytes:
             raise TensorInvalidInfoError(
                 f"{dtype_name} {shape} needs {nbytes} bytes but data_offsets span {offsets[1] - offsets[0]}",
                 path=path, tensor=name,
+            )
+        dtype = SAFETENSORS_TO_TORCH.get(dtype_name)
+        if dtype is None:
+            raise UnsupportedCheckpointError(
+                f"dtype {dtype_name} ({BITS[dtype_name]}-bit, packed) has no torch dtype; ckptavg cannot average it",
+                path=path, tensor=name, hint="dequantize the checkpoint, or leave this tensor out of it",
             )
         entries.append((offsets[0], offsets[1], name, dtype, tuple(shape)))
     entries.sort(key=lambda e: (e[0], e[1]))
@@ -179,6 +186,39 @@ def _validate_entries(
             f"{data_len - expected} bytes after the last tensor are not described by the header", path=path
         )
     return tensors
+
+
+def _tensor_bytes(dtype_name: str, shape: list[int], path: Path, name: str) -> int:
+    """Bytes of a tensor, computed as the format does (``safetensors/src/tensor.rs``): every dimension
+    is a 64-bit unsigned integer, the element count and then the bit count are multiplied out in order
+    with overflow checked at every step (a zero later on does not excuse an overflow), and the bits
+    must fill whole bytes. torch sizes are signed 64-bit, so a dimension of 2**63 or more is refused too."""
+    count = 1
+    for d in shape:
+        if d > _U64_MAX:
+            raise TensorInvalidInfoError(
+                f"dimension {d} of shape {shape} does not fit in 64 bits, the safetensors format's limit",
+                path=path, tensor=name, hint="a corrupt or crafted header",
+            )
+        if d > _I64_MAX:
+            raise TensorInvalidInfoError(
+                f"dimension {d} of shape {shape} is over 2**63 - 1, the largest torch can hold",
+                path=path, tensor=name, hint="a corrupt or crafted header",
+            )
+        count *= d
+        if count > _U64_MAX:
+            raise TensorInvalidInfoError(
+                f"shape {shape} overflows 64 bits when multiplied out", path=path, tensor=name,
+                hint="a corrupt or crafted header",
+            )
+    bits = count * BITS[dtype_name]
+    if bits > _U64_MAX:
+        raise TensorInvalidInfoError(f"{dtype_name} {shape} overflows 64 bits of size", path=path, tensor=name,
+                                     hint="a corrupt or crafted header")
+    if bits % 8:
+        raise TensorInvalidInfoError(f"{dtype_name} {shape} does not end on a byte boundary ({bits} bits)",
+                                     path=path, tensor=name)
+    return bits // 8
 
 
 def index_file(path: Path) -> tuple[dict[str, TensorRef], list[SafetensorsHeader]]:

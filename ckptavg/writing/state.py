@@ -98,7 +98,7 @@ def _canonical_sha256(body: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class GenerationInfo:
-    """One kept generation whose manifest verifies: its number and the caller's ``extra`` from :meth:`StateStore.save`."""
+    """A kept generation whose manifest verifies: its number and the ``extra`` given to :meth:`StateStore.save`."""
 
     generation: int
     extra: dict[str, Any]
@@ -355,7 +355,8 @@ class StateStore:
                 raise NewerStateError(f"was written by a newer ckptavg (state schema {schema}, this version reads "
                                       f"{SCHEMA_VERSION})", path=path, hint="upgrade ckptavg")
         elif claims is not None:
-            raise _Unverified(f"manifest claims state schema {schema} and carries no checksum", path=path, claims=claims)
+            raise _Unverified(f"manifest claims state schema {schema} and carries no checksum", path=path,
+                              claims=claims)
         elif schema >= 2:
             raise StateError(f"manifest of state schema {schema} carries no checksum", path=path)
         elif not quiet:
@@ -390,7 +391,8 @@ class StateStore:
         except CkptavgError:
             raise  # not about the files (e.g. over the memory budget with no disk store)
         except _CONTENT_ERRORS as e:
-            raise StateError(f"accumulator file or its manifest is malformed ({type(e).__name__}: {e})", path=path) from None
+            raise StateError(f"accumulator file or its manifest is malformed ({type(e).__name__}: {e})",
+                             path=path) from None
 
     def _read_accumulators_unchecked(self, path: Path, manifest: dict[str, Any],
                                      averages: Sequence[Average]) -> dict[str, dict[str, Slot]]:
@@ -540,7 +542,8 @@ def _validate_manifest(m: dict[str, Any], gen: int, path: Path) -> None:
             if not isinstance(bufs, list) or not all(isinstance(b, str) for b in bufs) or len(set(bufs)) != len(bufs):
                 raise bad(f"{where} has no list of buffers")
         for r in folded:
-            if (not isinstance(r, dict) or not isinstance(r.get("path"), str) or not isinstance(r.get("fingerprint"), str)
+            if (not isinstance(r, dict) or not isinstance(r.get("path"), str)
+                    or not isinstance(r.get("fingerprint"), str)
                     or (r.get("step") is not None and not is_int(r["step"]))
                     or (r.get("weight") is not None and not is_num(r["weight"]))):
                 raise bad(f"average {a['name']!r} has a malformed folded checkpoint")

@@ -30,10 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptavg.contracts.evalsettings import EVAL_FILE, EvalSettings, write_eval_settings
+from ckptavg.contracts.metrics import METRICS_FILE, MetricsRow, append_row, is_better
+from ckptavg.contracts.status import BestModel, EvaluationStatus, owned_section
 from ckptavg.daemon.config import EvalConfig
 from ckptavg.errors import CkptavgError, OutputError
 from ckptavg.evaluators import Candidate, make_evaluator
-from ckptavg.writing.atomic import atomic_write_bytes, fsync_dir, fsync_path, link_or_copy
+from ckptavg.writing.atomic import AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
 from ckptavg.writing.export import copy_meta_files
 
 log = logging.getLogger(__name__)
@@ -65,10 +68,6 @@ def snapshot_model_folder(src: Path, dst: Path) -> None:
     copy_meta_files(src, dst)
 
 
-def _better(value: float, best: float | None, mode: str) -> bool:
-    return best is None or (value < best if mode == "min" else value > best)
-
-
 class Evaluation:
     """Owns the eval worker, ``metrics.jsonl``, ``eval.json``, selection state and ``OUT/best``."""
 
@@ -79,7 +78,7 @@ class Evaluation:
         self.output = output
         self.state_path = state_path
         self.dir = state_path / "eval"
-        self.metrics_path = state_path / "metrics.jsonl"
+        self.metrics_path = state_path / METRICS_FILE
         self.on_best = on_best
         self.clock = clock
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +116,8 @@ class Evaluation:
             return None
 
     def _write_eval_json(self) -> None:
-        data = {"metric": self.metric, "mode": self.cfg.mode, "every": self.cfg.every, "kind": self.cfg.kind}
-        atomic_write_bytes(self.state_path / "eval.json", json.dumps(data, indent=1).encode())
+        settings = EvalSettings(metric=self.metric, mode=self.cfg.mode, every=self.cfg.every, kind=self.cfg.kind)
+        write_eval_settings(self.state_path / EVAL_FILE, settings)
 
     def _save_progress(self) -> None:
         data = {"round": self.round, "last_step": self.last_step, "run_start": self.run_start, "last_ok": self.last_ok}
@@ -187,14 +186,15 @@ class Evaluation:
                 self._thread.join(10)
             self._thread = None
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> EvaluationStatus:
         with self._cond:
             running = self._running.step if self._running is not None else None
             pending = self._pending.step if self._pending is not None else None
-        return {"kind": self.cfg.kind, "metric": self.metric, "mode": self.cfg.mode, "rounds": self.round,
-                "last_evaluated_step": self.last_step, "running_step": running, "pending_step": pending,
-                "skipped_rounds": self.skipped_rounds, "failures": self.failures, "last_error": self.last_error,
-                "best": self.best}
+        return EvaluationStatus(kind=self.cfg.kind, metric=self.metric, mode=self.cfg.mode, rounds=self.round,
+                                last_evaluated_step=self.last_step, running_step=running, pending_step=pending,
+                                skipped_rounds=self.skipped_rounds, failures=self.failures,
+                                last_error=self.last_error,
+                                best=owned_section(BestModel, self.best) if self.best is not None else None)
 
     # -- the worker -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -236,75 +236,70 @@ class Evaluation:
 
     def _evaluate_round(self, rnd: EvalRound) -> None:
         label = getattr(self.evaluator, "label", self.cfg.kind)
-        rows: list[dict[str, Any]] = []
+        rows: list[MetricsRow] = []
         for cand in rnd.candidates:
             if self._stop:  # stopping: the round runs again at the next start
                 log.info("evaluation round %d interrupted by the stop", rnd.round)
                 return
             started = self.clock()
             t0 = time.perf_counter()
-            row: dict[str, Any] = {"round": rnd.round, "step": rnd.step, "written_at": rnd.written_at,
-                                   "wall_time": rnd.wall_time, "candidate": cand.name, "kind": cand.kind,
-                                   "method": cand.info.get("method"), "options": cand.info.get("options"),
-                                   "evaluator": label}
+            metrics: dict[str, float] | None = None
+            error: str | None = None
             try:
-                row["metrics"] = self.evaluator.evaluate(cand)
+                metrics = self.evaluator.evaluate(cand)
             except CkptavgError as e:
                 self.failures += 1
                 self.last_error = f"step {rnd.step} {cand.name}: {e}"
-                row["error"] = str(e)
+                error = str(e)
                 log.warning("evaluation of %s at step %d failed: %s", cand.name, rnd.step, e)
             finally:
                 cand.release()
-            row["evaluated_at"] = started
-            row["eval_seconds"] = round(time.perf_counter() - t0, 4)
+            row = MetricsRow(round=rnd.round, step=rnd.step, written_at=rnd.written_at, wall_time=rnd.wall_time,
+                             candidate=cand.name, kind=cand.kind, method=cand.info.get("method"),
+                             options=cand.info.get("options"), evaluator=label, metrics=metrics, error=error,
+                             evaluated_at=started, eval_seconds=round(time.perf_counter() - t0, 4))
             rows.append(row)
             self._append(row)
         self.last_step = rnd.step
-        self.last_ok = any("metrics" in r for r in rows)
+        self.last_ok = any(r.metrics is not None for r in rows)
         self._save_progress()
         self._select(rnd, rows)
 
-    def _append(self, row: dict[str, Any]) -> None:
-        line = (json.dumps(row, sort_keys=False) + "\n").encode()
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if "metrics" in row:
-            shown = ", ".join(f"{k}={v:.5g}" for k, v in row["metrics"].items())
-            log.info("eval step %d %s: %s (%.1f s)", row["step"], row["candidate"], shown, row["eval_seconds"])
+    def _append(self, row: MetricsRow) -> None:
+        append_row(self.metrics_path, row)
+        if row.metrics is not None:
+            shown = ", ".join(f"{k}={v:.5g}" for k, v in row.metrics.items())
+            log.info("eval step %d %s: %s (%.1f s)", row.step, row.candidate, shown, row.eval_seconds)
 
     # -- selection and OUT/best ----------------------------------------------------------------
-    def _select(self, rnd: EvalRound, rows: list[dict[str, Any]]) -> None:
-        scored = [r for r in rows if "metrics" in r]
+    def _select(self, rnd: EvalRound, rows: list[MetricsRow]) -> None:
+        scored = [(r, r.metrics) for r in rows if r.metrics is not None]
         if not scored:
             return
         if self.metric is None:
-            self.metric = next(iter(scored[0]["metrics"]))
+            self.metric = next(iter(scored[0][1]))
             log.info("selecting the best model by %s (%s); set metric = ... in [evaluate] to choose", self.metric,
                      self.cfg.mode)
             self._write_eval_json()
-        have = [r for r in scored if self.metric in r["metrics"]]
+        metric = self.metric
+        have = [(r, m) for r, m in scored if metric in m]
         if not have:
-            self.last_error = (f"the evaluator returned no {self.metric!r} (it returned "
-                               f"{', '.join(scored[0]['metrics'])}); set metric = ... in [evaluate]")
+            self.last_error = (f"the evaluator returned no {metric!r} (it returned "
+                               f"{', '.join(scored[0][1])}); set metric = ... in [evaluate]")
             log.warning("%s", self.last_error)
             return
-        pick = min(have, key=lambda r: r["metrics"][self.metric]) if self.cfg.mode == "min" else \
-            max(have, key=lambda r: r["metrics"][self.metric])
-        value = pick["metrics"][self.metric]
-        if not _better(value, (self.best or {}).get("value"), self.cfg.mode):
+        pick, pick_metrics = min(have, key=lambda rm: rm[1][metric]) if self.cfg.mode == "min" else \
+            max(have, key=lambda rm: rm[1][metric])
+        value = pick_metrics[metric]
+        if not is_better(value, (self.best or {}).get("value"), self.cfg.mode):
             return
-        raw = next((r for r in rows if r["kind"] == "raw" and "metrics" in r), None)
-        cand = next(c for c in rnd.candidates if c.name == pick["candidate"])
+        raw = next((m for r, m in scored if r.kind == "raw"), None)
+        cand = next(c for c in rnd.candidates if c.name == pick.candidate)
         version = int((self.best or {}).get("version", 0)) + 1
         best = {"candidate": cand.name, "kind": cand.kind, "method": cand.info.get("method"),
                 "options": cand.info.get("options"), "step": rnd.step, "round": rnd.round,
-                "metric": self.metric, "mode": self.cfg.mode, "value": value, "metrics": pick["metrics"],
-                "raw_metrics_same_step": raw["metrics"] if raw else None, "version": version,
+                "metric": self.metric, "mode": self.cfg.mode, "value": value, "metrics": pick_metrics,
+                "raw_metrics_same_step": raw, "version": version,
                 "steps_folded": cand.info.get("steps"), "published_at": self.clock()}
         folder = self._publish_best(cand, best)
         best["folder"] = str(folder)
@@ -322,23 +317,14 @@ class Evaluation:
         versions.mkdir(parents=True, exist_ok=True)
         name = f"v{best['version']:04d}-step{best['step']}-{cand.name}"
         final = versions / name
-        tmp = versions / f".{name}.ckptavg-tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        for f in sorted(Path(cand.model_dir).iterdir()):
-            if f.is_file() and f.name not in ("README.md", "ckptavg.json"):
-                link_or_copy(f, tmp / f.name)
-        prov = self._read_json(Path(cand.model_dir) / "ckptavg.json") or {}
-        prov["selection"] = {k: v for k, v in best.items() if k != "folder"}
-        (tmp / "ckptavg.json").write_text(json.dumps(prov, indent=2) + "\n")
-        (tmp / "README.md").write_text(best_model_card(best))
-        for f in tmp.iterdir():
-            fsync_path(f)
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_dir(versions)
+        with AtomicDir(final, replace=True) as tmp:  # temp folder, fsync of each file and the folder, rename
+            for f in sorted(Path(cand.model_dir).iterdir()):
+                if f.is_file() and f.name not in ("README.md", "ckptavg.json"):
+                    link_or_copy(f, tmp / f.name)
+            prov = self._read_json(Path(cand.model_dir) / "ckptavg.json") or {}
+            prov["selection"] = {k: v for k, v in best.items() if k != "folder"}
+            (tmp / "ckptavg.json").write_text(json.dumps(prov, indent=2) + "\n")
+            (tmp / "README.md").write_text(best_model_card(best))
         link = self.output / BEST_LINK
         if link.exists() and not link.is_symlink():
             raise OutputError(f"{link} exists and is not a symlink ckptavg made; not replacing it",

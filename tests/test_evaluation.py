@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_daemon import start_daemon, status, stop, wait_for, write_trainer_checkpoint
 
+from ckptavg.contracts.metrics import MetricsRow
 from ckptavg.daemon.config import EvalConfig, load_config
 from ckptavg.daemon.evaluation import BEST_LINK, EvalRound, Evaluation
 from ckptavg.errors import UsageError
@@ -89,7 +90,8 @@ def test_command_evaluator_timeout_kills_the_whole_process_group(tmp_path):
         ev.evaluate(Candidate("raw", 1, folder))
     assert time.monotonic() - t0 < 10
     pid = int(pidfile.read_text())
-    assert wait_for(lambda: not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
+    assert wait_for(lambda: not Path(f"/proc/{pid}").exists()
+                    or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2],
                     timeout=5), "the command's child survived the timeout"
 
 
@@ -164,7 +166,8 @@ def _round(ev: Evaluation, step: int, values: dict[str, float], tmp_path: Path) 
     for name, v in values.items():
         folder = model_folder(rnd.folder / name, v)
         rnd.candidates.append(Candidate(name, step, folder, kind="raw" if name == "raw" else "average",
-                                        info={"method": None if name == "raw" else "ema", "options": {}, "steps": [step]}))
+                                        info={"method": None if name == "raw" else "ema", "options": {},
+                                              "steps": [step]}))
     return rnd
 
 
@@ -189,7 +192,8 @@ def test_rounds_write_metrics_and_publish_the_best_atomically(tmp_path):
     rows = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]
     assert [(r["round"], r["step"], r["candidate"], r["metrics"]["val_loss"]) for r in rows] == [
         (1, 100, "raw", pytest.approx(0.9)), (1, 100, "ema-10", 0.5), (2, 200, "raw", pytest.approx(0.7)),
-        (2, 200, "ema-10", pytest.approx(0.6)), (3, 300, "raw", pytest.approx(0.2)), (3, 300, "ema-10", pytest.approx(0.4))]
+        (2, 200, "ema-10", pytest.approx(0.6)), (3, 300, "raw", pytest.approx(0.2)),
+        (3, 300, "ema-10", pytest.approx(0.4))]
     assert rows[0]["wall_time"] == 0.0 and rows[2]["wall_time"] == 100.0 and rows[1]["kind"] == "average"
     assert [b["candidate"] for _, b in published] == ["ema-10", "raw"]
     link = out / BEST_LINK
@@ -233,7 +237,8 @@ def test_a_reader_never_sees_a_partial_best(tmp_path):
     try:
         for i in range(30):
             rnd = _round(ev, 100 + i, {"ema": 1.0 - i / 100}, tmp_path)
-            ev._select(rnd, [{"candidate": "ema", "kind": "average", "metrics": {"val_loss": 1.0 - i / 100}}])
+            ev._select(rnd, [MetricsRow(step=100 + i, candidate="ema", kind="average",
+                                        metrics={"val_loss": 1.0 - i / 100})])
     finally:
         stop_reading.set()
         th.join()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
 import math
 import time
@@ -28,80 +27,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptavg.contracts.evalsettings import EVAL_FILE, EvalSettings, read_eval_settings
+from ckptavg.contracts.metrics import METRICS_FILE, NO_METRICS_HINT, MetricsRow, is_better, read_rows
 from ckptavg.errors import MetricsError, OutputError, UsageError
 from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CandidateSummary", "MetricsError", "Point", "Report", "build_report", "load_metrics"]
-
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-_NO_METRICS_HINT = ("the daemon writes OUT/.ckptavg/metrics.jsonl only when it runs with an evaluator, one line "
-                    "per candidate every eval_every folds; pass that OUT folder or the file itself")
+__all__ = ["CandidateSummary", "MetricsError", "MetricsRow", "Point", "Report", "build_report", "load_metrics"]
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def load_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The evaluation records of a ``metrics.jsonl`` file, in file order.
+def load_metrics(path: str | Path) -> list[MetricsRow]:
+    """The evaluation records of a ``metrics.jsonl`` file, in file order (see
+    :func:`ckptavg.contracts.metrics.read_rows`).
 
     A last line that does not parse (the daemon crashed mid-write) is skipped
     with a warning; any other bad line is a :class:`MetricsError` naming the
     file and the line number.
     """
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8", errors="replace")
-    except FileNotFoundError:
-        raise UsageError(f"no {METRICS_FILE} here", path=path, hint=_NO_METRICS_HINT) from None
-    except OSError as e:
-        raise MetricsError(f"cannot read: {e.strerror or e}", path=path) from None
-    lines = text.split("\n")
-    numbered = [(i + 1, line) for i, line in enumerate(lines) if line.strip()]
-    records = []
-    for k, (lineno, line) in enumerate(numbered):
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            if k == len(numbered) - 1:
-                log.warning("%s: ignoring line %d: it does not parse (%s); the daemon was probably stopped "
-                            "while writing it", path, lineno, getattr(e, "msg", e))
-                break
-            raise MetricsError(f"line {lineno} is not valid JSON ({getattr(e, 'msg', e)})", path=path,
-                               hint="fix or delete that line") from None
-        _check_record(record, path, lineno)
-        records.append(record)
-    return records
-
-
-def _check_record(record: Any, path: Path, lineno: int) -> None:
-    def bad(what: str) -> MetricsError:
-        return MetricsError(f"line {lineno}: {what}", path=path, hint="fix or delete that line")
-
-    if not isinstance(record, dict):
-        raise bad(f"expected a JSON object, found {type(record).__name__}")
-    if not isinstance(record.get("candidate"), str) or not record["candidate"]:
-        raise bad("no \"candidate\" name")
-    step = record.get("step")
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise bad(f"\"step\" must be an integer, found {step!r}")
-    wall = record.get("wall_time")
-    if wall is not None and not _is_number(wall):
-        raise bad(f"\"wall_time\" must be a number or null, found {wall!r}")
-    if "error" in record and "metrics" not in record:
-        return
-    metrics = record.get("metrics")
-    if not isinstance(metrics, dict):
-        raise bad("neither \"metrics\" (an object) nor \"error\"")
-    for name, value in metrics.items():
-        if not _is_number(value):
-            raise bad(f"metric {name!r} is not a number: {value!r}")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return read_rows(path)
 
 
 def _locate(path: Path) -> tuple[Path, Path]:
@@ -113,26 +60,13 @@ def _locate(path: Path) -> tuple[Path, Path]:
                 break
         else:
             raise UsageError(f"no {METRICS_FILE} here (looked in {path / '.ckptavg'})", path=path,
-                             hint=_NO_METRICS_HINT)
+                             hint=NO_METRICS_HINT)
     elif path.exists() or path.name.endswith(".jsonl"):
         source = path
     else:
-        raise UsageError("no such folder", path=path, hint=_NO_METRICS_HINT)
+        raise UsageError("no such folder", path=path, hint=NO_METRICS_HINT)
     out = source.parent.parent if source.parent.name == ".ckptavg" else source.parent
     return source, out
-
-
-def _eval_settings(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as e:
-        raise MetricsError(f"cannot read the evaluation settings: {e}", path=path,
-                           hint="pass --metric and --mode instead") from None
-    if not isinstance(data, dict):
-        raise MetricsError("expected a JSON object", path=path, hint="pass --metric and --mode instead")
-    return data
 
 
 # --------------------------------------------------------------------------- numbers
@@ -182,10 +116,6 @@ class CandidateSummary:
         }
 
 
-def _better(a: float, b: float, mode: str) -> bool:
-    return a < b if mode == "min" else a > b
-
-
 def _reached(value: float, target: float, mode: str) -> bool:
     return value <= target if mode == "min" else value >= target
 
@@ -200,10 +130,11 @@ def build_report(out_dir: str | Path, *, metric: str | None = None, mode: str | 
     source, out = _locate(Path(out_dir))
     records = load_metrics(source)
     if not records:
-        raise MetricsError("holds no evaluations yet", path=source, hint=_NO_METRICS_HINT)
-    settings = _eval_settings(source.parent / EVAL_FILE) if metric is None or mode is None else {}
-    from_file = mode is None and "mode" in settings
-    mode = mode or settings.get("mode") or "min"
+        raise MetricsError("holds no evaluations yet", path=source, hint=NO_METRICS_HINT)
+    settings = (read_eval_settings(source.parent / EVAL_FILE) if metric is None or mode is None else None) \
+        or EvalSettings()
+    from_file = mode is None and settings.mode is not None
+    mode = mode or settings.mode or "min"
     if mode not in ("min", "max"):
         raise UsageError(f"mode {mode!r}: choose min (lower is better) or max (higher is better)",
                          path=source.parent / EVAL_FILE if from_file else None,
@@ -212,36 +143,36 @@ def build_report(out_dir: str | Path, *, metric: str | None = None, mode: str | 
         raise UsageError(f"--target {target!r}: must be a finite number")
     known: dict[str, None] = {}
     for r in records:
-        known.update(dict.fromkeys(r.get("metrics") or {}))
+        known.update(dict.fromkeys(r.metrics or {}))
     if not known:
-        first = next(str(r["error"]) for r in records if "error" in r)
+        first = next(r.error for r in records if r.error is not None)
         raise MetricsError(f"all {len(records)} evaluations failed; the first said: {first}", path=source,
                            hint="check the evaluator; nothing to report yet")
-    metric = metric or settings.get("metric") or next(iter(known))
+    metric = metric or settings.metric or next(iter(known))
     if metric not in known:
-        where = " (the metric named in eval.json)" if settings.get("metric") == metric else ""
+        where = f" (the metric named in {EVAL_FILE})" if settings.metric == metric else ""
         raise UsageError(f"unknown metric {metric!r}{where}; this file has: {', '.join(known)}", path=source,
                          hint="pass --metric with one of those")
 
     cands: dict[str, CandidateSummary] = {}
     by_step: dict[str, dict[int, Point]] = {}
     for r in records:
-        name = r["candidate"]
+        name = r.candidate
         if name not in cands:
-            kind = r.get("kind") or ("raw" if name == "raw" else "average")
-            options = r.get("options")
-            cands[name] = CandidateSummary(name, str(kind), str(r.get("method") or kind),
+            kind = r.kind or ("raw" if name == "raw" else "average")
+            options = r.options
+            cands[name] = CandidateSummary(name, str(kind), str(r.method or kind),
                                            dict(options) if isinstance(options, dict) else {})
             by_step[name] = {}
         c = cands[name]
-        if "error" in r and not isinstance(r.get("metrics"), dict):
+        if r.metrics is None:  # the evaluation failed (it has an error instead)
             c.failed += 1
             continue
-        value = r["metrics"].get(metric)
+        value = r.metrics.get(metric)
         if value is None or not math.isfinite(value):
             c.missing += 1
             continue
-        by_step[name][r["step"]] = Point(r["step"], r.get("wall_time"), value)  # a re-evaluation replaces
+        by_step[name][r.step] = Point(r.step, r.wall_time, value)  # a re-evaluation replaces
     for name, c in cands.items():
         c.points = [by_step[name][s] for s in sorted(by_step[name])]
         if c.missing:
@@ -254,7 +185,7 @@ def build_report(out_dir: str | Path, *, metric: str | None = None, mode: str | 
             c.final = c.points[-1]
             c.best = c.points[0]
             for p in c.points[1:]:
-                if _better(p.value, c.best.value, mode):
+                if is_better(p.value, c.best.value, mode):
                     c.best = p
     target_source = "--target"
     if target is None and raw is not None and raw.best is not None:
@@ -270,18 +201,18 @@ def build_report(out_dir: str | Path, *, metric: str | None = None, mode: str | 
             c.best_ratio = c.best.value / raw.best.value if raw.best.value else None
             common = [s for s in by_step[c.name] if s in raw_steps]
             c.rounds = len(common)
-            c.wins = sum(_better(by_step[c.name][s].value, raw_steps[s].value, mode) for s in common)
+            c.wins = sum(is_better(by_step[c.name][s].value, raw_steps[s].value, mode) for s in common)
             if c.target is not None and raw.target is not None:
                 c.steps_saved = raw.target.step - c.target.step
                 c.steps_saved_pct = 100.0 * c.steps_saved / raw.target.step if raw.target.step else None
                 if c.target.wall_time is not None and raw.target.wall_time is not None:
                     c.seconds_saved = raw.target.wall_time - c.target.wall_time
             sooner = c.target is not None and (raw.target is None or c.target.step < raw.target.step)
-            c.helped = _better(c.best.value, raw.best.value, mode) or sooner
+            c.helped = is_better(c.best.value, raw.best.value, mode) or sooner
     return Report(source=source, out_dir=out, metric=metric, mode=mode, target=target,
                   target_source=target_source if target is not None else None, metrics_known=list(known),
                   records=len(records), failed=sum(c.failed for c in ordered), candidates=ordered, raw=raw,
-                  evaluators=sorted({str(r["evaluator"]) for r in records if r.get("evaluator")}))
+                  evaluators=sorted({str(r.evaluator) for r in records if r.evaluator}))
 
 
 # --------------------------------------------------------------------------- presenting

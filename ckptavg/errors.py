@@ -36,6 +36,7 @@ __all__ = [
     "UnsafePickleError",
     "UnsupportedCheckpointError",
     "CheckpointChangedError",
+    "SpecialFileError",
     "CheckpointVanishedError",
     "StepError",
     "OutputError",
@@ -46,6 +47,7 @@ __all__ = [
     "StateLockedError",
     "HubError",
     "EvaluationError",
+    "StatusError",
 ]
 
 
@@ -159,6 +161,10 @@ class UnsafePickleError(CheckpointError):
     """A pickle could not be loaded with ``weights_only=True``; it was not executed."""
 
 
+class SpecialFileError(CheckpointError, OSError):
+    """A FIFO, socket or device where a weight file should be: refused without reading (a FIFO would block)."""
+
+
 class CheckpointChangedError(CheckpointError, OSError):
     """A file changed size or identity while it was being read."""
 
@@ -252,3 +258,7 @@ class HubError(CkptavgError):
 
 class EvaluationError(CkptavgError):
     """An evaluator failed or returned something that is not a mapping of finite numbers."""
+
+
+class StatusError(CkptavgError, ValueError):
+    """The daemon's status.json cannot be read, is not JSON, or is not a status document."""

@@ -16,7 +16,7 @@ Points (``context`` keyword arguments in brackets):
 ``state.before-manifest`` [generation]
     a generation's accumulators are durable, its manifest (the commit) is not written yet;
 ``publish.before-rename`` [target]
-    a published average is complete in its temporary folder, not yet in place.
+    a published average is complete in its version folder; ``OUT/<name>`` is not swapped to it yet.
 """
 
 from __future__ import annotations

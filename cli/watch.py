@@ -20,7 +20,7 @@ from ckptavg.errors import UsageError
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Daemon state (default OUTPUT/.ckptavg).")
 @click.option("--device", help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--poll", "poll", flag_value="always", default=None, help="Poll instead of file events (network mounts).")
-@click.option("--poll-interval", type=float, help="Seconds between full rescans (default 10).")
+@click.option("--poll-interval", type=float, help="Seconds between full rescans (default 2).")
 @click.option("--settle", type=float, help="Seconds a bare file must stay unmodified (default 5).")
 @click.option("--marker", help="Glob that marks a checkpoint finished (e.g. COMPLETE).")
 @click.option("--publish-every", type=int, help="Publish after this many folds (default 1).")

@@ -66,10 +66,13 @@ class WatchConfig:
     publish_every: int = 1
     persist_every: int = 1
     poll: str = "auto"  # auto | always | never
-    poll_interval: float = 10.0
+    poll_interval: float = 2.0  # a full rescan: cheap, and short enough that rotation rarely outruns it
     settle: float = 5.0
     marker: str | None = None
     on_shape_change: str = "error"
+    on_rewind: str = "rollback"  # rollback | ignore: a trainer that resumed from an earlier checkpoint
+    rewind_too_far: str = "restart"  # restart | stop: no kept generation reaches back to the resume point
+    keep_generations: int = 4  # state generations kept (each: the averages' accumulators on disk)
     keep_for_lawa: str = "auto"  # auto | link | copy
     nice: int = 10
     ionice_idle: bool = True
@@ -87,7 +90,7 @@ class WatchConfig:
 
 _CHOICES = {
     "device": None, "accum_dtype": ("float32", "float64"), "poll": ("auto", "always", "never"),
-    "on_shape_change": ("error", "reset"), "keep_for_lawa": ("auto", "link", "copy"),
+    "on_shape_change": ("error", "reset"), "on_rewind": ("rollback", "ignore"), "rewind_too_far": ("restart", "stop"), "keep_for_lawa": ("auto", "link", "copy"),
 }
 _TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source"} | {"average"}
 
@@ -257,6 +260,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
             kw[key] = _typed(source, key, value, int, minimum=0)
         elif key == "threads":
             kw[key] = _typed(source, key, value, int, minimum=1)
+        elif key == "keep_generations":
+            kw[key] = _typed(source, key, value, int, minimum=2)
         elif key in ("poll_interval", "settle"):
             kw[key] = _typed(source, key, value, float, minimum=0.0)
         elif key == "ionice_idle":

@@ -38,8 +38,9 @@ from ckptavg.daemon.config import WatchConfig, load_config
 from ckptavg.daemon.evaluation import EvalRound, Evaluation, snapshot_model_folder
 from ckptavg.daemon.notify import Notifier
 from ckptavg.daemon.retain import Retainer, probe_link
+from ckptavg.daemon.trajectory import Trajectory, file_ids, save_steps_of
 from ckptavg.daemon.watcher import Watcher
-from ckptavg.errors import CkptavgError, UsageError
+from ckptavg.errors import CheckpointChangedError, CkptavgError, OutputError, StateLockedError, UsageError
 from ckptavg.evaluators import Candidate
 from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.progress import Progress
@@ -48,8 +49,8 @@ from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.ready import check_ready
 from ckptavg.reading.steps import step_from_name
 from ckptavg.units import format_bytes
-from ckptavg.writing.atomic import atomic_write_bytes, link_or_copy, remove_orphans
-from ckptavg.writing.export import copy_meta_files, publish_average
+from ckptavg.writing.atomic import link_or_copy
+from ckptavg.writing.export import copy_meta_files, publish_average, remove_publish_orphans
 from ckptavg.writing.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ class Service:
         self.cfg = cfg
         self.config_path = config_path
         self.clock = clock
-        self.store = StateStore(cfg.state_path)
+        self.store = StateStore(cfg.state_path, keep=cfg.keep_generations)
         self.notifier = Notifier()
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -111,6 +112,17 @@ class Service:
         self.evaluation: Evaluation | None = None
         self.hub: Any = None
         self.since_eval = 0
+        self.trajectory = Trajectory()
+        self.rewinds: list[dict[str, Any]] = []  # each rewind handled: at which step, back to which
+        self.halted: str | None = None  # folding stopped (rewind_too_far = "stop"): why
+        self.degraded: str | None = None  # output (state or published folders) cannot be written: why
+        self._retry_at = 0.0
+        self._backoff = 1.0
+        self._ready_seen: dict[Path, Any] = {}  # check_ready's memory for files with mtimes in the future
+        # kept generations: (number, last folded step, the retained steps a rollback to it would read again)
+        self._gen_steps: list[tuple[int, int | None, list[int]]] = []
+        self._waiting = False
+        self._publisher_lock: int | None = None
 
     # -- set-up --------------------------------------------------------------------------------
     def _new_averages(self) -> list[Average]:
@@ -128,14 +140,19 @@ class Service:
                 avg.slots.clear()
                 avg.store.close()
 
-    def _load_state(self) -> None:
+    def _load_state(self, *, at_most: int | None = None) -> None:
+        """The averages and bookkeeping of the newest intact generation (``at_most``: no newer than that one)."""
         self._close_stores()  # a rollback replaces the averages: their disk stores are closed first
         self.averages = self._new_averages()
-        extra = self.store.load(self.averages) or {}
+        extra = self.store.load(self.averages, at_most=at_most) or {}
         self.folded = {int(k): v for k, v in extra.get("folded", {}).items()}
         self.skipped = {int(k): v for k, v in extra.get("skipped", {}).items()}
         self.last_step = extra.get("last_step")
+        self.trajectory = Trajectory.from_json(extra.get("trajectory"))
+        self.rewinds = list(extra.get("rewinds", []))
         self.unpersisted = []
+        self._gen_steps = [(g.generation, g.extra.get("last_step"), list(g.extra.get("needs", [])))
+                           for g in self.store.history()]
 
     def _install_signals(self) -> None:
         def stop(signum: int, frame: Any) -> None:
@@ -152,12 +169,46 @@ class Service:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> int:
+        self._check_ownership()
         self.store.lock()
         try:
+            self._lock_output()
             return self._run()
         finally:
             self.watcher.stop()
             self.store.unlock()
+            if self._publisher_lock is not None:
+                os.close(self._publisher_lock)
+
+    def _check_ownership(self) -> None:
+        """The state folder must be the daemon's own: never inside the watched run (the trainer's rotation would
+        delete it, and the daemon would write into the trainer's folders)."""
+        state, watch = self.cfg.state_path.resolve(), self.cfg.watch.resolve()
+        if state == watch or watch in state.parents:
+            raise UsageError(f"the state folder {self.cfg.state_path} is inside the watched run {self.cfg.watch}; "
+                             "ckptavg never writes into the trainer's folders",
+                             hint="set state_dir (--state-dir) outside the run, e.g. the default OUTPUT/.ckptavg")
+        if state in watch.parents:
+            raise UsageError(f"the state folder {self.cfg.state_path} contains the watched run {self.cfg.watch}",
+                             hint="set state_dir (--state-dir) to a folder of its own")
+
+    def _lock_output(self) -> None:
+        """One daemon publishes into an output folder: a second one (another state folder) is refused."""
+        import fcntl
+
+        path = self.cfg.output / ".ckptavg" / "publisher.lock"  # beside the published versions
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # read-only descriptor: a daemon holding the output must not keep it from being remounted read-only
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StateLockedError(f"is published by another ckptavg daemon ({holder})", path=self.cfg.output,
+                                   hint="give each daemon its own output folder") from None
+        path.write_text(f"pid {os.getpid()}, state {self.cfg.state_path.resolve()}")
+        self._publisher_lock = fd
 
     def _run(self) -> int:
         if self.cfg.nice:
@@ -193,6 +244,8 @@ class Service:
         log.info("watching %s: %s; state in %s (%d checkpoint(s) already folded)", self.cfg.watch,
                  ", ".join(a.name for a in self.averages), self.cfg.state_path, len(self.folded))
         self.state = "watching"
+        if not self.cfg.watch.is_dir():
+            self._note_missing_run()
         self.notifier.ready(f"watching {self.cfg.watch}")
         last_ping = 0.0
         try:
@@ -202,15 +255,19 @@ class Service:
                     self._reload()
                 self.wake.clear()
                 self.watcher.ensure()
+                if self.degraded is not None and time.monotonic() >= self._retry_at:
+                    self._retry_output()
                 self._scan()
                 if ping is not None and time.monotonic() - last_ping >= ping:
                     self.notifier.watchdog()
                     last_ping = time.monotonic()
-                if self.queue:
+                if self.queue and self.halted is None:
                     self._fold(min(self.queue))
                     continue
                 self._write_status()
                 timeout = self.cfg.poll_interval if ping is None else min(self.cfg.poll_interval, ping)
+                if self.degraded is not None:
+                    timeout = min(timeout, max(0.05, self._retry_at - time.monotonic()))
                 self.wake.wait(timeout)
                 if self.wake.is_set() and not self.stopping.is_set():
                     self.stopping.wait(min(0.5, self.cfg.settle))  # let a burst of events settle
@@ -221,6 +278,9 @@ class Service:
                 self._persist()
             if self.since_publish:
                 self._publish()
+            if self.degraded is not None:
+                log.warning("stopping while degraded (%s): the last %d fold(s) were not saved; they are folded again "
+                            "from the retained checkpoints at the next start", self.degraded, len(self.unpersisted))
             if self.evaluation is not None:
                 self.evaluation.close()
             if self.hub is not None:
@@ -234,7 +294,8 @@ class Service:
 
     def _remove_orphans(self) -> None:
         """Staging folders a crash left beside the published averages (they never replaced anything)."""
-        for p in remove_orphans(self.cfg.output):
+        best_grace = self.cfg.evaluate.best_grace if self.cfg.evaluate is not None else 600.0
+        for p in remove_publish_orphans(self.cfg.output, best_grace=best_grace):
             log.warning("removed %s, left by an interrupted publish", p)
 
     def _reload(self) -> None:
@@ -260,26 +321,37 @@ class Service:
             self._warned.add((step, what))
             log.warning(what, *args)
 
+    def _note_missing_run(self) -> None:
+        if not self._waiting:
+            log.warning("%s does not exist (yet); waiting for it to appear (its parent folder is watched for it)",
+                        self.cfg.watch)
+            self._waiting = True
+
     def _scan(self) -> None:
         if not self.cfg.watch.is_dir():
+            self._note_missing_run()
             return
+        if self._waiting:
+            log.info("%s appeared; watching it", self.cfg.watch)
+            self._waiting = False
         try:
             candidates = find_candidates(self.cfg.watch)
         except CkptavgError:
             return
+        rewinds: dict[int, str] = {}  # step -> why: where the trainer went back to
+        for step in sorted(self.folded):  # a folded step whose files the trainer re-wrote
+            if self.trajectory.source_state(step) == "changed":
+                src = Path(self.trajectory.sources[step]["path"])
+                if self._ready(src, rewritten=True) is not None:
+                    rewinds[step] = f"step {step} ({src}) was re-written after it was folded"
         for path in candidates:
             named = step_from_name(path.name)
             if named is not None and (named in self.folded or named in self.queue or named in self.skipped):
                 continue
-            ready = check_ready(path, settle=self.cfg.settle, marker=self.cfg.marker, clock=self.clock)
-            if not ready.ready:
-                if ready.state == "bad":
-                    self._warn_once(named or -1, "not folding %s: %s", path, ready.reason)
+            if named is not None and named in self.trajectory.abandoned and self._still_abandoned(named, path):
                 continue
-            try:
-                ckpt = ready.checkpoint or open_checkpoint(path)  # marker/DCP rules do not open it
-            except CkptavgError as e:
-                self._warn_once(named or -1, "not folding %s: %s", path, e)
+            ckpt = self._ready(path)
+            if ckpt is None:
                 continue
             if ckpt.step is None:
                 self._warn_once(-1, "not folding %s: no training step in its name", path)
@@ -290,21 +362,255 @@ class Service:
                 if self.folded.get(step, self.queue.get(step, ("",))[0]) != ckpt.fingerprint:
                     self._warn_once(step, "step %d at %s differs from the one already taken; ignored", step, path)
                 continue
+            if step in self.trajectory.abandoned and self.trajectory.is_abandoned(step, ckpt.files):
+                continue
             if self.last_step is not None and step <= self.last_step:
-                self._warn_once(step, "late checkpoint %s (step %d <= %d, already folded past it): skipped",
-                                path, step, self.last_step)
+                later = [s for s in self.folded if s > step]
+                if all(self.trajectory.source_state(s) == "same" for s in later):
+                    self._warn_once(step, "late checkpoint %s (step %d <= %d, already folded past it, and those "
+                                    "checkpoints are unchanged): skipped", path, step, self.last_step)
+                else:
+                    rewinds[step] = (f"a new checkpoint at step {step} ({path}) while a later folded checkpoint "
+                                     "was deleted or re-written")
                 continue
-            try:
-                kept = self.retainer.retain(ckpt, step)
-            except CkptavgError as e:
-                self._warn_once(step, "skipping step %d: %s", step, e)
-                continue
-            self.queue[step] = (ckpt.fingerprint, kept)
-            log.debug("queued step %d (%s)", step, path)
+            self._take(ckpt, step)
+        if rewinds:
+            step = min(rewinds)
+            self._rewind(step, rewinds[step])
+
+    def _ready(self, path: Path, *, rewritten: bool = False) -> Checkpoint | None:
+        """The indexed checkpoint at ``path`` once its writer has finished it (else None; problems said once).
+        A ``rewritten`` checkpoint (re-written in place) must also be quiet for ``settle`` seconds."""
+        named = step_from_name(path.name)
+        try:
+            ready = check_ready(path, settle=self.cfg.settle, marker=self.cfg.marker, clock=self.clock,
+                                seen=self._ready_seen)
+        except OSError:  # it vanished between two looks (rotation): it is simply not there
+            return None
+        if not ready.ready:
+            if ready.state == "bad":
+                self._warn_once(named or -1, "not folding %s: %s", path, ready.reason)
+            return None
+        if rewritten and (self._recently_modified(path) or self._trainer_state_older(path)):
+            return None  # a checkpoint re-written in place: wait until the trainer is done with all of it
+        try:
+            return ready.checkpoint or open_checkpoint(path)  # marker/DCP rules do not open it
+        except CkptavgError as e:
+            self._warn_once(named or -1, "not folding %s: %s", path, e)
+            return None
+
+    def _recently_modified(self, path: Path) -> bool:
+        try:
+            files = [path] if path.is_file() else [path, *path.iterdir()]
+            newest = max(f.stat().st_mtime for f in files)
+        except (OSError, ValueError):
+            return True
+        return self.clock() - newest < self.cfg.settle
+
+    @staticmethod
+    def _trainer_state_older(path: Path) -> bool:
+        """An HF Trainer folder whose trainer_state.json (written last) is older than a weight file: mid-save."""
+        state = path / "trainer_state.json"
+        if not path.is_dir() or not state.exists():
+            return False
+        try:
+            newest = max(f.stat().st_mtime_ns for f in path.iterdir() if f.name.endswith((".safetensors", ".bin", ".pt")))
+            return state.stat().st_mtime_ns < newest
+        except (OSError, ValueError):
+            return False
+
+    def _still_abandoned(self, step: int, path: Path) -> bool:
+        base = path if path.is_dir() else path.parent
+        names = self.trajectory.abandoned[step].get("files", {})
+        return self.trajectory.is_abandoned(step, [base / n for n in names])
+
+    def _take(self, ckpt: Checkpoint, step: int) -> None:
+        """Retain a ready checkpoint (hard links in the state folder) and queue it for folding."""
+        if step in self.retainer.steps():  # a copy kept before a crash or a rewind: link the files as they are now
+            self.retainer.release(step)
+        try:
+            kept = self.retainer.retain(ckpt, step)
+        except CkptavgError as e:
+            self._warn_once(step, "skipping step %d: %s", step, e)
+            return
+        except OSError as e:  # the state folder's filesystem is full or read-only: retried at the next scan
+            self._degrade(f"cannot keep step {step} in {self.retainer.keep_dir}: {e.strerror or e}")
+            return
+        kept_files = [kept / f.name for f in ckpt.files] if kept.is_dir() else [kept]
+        self.trajectory.record(step, ckpt.path, ckpt.files, kept_files)
+        if self.trajectory.save_steps is None and ckpt.path.is_dir():
+            self.trajectory.save_steps = save_steps_of(ckpt.path)
+        self.queue[step] = (ckpt.fingerprint, kept)
+        log.debug("queued step %d (%s)", step, ckpt.path)
+
+    # -- rewinds -------------------------------------------------------------------------------
+    def _rewind(self, step: int, why: str) -> None:
+        """The trainer went back to ``step``: the averages return to the newest kept generation before it and
+        the new trajectory is folded from there; what the old trajectory folded at or after it is abandoned."""
+        if self.cfg.on_rewind == "ignore":
+            self._warn_once(step, "%s; on_rewind = 'ignore': the averages keep the old trajectory and skip it "
+                            "(they may mix two trajectories)", why)
+            self.trajectory.abandon([step])
+            return
+        dropped = sorted(s for s in [*self.folded, *self.queue] if s >= step)
+        prefix = sorted(s for s in self.folded if s < step)
+        target = next(((g, ls) for g, ls, _ in reversed(self._gen_steps) if ls is None or ls < step), None)
+        base = target[1] if target is not None else None
+        refold = [s for s in prefix if base is None or s > base]
+        needs = next((n for g, _, n in self._gen_steps if target is not None and g == target[0]), [])
+        if prefix and (target is None or any(not self._readable(s) for s in [*refold, *needs])):
+            self._rewind_too_far(step, why, prefix)
+            return
+        for s in list(self.queue):
+            if s >= step:
+                self.queue.pop(s)
+        self.trajectory.abandon(dropped)
+        saved = Trajectory.from_json(self.trajectory.to_json())
+        rewinds = [*self.rewinds]
+        if target is None:  # nothing was folded before the resume point: start empty
+            self._close_stores()
+            self.averages = self._new_averages()
+            self.folded, self.skipped, self.last_step, self.unpersisted = {}, {}, None, []
+        else:
+            self._load_state(at_most=target[0])
+        kept_gen = target[0] if target is not None else 0
+        self.store.discard_after(kept_gen)  # the abandoned trajectory's generations are no fallback for the new one
+        self._gen_steps = [g for g in self._gen_steps if g[0] <= kept_gen]
+        for s in dropped:  # their retained copies hold the old trajectory's bytes
+            self.retainer.release(s)
+        self.trajectory = saved
+        self.rewinds = rewinds
+        self.skipped = {s: f for s, f in self.skipped.items() if s < step}
+        for s in refold:  # folded after that generation and before the resume point: still the trajectory
+            ckpt = self._history(s)
+            ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
+            self.engine.fold(ckpt, self.averages, ident=s, history=self._history)
+            self.folded[s] = ckpt.fingerprint
+            self.last_step = s
+            self.unpersisted.append(s)
+        back = self.last_step
+        self.rewinds.append({"at": step, "back_to": back, "abandoned": dropped, "why": why, "time": self.clock()})
+        log.warning("trainer rewind: %s. The averages are rolled back to step %s and the new trajectory is folded "
+                    "from there; %d folded step(s) of the old one are dropped (%s)", why,
+                    back if back is not None else "0 (empty)", len(dropped), ", ".join(map(str, dropped)) or "none")
+        self.last_error = f"rewind at step {step}: rolled back to step {back}"
+        self.since_publish = 1
+        self._persist()
+        self._publish()
+        self._unpublish_empty()
+        self._release_unneeded()
+
+    def _unpublish_empty(self) -> None:
+        """An average that holds nothing after a rollback (e.g. SWA before its start step) no longer shows the
+        abandoned trajectory: its published link is removed until it holds something again."""
+        for avg in self.averages:
+            link = self.cfg.output / avg.name
+            if not avg.slots and link.is_symlink():
+                link.unlink()
+                log.warning("unpublished %s: after the rollback it holds no checkpoint yet", link)
+
+    def _rewind_too_far(self, step: int, why: str, prefix: list[int]) -> None:
+        oldest = next((ls for _, ls, _ in self._gen_steps if ls is not None), None)
+        what = (f"{why}, but no kept generation reaches back before it (the oldest kept one ends at step {oldest}; "
+                f"keep_generations = {self.cfg.keep_generations})")
+        if self.cfg.rewind_too_far == "stop":
+            if self.halted is None:
+                log.error("%s. rewind_too_far = 'stop': folding stops until the daemon is restarted with an empty "
+                          "state folder; the published averages stay as they are", what)
+            self.halted = what
+            self.state = "halted"
+            return
+        log.warning("%s. rewind_too_far = 'restart': the averages start again from the checkpoints still on disk "
+                    "(steps %s and earlier that were rotated away are not in them)", what, prefix[0])
+        self.trajectory.abandon(sorted(s for s in [*self.folded, *self.queue] if s >= step))
+        self.trajectory.forget(prefix)
+        for s in list(self.queue):
+            self.queue.pop(s)
+        self.store.discard_after(0)
+        self._gen_steps = []
+        for s in self.retainer.steps():
+            self.retainer.release(s)
+        self._close_stores()
+        self.averages = self._new_averages()
+        self.folded, self.skipped, self.last_step, self.unpersisted = {}, {}, None, []
+        self.trajectory.gaps.clear()
+        self.rewinds.append({"at": step, "back_to": None, "restarted": True, "why": why, "time": self.clock()})
+        self.last_error = f"rewind at step {step} beyond the kept generations: averages restarted"
+        self._persist()
+        self._unpublish_empty()
+        self._release_unneeded()
 
     # -- folding ------------------------------------------------------------------------------
+    def _kept_files(self, step: int) -> list[Path]:
+        path = self.retainer.path(step)
+        names = self.trajectory.kept.get(step, {})
+        return [path / n for n in names] if path.is_dir() else [path]
+
+    def _readable(self, step: int) -> bool:
+        """Whether the bytes folded for ``step`` can be read again: retained and unchanged, or (retained copy
+        released) still in the trainer's folder unchanged, from where it is retained again."""
+        if step in self.retainer.steps():
+            return not self.trajectory.kept_changed(step, self._kept_files(step))
+        if self.trajectory.source_state(step) != "same":
+            return False
+        try:
+            ckpt = open_checkpoint(self.trajectory.sources[step]["path"], step=step)
+            kept = self.retainer.retain(ckpt, step)
+        except (CkptavgError, OSError):
+            return False
+        self.trajectory.kept[step] = file_ids([kept / f.name for f in ckpt.files] if kept.is_dir() else [kept]) or {}
+        return True
+
     def _history(self, step: int) -> Checkpoint:
+        """A retained checkpoint, read again (LAWA's leaving member, a re-fold): refused if it is no longer the
+        bytes that were folded (a trainer that re-wrote the file in place through the hard link)."""
+        if not self._readable(step):
+            raise CheckpointChangedError(f"the retained copy of step {step} changed after it was folded",
+                                         path=self.retainer.path(step))
         return open_checkpoint(self.retainer.path(step), step=step)
+
+    def _repair(self, damaged: int) -> None:
+        """The retained copy of ``damaged`` changed after its fold: rebuild what would read it again (LAWA's
+        window sums) from the intact checkpoints still in those windows, instead of subtracting bytes that are
+        not the ones that were folded."""
+        what = ("changed after it was folded (the trainer re-wrote the file in place?)"
+                if damaged in self.retainer.steps() else "is gone, and the trainer's own copy changed or was deleted")
+        log.warning("the retained copy of step %d %s; the averages that would read it again are rebuilt from the "
+                    "intact checkpoints of their windows (the result is the average of the files as first written, to "
+                    "float32 rounding)", damaged, what)
+        self.last_error = f"retained step {damaged} changed after its fold: windows rebuilt without re-reading it"
+        specs = {a.name: a for a in self.cfg.averages}
+        for avg in self.averages:
+            affected = {}
+            for name, slot in avg.slots.items():
+                method = avg.method_for(name, slot.dtype)
+                needs = list(method.needs(slot)) if method is not None else []
+                if damaged in needs:
+                    affected[name] = [m for m in needs if m != damaged]
+            if not affected:
+                continue
+            members = sorted({m for ms in affected.values() for m in ms})
+            spec = specs[avg.name]
+            fresh = build_averages([AverageSpec(spec.method, spec.options, spec.name)], rules=avg.rules,
+                                   accum_dtype=avg.accum_dtype, on_shape_change=avg.on_shape_change,
+                                   device=self.engine.device)[0]
+            for m in members:
+                ckpt = self._history(m)
+                ensure_placed([fresh], ckpt.tensors.values(), engine=self.engine)
+                self.engine.fold(ckpt, [fresh], ident=m, history=self._history)
+            for name in affected:
+                old, new = avg.slots[name], fresh.slots.get(name)
+                if new is None:  # only the damaged checkpoint held this tensor
+                    avg.drop(name)
+                    continue
+                if old.store is not None:
+                    old.store.acquire_slot(old)
+                for b, buf in old.bufs.items():
+                    buf.copy_(new.bufs[b])
+                old.state, old.count, old.weight_sum, old.last_step = new.state, new.count, new.weight_sum, new.last_step
+                if old.store is not None:
+                    old.store.release_slot(old)
+        self.trajectory.kept.pop(damaged, None)
 
     def _fold(self, step: int) -> None:
         fingerprint, path = self.queue.pop(step)
@@ -316,11 +622,15 @@ class Service:
             if ckpt.fingerprint != fingerprint:
                 raise CkptavgError("changed after it was queued", path=path)
             hooks.point("fold.start", step=step, path=path, watch=self.cfg.watch)
+            for member in sorted(set().union(*(a.needs() for a in self.averages))):
+                if not self._readable(member):
+                    self._repair(member)
             ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
             nbytes = self.engine.fold(ckpt, self.averages, ident=step, history=self._history)
-        except CkptavgError as e:
-            self.last_error = f"step {step}: {e}"
-            log.warning("skipping checkpoint step %d: %s", step, e)
+        except Exception as e:  # noqa: BLE001 - a checkpoint that cannot be folded never stops the daemon
+            text = str(e) if isinstance(e, CkptavgError) else f"{type(e).__name__}: {str(e).strip()[:300]}"
+            self.last_error = f"step {step}: {text}"
+            log.warning("skipping checkpoint step %d: %s", step, text)
             self._rollback()
             self.skipped[step] = fingerprint
             self.state, self.folding = "watching", None
@@ -328,8 +638,13 @@ class Service:
             self._persist()  # the skip is part of the state: never retried after a restart
             return
         seconds = time.perf_counter() - started
+        previous = self.last_step
         self.folded[step] = fingerprint
         self.last_step = step
+        for gap in (self.trajectory.gap_before(step, previous, sorted(self.folded)[:-1], self.skipped),
+                    self.trajectory.first_gap(sorted(self.folded))):
+            if gap is not None:
+                log.warning("missed checkpoints: %s", gap.describe())
         self.unpersisted.append(step)
         self.since_publish += 1
         self.last_fold = {"step": step, "bytes": nbytes, "seconds": round(seconds, 3),
@@ -353,7 +668,9 @@ class Service:
     def _rollback(self) -> None:
         """Back to the last committed state, then re-fold what had been folded since."""
         redo, folded, skipped = list(self.unpersisted), dict(self.folded), dict(self.skipped)
+        trajectory, rewinds = self.trajectory, self.rewinds
         self._load_state()
+        self.trajectory, self.rewinds = trajectory, rewinds
         for step in redo:
             ckpt = self._history(step)
             ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
@@ -366,20 +683,58 @@ class Service:
         hooks.point("state.before-persist", generation=self.store.next_generation())
         extra = {"folded": {str(k): v for k, v in sorted(self.folded.items())},
                  "skipped": {str(k): v for k, v in sorted(self.skipped.items())},
-                 "last_step": self.last_step}
-        self.store.save(self.averages, extra)
+                 "last_step": self.last_step, "trajectory": self.trajectory.to_json(), "rewinds": self.rewinds[-50:],
+                 "needs": sorted(set().union(*(a.needs() for a in self.averages)))}
+        try:
+            gen = self.store.save(self.averages, extra)
+        except (OutputError, OSError) as e:
+            self._degrade(f"cannot save the state in {self.cfg.state_path}: {e}")
+            return
         self.unpersisted = []
+        self._gen_steps = [*self._gen_steps, (gen, self.last_step, extra["needs"])][-self.cfg.keep_generations:]
+        if self.since_publish == 0:
+            self._output_ok()
 
     def _publish(self) -> None:
         if self.last_step is None:
             return
-        newest = self._history(self.last_step)
-        for avg in self.averages:
-            if not avg.slots:
-                continue  # e.g. SWA before its start step
-            publish_average(avg, self.cfg.output / avg.name, newest=newest, aliases=newest.aliases,
-                            extra={"daemon": True})
+        try:
+            newest = self._history(self.last_step)
+            for avg in self.averages:
+                if not avg.slots:
+                    continue  # e.g. SWA before its start step
+                publish_average(avg, self.cfg.output / avg.name, newest=newest, aliases=newest.aliases,
+                                extra={"daemon": True})
+        except (OutputError, OSError) as e:
+            self._degrade(f"cannot publish into {self.cfg.output}: {e}")
+            return
         self.since_publish = 0
+        if not self.unpersisted:
+            self._output_ok()
+
+    # -- degraded output -------------------------------------------------------------------------
+    def _degrade(self, reason: str) -> None:
+        """The output cannot be written (full or read-only filesystem): keep watching and retaining, retry with
+        backoff, catch up when it can be written again. Never exit over it."""
+        if self.degraded != reason:
+            log.warning("degraded: %s; watching and folding go on, saving and publishing are retried (backoff up to "
+                        "60 s)", reason)
+        self.degraded = reason
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, 60.0)
+        self.notifier.status(f"degraded: {reason}")
+
+    def _output_ok(self) -> None:
+        if self.degraded is not None:
+            log.info("the output can be written again: state saved and averages published (caught up)")
+        self.degraded, self._backoff = None, 1.0
+
+    def _retry_output(self) -> None:
+        if self.unpersisted:
+            self._persist()
+        if self.since_publish or self.degraded is not None:
+            self.since_publish = max(self.since_publish, 1)
+            self._publish()
 
     # -- evaluation and the best model -----------------------------------------------------------
     def _start_publishing(self) -> None:
@@ -460,6 +815,12 @@ class Service:
 
     def _needed(self) -> set[int]:
         needed = set(self.queue) | set(self.unpersisted)
+        if self.cfg.on_rewind == "rollback":  # a rewind re-folds what came after the generation it returns to
+            floor = min((ls for _, ls, _ in self._gen_steps if ls is not None), default=None)
+            if floor is not None:
+                needed.update(s for s in self.folded if s > floor)
+            for _, _, needs in self._gen_steps:  # what each kept generation's methods would still read
+                needed.update(needs)
         if self.last_step is not None:
             needed.add(self.last_step)
         for avg in self.averages:  # what each method will still read (LAWA: the members it must subtract)
@@ -473,23 +834,30 @@ class Service:
                 self.retainer.release(step)
 
     # -- status -------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        lag = (self.newest_seen - self.last_step) if self.newest_seen is not None and self.last_step is not None else None
-        return {
-            "pid": os.getpid(), "state": self.state, "watch": str(self.cfg.watch), "output": str(self.cfg.output),
-            "watcher": self.watcher.mode, "updated": self.clock(),
-            "averages": {a.name: {"method": a.method.name, "options": a.method.options(), "folded": len(a.folded),
-                                  "last_step": a.folded[-1].step if a.folded else None} for a in self.averages},
-            "folding_step": self.folding, "last_folded_step": self.last_step, "newest_seen_step": self.newest_seen,
-            "lag_steps": lag,
-            "queued": sorted(self.queue), "skipped": sorted(self.skipped), "last_error": self.last_error,
-            "last_fold": self.last_fold,
-            "evaluation": self.evaluation.status() if self.evaluation is not None else None,
-            "hub": self.hub.status() if self.hub is not None else None,
-        }
+    def status(self) -> Any:  # a ckptavg.contracts.status.StatusDoc
+        from ckptavg.contracts.status import AverageStatus, FoldStats, HubStatus, StatusDoc, owned_section
+
+        seen, last = self.newest_seen, self.last_step
+        lag = seen - last if seen is not None and last is not None else None
+        return StatusDoc(
+            pid=os.getpid(), state=self.state, watch=str(self.cfg.watch), output=str(self.cfg.output),
+            watcher=self.watcher.mode, updated=self.clock(),
+            averages={a.name: AverageStatus(method=a.method.name, options=a.method.options(), folded=len(a.folded),
+                                            last_step=a.folded[-1].step if a.folded else None)
+                      for a in self.averages},
+            folding_step=self.folding, last_folded_step=self.last_step, newest_seen_step=self.newest_seen,
+            lag_steps=lag, queued=sorted(self.queue), skipped=sorted(self.skipped), last_error=self.last_error,
+            last_fold=owned_section(FoldStats, self.last_fold) if self.last_fold is not None else None,
+            evaluation=self.evaluation.status() if self.evaluation is not None else None,
+            hub=owned_section(HubStatus, self.hub.status()) if self.hub is not None else None,
+            degraded=self.degraded, halted=self.halted, rewinds=self.rewinds[-20:],
+            missed=[g.to_json() for g in self.trajectory.gaps],
+        )
 
     def _write_status(self) -> None:
+        from ckptavg.contracts.status import STATUS_FILE, write_status
+
         try:
-            atomic_write_bytes(self.cfg.state_path / "status.json", json.dumps(self.status(), indent=1).encode())
+            write_status(self.cfg.state_path / STATUS_FILE, self.status())
         except CkptavgError as e:
             log.warning("cannot write status: %s", e)

@@ -52,7 +52,7 @@ class Watcher:
         self.wake = wake
         self.poll = poll
         self._observer = None
-        self._armed_ino: tuple[int, int] | None = None
+        self._armed_ino: tuple | None = None
         self._warned = False
         self.mode = "starting"
 
@@ -73,9 +73,7 @@ class Watcher:
         try:
             st = os.stat(self.root)
         except FileNotFoundError:
-            if self._observer is not None:
-                self.stop()
-            self.mode = "waiting for the folder"
+            self._watch_for_root()
             return
         ident = (st.st_dev, st.st_ino)
         if self._observer is not None and self._armed_ino == ident and self._observer.is_alive():
@@ -90,7 +88,7 @@ class Watcher:
         except ImportError:
             self.mode = "polling"
             if not self._warned:
-                log.warning("watchdog is not installed; polling (pip install 'ckptavg[daemon]')")
+                log.warning("watchdog cannot be imported; polling (reinstall ckptavg: watchdog is one of its dependencies)")
                 self._warned = True
             return
 
@@ -113,6 +111,44 @@ class Watcher:
             self.mode = "polling"
             return
         self._observer, self._armed_ino, self.mode = observer, ident, "events"
+
+    def _watch_for_root(self) -> None:
+        """The root does not exist (yet): watch its nearest existing ancestor, not recursively, so that its
+        creation wakes the daemon at once instead of at the next rescan."""
+        self.mode = "waiting for the folder"
+        ancestor = self.root.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        try:
+            st = os.stat(ancestor)
+        except OSError:
+            return
+        ident = (st.st_dev, st.st_ino, "parent")
+        if self._observer is not None and self._armed_ino == ident and self._observer.is_alive():
+            return
+        self.stop()
+        if not self._use_events():
+            return
+        try:
+            from watchdog.events import FileSystemEventHandler
+            from watchdog.observers import Observer
+        except ImportError:
+            return
+        wake = self.wake
+
+        class _Appeared(FileSystemEventHandler):
+            def on_any_event(self, event) -> None:  # type: ignore[no-untyped-def]
+                wake.set()
+
+        observer = Observer()
+        observer.daemon = True
+        observer.name = "ckptavg-watch"
+        try:
+            observer.schedule(_Appeared(), str(ancestor), recursive=False)
+            observer.start()
+        except OSError:
+            return
+        self._observer, self._armed_ino = observer, ident
 
     def stop(self) -> None:
         if self._observer is not None:

@@ -8,6 +8,7 @@ faults named in ``CKPTAVG_FAULT`` installed at the named points of :mod:`ckptavg
 ``crash-before-persist``         kill -9 (exit 137) before a state generation is saved
 ``crash-before-manifest``        exit 137 after a generation's accumulators, before its manifest
 ``crash-before-publish-rename``  exit 137 after a published average is complete, before it is renamed in
+``poison-step=STEP``             the fold of STEP fails with an unexpected RuntimeError (an engine bug)
 
 Only the tests use this; shipped code merely names the points.
 """
@@ -37,6 +38,13 @@ def install_from_env(spec: str) -> None:
                 for src in watch.glob(f"*-{step}"):
                     shutil.rmtree(src, ignore_errors=True)
             hooks.install("fold.start", remove)
+        elif name == "poison-step":
+            poisoned = int(value)
+
+            def poison(step: int, **_: object) -> None:
+                if step == poisoned:
+                    raise RuntimeError("poisoned by the test")
+            hooks.install("fold.start", poison)
         elif name == "crash-before-persist":
             hooks.install("state.before-persist", _crash)
         elif name == "crash-before-manifest":

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_daemon import start_daemon_from_config, status, stop, wait_for
 
 from ckptavg.dtypes import BITS, SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS, cast_back, policy
-from test_daemon import start_daemon_from_config, status, stop, wait_for
 
 
 def one_error_line(r) -> str:

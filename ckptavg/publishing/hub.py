@@ -165,7 +165,7 @@ class HubTarget:
         try:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
         except ImportError:
-            raise UsageError("--hub needs huggingface_hub", hint="pip install 'ckptavg[hub]'") from None
+            raise UsageError("huggingface_hub cannot be imported", hint="reinstall ckptavg: huggingface_hub is one of its dependencies") from None
         try:
             validate_repo_id(self.repo_id)
         except HFValidationError as e:

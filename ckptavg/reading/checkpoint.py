@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError, UnsupportedCheckpointError
-from ckptavg.reading.fileio import FileCache
+from ckptavg.reading.fileio import FileCache, open_regular
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import TensorRef
@@ -179,8 +179,11 @@ def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, m
         idx = pkl.index_pickle(path, state_key=state_key, strip_prefix=strip_prefix)
         return _from_pickles(path, "lightning" if name.endswith(".ckpt") else "torch", [idx], meta_dir)
     # unknown suffix: sniff the first bytes
-    with open(path, "rb") as f:
-        head = f.read(9)
+    fd = open_regular(path)
+    try:
+        head = os.pread(fd, 9, 0)
+    finally:
+        os.close(fd)
     if head[:2] == b"PK":
         idx = pkl.index_pickle(path, state_key=state_key, strip_prefix=strip_prefix)
         return _from_pickles(path, "torch", [idx], meta_dir)

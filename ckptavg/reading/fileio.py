@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -21,9 +22,33 @@ from pathlib import Path
 
 import torch
 
-from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, TruncatedFileError
+from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, SpecialFileError, TruncatedFileError
 
-__all__ = ["FileCache", "FileIdentity", "identify", "read_exact"]
+__all__ = ["FileCache", "FileIdentity", "identify", "open_regular", "read_exact", "require_regular"]
+
+
+def open_regular(path: Path) -> int:
+    """``os.open(path)`` for reading, refusing anything but a regular file *before* a read could block on it.
+
+    The open is non-blocking, so a FIFO where a weight file should be does not hang the caller (and
+    SIGTERM still works); the descriptor's type is checked with ``fstat``. FileNotFoundError propagates."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        kind = os.fstat(fd).st_mode
+        os.close(fd)
+        what = "a FIFO" if stat.S_ISFIFO(kind) else "a device" if stat.S_ISCHR(kind) or stat.S_ISBLK(kind) else \
+            "a socket" if stat.S_ISSOCK(kind) else "not a regular file"
+        raise SpecialFileError(f"is {what}, not a weight file; it is not read", path=path,
+                               hint="checkpoint files must be regular files")
+    return fd
+
+
+def require_regular(path: Path) -> None:
+    """Refuse a path that is not a regular file, without blocking (see :func:`open_regular`)."""
+    try:
+        os.close(open_regular(path))
+    except FileNotFoundError:
+        pass
 
 
 @dataclass(frozen=True)
@@ -104,11 +129,14 @@ class FileCache:
     def _fd(self, path: Path, expected: FileIdentity) -> int:
         with self._lock:
             entry = self._open.get(path)
-            if entry is not None:
+            if entry is not None and entry.identity == expected:
                 self._open.move_to_end(path)
                 return entry.fd
+            if entry is not None:  # the path names another file now (a newer checkpoint at the same name)
+                del self._open[path]
+                os.close(entry.fd)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = open_regular(path)
         except FileNotFoundError:
             raise CheckpointVanishedError(
                 "file was deleted before it could be read", path=path, hint="checkpoint rotation?"

@@ -1,8 +1,8 @@
 """When is a checkpoint finished? By the rules of the writer that made it.
 
 Writers do not save atomically, so a checkpoint is folded only once its writer's
-commit signal is there (``../shared/FAULTS.md``, "What the checkpoint writers
-guarantee"):
+commit signal is there (``docs/FAULTS.md``, "What checkpoint writers guarantee,
+and what they don't"):
 
 * **HF Trainer** folder (Trainer files such as ``optimizer.pt``/``rng_state*`` present):
   ``trainer_state.json`` (written last) exists and every indexed shard is present and whole.
@@ -15,12 +15,19 @@ guarantee"):
   there (a torch zip written in place lacks it until the end) and it is quiet for ``settle`` seconds.
 * a user **marker** glob (e.g. ``COMPLETE``) overrides all of these.
 
+"Quiet" is judged on the trainer's clock where it agrees with ours: a file whose mtime lies in the
+future (clock skew between the trainer's host and the file server) is quiet once its size and mtime
+have not changed for ``settle`` seconds of our clock (the caller keeps that memory in ``seen``).
+Special files (a FIFO or device where a weight file should be) are refused without being opened.
+
 Nothing here reads tensor data or unpickles anything. The clock is injectable.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +41,9 @@ from ckptavg.reading.steps import step_from_name
 __all__ = ["Readiness", "check_ready"]
 
 _EOCD = b"PK\x05\x06"
+_SKEW = 2.0  # seconds of clock difference tolerated before an mtime counts as "in the future"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,51 @@ def _newest_mtime(path: Path) -> float:
     return newest
 
 
+def _signature(path: Path) -> tuple:
+    entries = [path] if path.is_file() else [path, *sorted(path.iterdir())]
+    out = []
+    for p in entries:
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out.append((p.name, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def _quiet(path: Path, settle: float, now: float, seen: dict | None) -> bool:
+    """Unmodified for ``settle`` seconds: by the files' mtimes, or, when those lie in the future (the writer's
+    clock is ahead), by how long their sizes and mtimes have stayed the same as first seen (``seen``)."""
+    newest = _newest_mtime(path)
+    if newest <= now + _SKEW:
+        return now - newest >= settle
+    if seen is None:
+        return False
+    sig = _signature(path)
+    first = seen.get(path)
+    if first is None or first[0] != sig:
+        if first is None:
+            log.warning("%s was modified %.0f s in the future by this host's clock (clock skew between the trainer's "
+                        "host and the file server?); it is folded once it has not changed for %g s",
+                        path, newest - now, settle)
+        seen[path] = (sig, now)
+        return False
+    return now - first[1] >= settle
+
+
+def _special(path: Path) -> Path | None:
+    """The first file that is neither a regular file nor a folder (a FIFO, a socket, a device), or None."""
+    entries = [path] if not path.is_dir() else [path, *path.iterdir()]
+    for p in entries:
+        try:
+            mode = p.stat().st_mode
+        except OSError:
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            return p
+    return None
+
+
 def _zip_finished(path: Path) -> bool:
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -67,18 +122,24 @@ def _zip_finished(path: Path) -> bool:
 
 
 def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
-                clock: Callable[[], float] = time.time) -> Readiness:
-    """Decide whether ``path`` (a checkpoint folder or file) is finished and can be folded."""
+                clock: Callable[[], float] = time.time, seen: dict | None = None) -> Readiness:
+    """Decide whether ``path`` (a checkpoint folder or file) is finished and can be folded.
+
+    ``seen`` (kept by the caller between calls) lets a checkpoint whose mtime lies in the future count as
+    quiet once it stops changing."""
     path = Path(path)
     if is_noise(path.name):
         return Readiness("waiting", "a staging or hidden name; the writer has not renamed it yet")
     if not path.exists():
         return Readiness("waiting", "not there (yet)")
+    special = _special(path)
+    if special is not None:
+        return Readiness("bad", f"{special} is not a regular file (a FIFO, socket or device?); it is never opened")
     if marker is not None:
         base = path if path.is_dir() else path.parent
         return (Readiness("ready", f"marker {marker!r} present") if any(base.glob(marker))
                 else Readiness("waiting", f"marker {marker!r} not written yet"))
-    quiet = clock() - _newest_mtime(path) >= settle
+    quiet = _quiet(path, settle, clock(), seen)
     if path.is_dir():
         names = set(os.listdir(path))
         if any(n.endswith(".distcp") for n in names) or ".metadata.tmp" in names or ".metadata" in names:

@@ -33,7 +33,7 @@ from ckptavg.errors import (
     UnsafePickleError,
     UnsupportedCheckpointError,
 )
-from ckptavg.reading.fileio import FileIdentity, identify
+from ckptavg.reading.fileio import FileIdentity, identify, require_regular
 from ckptavg.reading.formats.refs import TensorRef
 from ckptavg.reading.formats.safetensors import check_shard_keys, read_index_json, resolve_shards
 
@@ -109,6 +109,7 @@ def check_zip_bounds(path: Path) -> None:
 
 
 def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
+    require_regular(path)  # torch.load would block forever on a FIFO
     _check_torch(path)
     check_zip_bounds(path)
     try:

@@ -31,7 +31,7 @@ from ckptavg.errors import (
     UnsafePathError,
     UnsupportedCheckpointError,
 )
-from ckptavg.reading.fileio import FileIdentity
+from ckptavg.reading.fileio import FileIdentity, open_regular
 from ckptavg.reading.formats.refs import TensorRef
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def read_header(path: Path) -> SafetensorsHeader:
     """Read and validate the header of one ``.safetensors`` file."""
     path = Path(path)
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular(path)  # a FIFO is refused, never waited on
     except FileNotFoundError:
         raise MissingShardError("file not found", path=path) from None
     try:

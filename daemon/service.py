@@ -58,6 +58,15 @@ log = logging.getLogger(__name__)
 __all__ = ["Service", "set_idle_io"]
 
 
+def _newest_mtime_ns(path: Path) -> int | None:
+    """The newest mtime of a checkpoint's files (a folder's entries, or the file), or None if it is gone."""
+    try:
+        files = [f for f in Path(path).iterdir() if f.is_file()] if Path(path).is_dir() else [Path(path)]
+        return max(f.stat().st_mtime_ns for f in files)
+    except (OSError, ValueError):
+        return None
+
+
 def set_idle_io() -> bool:
     """Put this process in the idle I/O scheduling class (Linux ``ioprio_set``); False where unavailable."""
     numbers = {"x86_64": 251, "aarch64": 30, "ppc64le": 273, "s390x": 282}
@@ -338,12 +347,12 @@ class Service:
             candidates = find_candidates(self.cfg.watch)
         except CkptavgError:
             return
-        rewinds: dict[int, str] = {}  # step -> why: where the trainer went back to
+        rewinds: dict[int, tuple[str, Path]] = {}  # step -> (why, the checkpoint): where the trainer went back to
         for step in sorted(self.folded):  # a folded step whose files the trainer re-wrote
             if self.trajectory.source_state(step) == "changed":
                 src = Path(self.trajectory.sources[step]["path"])
                 if self._ready(src, rewritten=True) is not None:
-                    rewinds[step] = f"step {step} ({src}) was re-written after it was folded"
+                    rewinds[step] = (f"step {step} ({src}) was re-written after it was folded", src)
         for path in candidates:
             named = step_from_name(path.name)
             if named is not None and (named in self.folded or named in self.queue or named in self.skipped):
@@ -371,12 +380,12 @@ class Service:
                                     "checkpoints are unchanged): skipped", path, step, self.last_step)
                 else:
                     rewinds[step] = (f"a new checkpoint at step {step} ({path}) while a later folded checkpoint "
-                                     "was deleted or re-written")
+                                     "was deleted or re-written", path)
                 continue
             self._take(ckpt, step)
         if rewinds:
             step = min(rewinds)
-            self._rewind(step, rewinds[step])
+            self._rewind(step, *rewinds[step])
 
     def _ready(self, path: Path, *, rewritten: bool = False) -> Checkpoint | None:
         """The indexed checkpoint at ``path`` once its writer has finished it (else None; problems said once).
@@ -444,9 +453,11 @@ class Service:
         log.debug("queued step %d (%s)", step, ckpt.path)
 
     # -- rewinds -------------------------------------------------------------------------------
-    def _rewind(self, step: int, why: str) -> None:
-        """The trainer went back to ``step``: the averages return to the newest kept generation before it and
-        the new trajectory is folded from there; what the old trajectory folded at or after it is abandoned."""
+    def _rewind(self, step: int, why: str, at: Path) -> None:
+        """The trainer went back to ``step`` (its new checkpoint is ``at``): the averages return to the newest kept
+        generation before it and the new trajectory is folded from there. Of the steps folded or queued at or
+        after it, those written before ``at`` (by the trainer's clock) are the old trajectory: abandoned; those
+        written after it are the new one, folded again in order once the scanner sees them."""
         if self.cfg.on_rewind == "ignore":
             self._warn_once(step, "%s; on_rewind = 'ignore': the averages keep the old trajectory and skip it "
                             "(they may mix two trajectories)", why)
@@ -464,7 +475,11 @@ class Service:
         for s in list(self.queue):
             if s >= step:
                 self.queue.pop(s)
-        self.trajectory.abandon(dropped)
+        since = _newest_mtime_ns(at)
+        newer = [s for s in dropped if s != step and since is not None and
+                 (self.trajectory.source_mtime_ns(s) or 0) >= since]  # the new trajectory, folded too early
+        self.trajectory.abandon([s for s in dropped if s not in newer])
+        self.trajectory.forget(newer)
         saved = Trajectory.from_json(self.trajectory.to_json())
         rewinds = [*self.rewinds]
         if target is None:  # nothing was folded before the resume point: start empty

@@ -152,6 +152,11 @@ class Trajectory:
             return "gone" if not folder.exists() else "changed"
         return "same" if now == src["files"] else "changed"
 
+    def source_mtime_ns(self, step: int) -> int | None:
+        """When the trainer wrote the files of ``step`` that the daemon took (the newest mtime recorded)."""
+        src = self.sources.get(step)
+        return max((ids[2] for ids in src["files"].values()), default=None) if src else None
+
     def kept_changed(self, step: int, files: Iterable[Path]) -> bool:
         """True when the retained copy of ``step`` is no longer the bytes that were folded."""
         want = self.kept.get(step)

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +84,25 @@ class Watcher:
             self.mode = "polling"
             return
         try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
+            observer = self._observe(self.root, recursive=True)
         except ImportError:
             self.mode = "polling"
             if not self._warned:
                 log.warning("watchdog cannot be imported; polling (reinstall ckptavg: watchdog is one of its dependencies)")
                 self._warned = True
             return
+        except OSError as e:  # e.g. ENOSPC: the inotify watch limit
+            if not self._warned:
+                log.warning("cannot watch %s for events (%s); polling instead", self.root, e.strerror or e)
+                self._warned = True
+            self.mode = "polling"
+            return
+        self._observer, self._armed_ino, self.mode = observer, ident, "events"
+
+    def _observe(self, folder: Path, *, recursive: bool) -> Any:
+        """A started watchdog observer whose every event sets ``wake`` (ImportError / OSError propagate)."""
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
 
         wake = self.wake
 
@@ -102,15 +114,12 @@ class Watcher:
         observer.daemon = True
         observer.name = "ckptavg-watch"
         try:
-            observer.schedule(_Hint(), str(self.root), recursive=True)
+            observer.schedule(_Hint(), str(folder), recursive=recursive)
             observer.start()
-        except OSError as e:  # e.g. ENOSPC: the inotify watch limit
-            if not self._warned:
-                log.warning("cannot watch %s for events (%s); polling instead", self.root, e.strerror or e)
-                self._warned = True
-            self.mode = "polling"
-            return
-        self._observer, self._armed_ino, self.mode = observer, ident, "events"
+        except BaseException:
+            observer.stop()
+            raise
+        return observer
 
     def _watch_for_root(self) -> None:
         """The root does not exist (yet): watch its nearest existing ancestor, not recursively, so that its
@@ -130,23 +139,8 @@ class Watcher:
         if not self._use_events():
             return
         try:
-            from watchdog.events import FileSystemEventHandler
-            from watchdog.observers import Observer
-        except ImportError:
-            return
-        wake = self.wake
-
-        class _Appeared(FileSystemEventHandler):
-            def on_any_event(self, event) -> None:  # type: ignore[no-untyped-def]
-                wake.set()
-
-        observer = Observer()
-        observer.daemon = True
-        observer.name = "ckptavg-watch"
-        try:
-            observer.schedule(_Appeared(), str(ancestor), recursive=False)
-            observer.start()
-        except OSError:
+            observer = self._observe(ancestor, recursive=False)
+        except (ImportError, OSError):
             return
         self._observer, self._armed_ino = observer, ident
 

@@ -19,13 +19,16 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO
 
 import click
 
+from ckptavg.cli.interrupts import deferred_sigint
 from ckptavg.demo import DemoConfig
-from ckptavg.errors import CkptavgError, UsageError
+from ckptavg.errors import CkptavgError, OutputError, UsageError
 
 log = logging.getLogger("ckptavg.cli")
 
@@ -115,9 +118,10 @@ def demo(out: Path, steps: int, save_every: int, step_delay: float, timeout: flo
     started = time.monotonic()
     click.echo(f"ckptavg demo: training {steps} SGD steps (a checkpoint every {save_every}) in {run}")
     click.echo(f"              with `ckptavg watch --config {config}` beside it (log: {daemon_log})")
-    with open(daemon_log, "wb") as dlog, open(trainer_log, "wb") as tlog:
+    with open(daemon_log, "w", encoding="utf-8") as dlog, open(trainer_log, "wb") as tlog:
         daemon = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "watch", "--config", str(config)],
-                                  stdout=dlog, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        relay = _relay(daemon.stdout, dlog)  # type: ignore[arg-type]
         trainer = None
         try:
             trainer = subprocess.Popen([sys.executable, "-m", "ckptavg.demo", "train", str(run), "--steps", str(steps),
@@ -125,17 +129,12 @@ def demo(out: Path, steps: int, save_every: int, step_delay: float, timeout: flo
                                        stdout=tlog, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
             _follow(trainer, daemon, avg / ".ckptavg" / "status.json", final_step, started + timeout, daemon_log,
                     trainer_log)
+        except KeyboardInterrupt:
+            _stop(trainer, daemon, grace=10)  # Ctrl-C: nothing of the demo outlives it
+            raise
         finally:
-            if trainer is not None and trainer.poll() is None:
-                trainer.kill()
-                trainer.wait()
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(60)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
+            _stop(trainer, daemon, grace=60)
+            relay.join(5)
     if daemon.returncode != 0:
         raise CkptavgError(f"the daemon exited with status {daemon.returncode}; its log ends with:\n{_tail(daemon_log)}",
                            path=daemon_log)
@@ -143,11 +142,54 @@ def demo(out: Path, steps: int, save_every: int, step_delay: float, timeout: flo
     _print_report(avg, out)
 
 
+def _relay(stream: IO[bytes], log_file: IO[str]) -> threading.Thread:
+    """Copy the daemon's log lines into ``log_file`` as they come, each stamped with the time it arrived."""
+
+    def run() -> None:
+        for raw in iter(stream.readline, b""):
+            stamp = time.strftime("%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+            log_file.write(f"{stamp} {raw.decode('utf-8', 'replace').rstrip()}\n")
+            log_file.flush()
+        stream.close()
+
+    thread = threading.Thread(target=run, name="ckptavg-demo-relay", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stop(trainer: subprocess.Popen | None, daemon: subprocess.Popen, *, grace: float) -> None:
+    """The trainer killed; the daemon stopped with SIGTERM (it persists and exits), killed after ``grace`` s."""
+    if trainer is not None and trainer.poll() is None:
+        trainer.kill()
+        trainer.wait()
+    if daemon.poll() is None:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(grace)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):  # too slow, or a second Ctrl-C: no orphan either way
+            daemon.kill()
+            daemon.wait()
+
+
+def _interrupted(code: int | None) -> bool:
+    """A child that a Ctrl-C (SIGINT to the terminal's process group) ended: the demo was interrupted."""
+    return code in (130, -signal.SIGINT)
+
+
+def _progress_line(folded: int, ev: dict) -> str:
+    evaluated = ev.get("last_evaluated_step")
+    best = (ev.get("best") or {}).get("candidate")
+    return (f"  folded up to step {folded}, "
+            f"evaluated up to step {'-' if evaluated is None else evaluated}, best: {best or '-'}")
+
+
 def _follow(trainer: subprocess.Popen, daemon: subprocess.Popen, status_path: Path, final_step: int,
             deadline: float, daemon_log: Path, trainer_log: Path) -> None:
     """Show the daemon's progress until the trainer is done and the daemon has folded and evaluated everything."""
     shown = None
     while True:
+        if _interrupted(daemon.poll()) or _interrupted(trainer.poll()):
+            raise KeyboardInterrupt
         if daemon.poll() is not None:
             raise CkptavgError(f"the daemon stopped early (status {daemon.returncode}); its log ends with:\n"
                                f"{_tail(daemon_log)}", path=daemon_log)
@@ -158,9 +200,8 @@ def _follow(trainer: subprocess.Popen, daemon: subprocess.Popen, status_path: Pa
         st = _status(status_path)
         ev = st.get("evaluation") or {}
         folded = st.get("last_folded_step")
-        line = (f"  folded up to step {folded}, evaluated up to step {ev.get('last_evaluated_step')}, "
-                f"best: {(ev.get('best') or {}).get('candidate', '-')}")
-        if folded is not None and line != shown:
+        line = _progress_line(folded, ev) if folded is not None else None
+        if line is not None and line != shown:
             click.echo(line)
             shown = line
         if code == 0 and folded == final_step and ev.get("last_evaluated_step") == final_step \
@@ -174,17 +215,22 @@ def _follow(trainer: subprocess.Popen, daemon: subprocess.Popen, status_path: Pa
 
 
 def _print_report(avg: Path, out: Path) -> None:
-    from ckptavg.publishing.report import build_report
+    from ckptavg.publishing.report import PLOT_SKIPPED, build_report
 
     report = build_report(avg)
     click.echo(report.table_text())
+    png, html = out / "report.png", out / "report.html"
     try:
-        png, html = out / "report.png", out / "report.html"
+        with deferred_sigint():  # matplotlib's import, like torch's, can swallow a Ctrl-C
+            report.png_bytes()  # raises only when matplotlib cannot be imported
+    except OutputError:
+        report.write_html(html)  # the table and a note instead of the plot
+        click.echo(PLOT_SKIPPED, err=True)
+        click.echo(f"\nPage: {html}")
+    else:
         report.write_png(png)
         report.write_html(html)
         click.echo(f"\nPlot: {png}   Page: {html}")
-    except ImportError:
-        click.echo("\n(matplotlib is not installed: no plot; pip install matplotlib)")
     best = avg / "best"
     if best.exists():
         info = json.loads((best / "ckptavg.json").read_text()).get("selection", {})

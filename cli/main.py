@@ -16,7 +16,9 @@ from typing import Any
 import click
 
 from ckptavg._version import __version__
+from ckptavg.cli.interrupts import Interrupted, deferred_sigint
 from ckptavg.errors import CkptavgError, OptionError
+from ckptavg.redact import SCRUB_FILTER
 
 log = logging.getLogger("ckptavg")
 
@@ -28,6 +30,7 @@ def configure_logging(level: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if level == "debug" else "%(levelname)s: %(message)s"
     handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    handler.addFilter(SCRUB_FILTER)  # every record, whichever library logged it: no token reaches a log
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("ckptavg").setLevel(level.upper())
@@ -49,8 +52,22 @@ class _LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in self.commands and name in self.lazy:
-            self.add_command(getattr(importlib.import_module(self.lazy[name]), name), name)
+            with deferred_sigint():  # most commands import torch: a Ctrl-C meanwhile is raised after it
+                module = importlib.import_module(self.lazy[name])
+            self.add_command(getattr(module, name), name)
         return super().get_command(ctx, name)
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as e:  # past click's handler, which would print an empty line first
+            raise Interrupted from e
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as e:
+            raise Interrupted from e
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CKPTAVG"})
@@ -78,16 +95,28 @@ def _flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def _interrupted() -> None:
+    """Ctrl-C, wherever it struck: one line, exit 130 (the shell's code for SIGINT)."""
+    click.echo("ckptavg: interrupted", err=True)
+    sys.exit(130)
+
+
 def main(argv: list[str] | None = None) -> None:
+    try:
+        _main(argv)
+    except (KeyboardInterrupt, Interrupted):  # also a second Ctrl-C while an error line was being printed
+        _interrupted()
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     debug = os.environ.get("CKPTAVG_LOG_LEVEL", "").lower() == "debug" or "--log-level=debug" in args or any(
         a == "--log-level" and b == "debug" for a, b in zip(args, args[1:])
     )
     try:
         cli.main(args=argv, prog_name="ckptavg", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("ckptavg: interrupted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort:  # click's form of a KeyboardInterrupt
+        _interrupted()
     except click.exceptions.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
@@ -97,9 +126,8 @@ def main(argv: list[str] | None = None) -> None:
         text = e.phrase(_flag) if isinstance(e, OptionError) else str(e)  # options named as flags
         click.echo(f"ckptavg: error: {text}", err=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        click.echo("ckptavg: interrupted", err=True)
-        sys.exit(130)
+    except (KeyboardInterrupt, Interrupted):
+        _interrupted()
     except Exception as e:  # a bug, or an error we did not foresee: still one line
         if debug:
             log.exception("unexpected error")

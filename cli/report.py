@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
+from ckptavg.cli.interrupts import deferred_sigint
 from ckptavg.errors import OutputError
-from ckptavg.publishing.report import build_report
+from ckptavg.publishing.report import PLOT_SKIPPED, build_report
 
 
 @click.command()
@@ -41,15 +42,16 @@ def report(output: Path, metric: str | None, mode: str | None, target: float | N
     click.echo(json.dumps(rep.to_json(), indent=2) if as_json else rep.table_text(), nl=as_json)
     png_path = png_path or rep.out_dir / "report.png"
     html_path = html_path or rep.out_dir / "report.html"
-    missing_plot: OutputError | None = None
     try:
-        rep.png_bytes()  # raises only when matplotlib is missing
-    except OutputError as e:
-        missing_plot = OutputError(e.message, path=png_path, hint=e.hint)
+        with deferred_sigint():  # matplotlib's import can swallow a Ctrl-C
+            rep.png_bytes()  # raises only when matplotlib cannot be imported
+    except OutputError:
+        plotted = False
     else:
+        plotted = True
         rep.write_png(png_path)
         click.echo(f"plot: {png_path}", err=as_json)
     rep.write_html(html_path)  # without matplotlib: the table and a note instead of the plot
     click.echo(f"html: {html_path}", err=as_json)
-    if missing_plot is not None:
-        raise missing_plot
+    if not plotted:  # the table is the report, the plot a view of it: exit 0
+        click.echo(PLOT_SKIPPED, err=True)

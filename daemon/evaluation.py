@@ -92,7 +92,8 @@ class Evaluation:
         self.failures = 0
         self.last_error: str | None = None
         progress = self._read_json(self.dir / "progress.json") or {}
-        self.round = int(progress.get("round", 0))
+        self.round = int(progress.get("round", 0))  # rounds numbered, skipped ones included
+        self.rounds_run = int(progress.get("rounds_run", self._rounds_in_metrics()))  # rounds that ran to the end
         self.last_step: int | None = progress.get("last_step")
         self.run_start: float | None = progress.get("run_start")
         self.last_ok: bool = bool(progress.get("last_ok", True))
@@ -115,12 +116,26 @@ class Evaluation:
         except (OSError, ValueError):
             return None
 
+    def _rounds_in_metrics(self) -> int:
+        """Rounds with rows in metrics.jsonl: the count for a progress.json written before ``rounds_run``."""
+        try:
+            lines = self.metrics_path.read_text().splitlines()
+        except OSError:
+            return 0
+        rounds = set()
+        for line in lines:
+            try:
+                rounds.add(json.loads(line).get("round"))
+            except (ValueError, AttributeError):
+                continue
+        return len(rounds - {None})
+
     def _write_eval_json(self) -> None:
         settings = EvalSettings(metric=self.metric, mode=self.cfg.mode, every=self.cfg.every, kind=self.cfg.kind)
         write_eval_settings(self.state_path / EVAL_FILE, settings)
 
     def _save_progress(self) -> None:
-        data = {"round": self.round, "last_step": self.last_step, "run_start": self.run_start, "last_ok": self.last_ok}
+        data = {"round": self.round, "rounds_run": self.rounds_run, "last_step": self.last_step, "run_start": self.run_start, "last_ok": self.last_ok}
         atomic_write_bytes(self.dir / "progress.json", json.dumps(data).encode())
 
     # -- the fold loop's side -------------------------------------------------------------------
@@ -262,6 +277,7 @@ class Evaluation:
             self._append(row)
         self.last_step = rnd.step
         self.last_ok = any(r.metrics is not None for r in rows)
+        self.rounds_run += 1
         self._save_progress()
         self._select(rnd, rows)
 
@@ -298,6 +314,7 @@ class Evaluation:
         version = int((self.best or {}).get("version", 0)) + 1
         best = {"candidate": cand.name, "kind": cand.kind, "method": cand.info.get("method"),
                 "options": cand.info.get("options"), "step": rnd.step, "round": rnd.round,
+                "rounds_run": self.rounds_run,
                 "metric": self.metric, "mode": self.cfg.mode, "value": value, "metrics": pick_metrics,
                 "raw_metrics_same_step": raw, "version": version,
                 "steps_folded": cand.info.get("steps"), "published_at": self.clock()}
@@ -364,7 +381,7 @@ def best_model_card(best: dict[str, Any]) -> str:
     lines = ["---", "tags:", "- ckptavg", "- checkpoint-averaging", "---", "",
              f"# Best model so far: `{best['candidate']}` at step {best['step']}", "",
              (f"Chosen by ckptavg's daemon as the best candidate by **{metric}** ({best['mode']}) across "
-              f"{best['round']} evaluation round(s)."), ""]
+              f"{_rounds_text(best)}."), ""]
     if best["kind"] == "raw":
         lines.append("This is the raw training checkpoint (no average did better so far).")
     else:
@@ -381,3 +398,11 @@ def best_model_card(best: dict[str, Any]) -> str:
         lines += ["", f"{metric}: {value:.6g} vs {raw[metric]:.6g} for the raw checkpoint ({gain:.3f}×)."]
     lines += ["", "Provenance (inputs, options, ckptavg version) is in `ckptavg.json`.", ""]
     return "\n".join(lines)
+
+
+def _rounds_text(best: dict[str, Any]) -> str:
+    """How many evaluation rounds ran (skipped and interrupted rounds are numbered but never ran)."""
+    n = best.get("rounds_run")
+    if n is None:  # a best.json written before rounds_run: only the round's number is known
+        return f"the evaluation rounds up to round {best['round']}"
+    return f"{n} evaluation round{'' if n == 1 else 's'}"

@@ -34,7 +34,11 @@ from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CandidateSummary", "MetricsError", "MetricsRow", "Point", "Report", "build_report", "load_metrics"]
+__all__ = ["PLOT_SKIPPED", "CandidateSummary", "MetricsError", "MetricsRow", "Point", "Report", "build_report",
+           "load_metrics"]
+
+# The one line `ckptavg report` and `ckptavg demo` print (exit 0) when the plot cannot be drawn.
+PLOT_SKIPPED = "ckptavg: plot skipped: matplotlib cannot be imported (pip install matplotlib)"
 
 
 # --------------------------------------------------------------------------- reading
@@ -448,7 +452,7 @@ class Report:
             plot = (f'<img alt="{esc(self.metric)} vs step and vs wall clock" '
                     f'src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">')
         except OutputError as e:
-            log.warning("the HTML report has no plot: %s", e)
+            log.debug("the HTML report has no plot: %s", e)  # the CLI says so in one line
             plot = f'<p class="note">No plot: {esc(str(e))}</p>'
         header, rows = self.rows()
         raw_name = self.raw.name if self.raw else None

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from ckptavg.publishing.report import PLOT_SKIPPED
 
@@ -153,3 +154,27 @@ def test_row70_pip_install_without_extras_then_the_demo_exits_0(tmp_path):
     site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
                                capture_output=True, text=True, check=True).stdout.strip())
     assert not [n for n in ("cli", "daemon", "evaluators") if (site / n).exists()]
+
+
+def test_row73_one_shot_lines_carry_each_checkpoints_own_read_time(tmp_path):
+    """Tensor-major reads every checkpoint at once, so each finishes at the end: its line must give the seconds
+    spent reading it, not the time since the start (which made every line the same, summing past the total)."""
+    import re
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for step in (100, 200, 300, 400):
+        d = tmp_path / "run" / f"checkpoint-{step}"
+        d.mkdir(parents=True)
+        save_file({f"t{i}": torch.randn(256, 256, generator=g) for i in range(16)}, str(d / "model.safetensors"))
+        paths.append(d)
+    r = subprocess.run([sys.executable, "-m", "ckptavg.cli.main", "average", *map(str, paths), "-o",
+                        str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=120,
+                       stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    each = [float(s) for s in re.findall(r"read checkpoint-\d+ \(step \d+\): .* in ([\d.]+) s", r.stderr)]
+    total = float(re.search(r"averaged 4 checkpoints \(.*\) into .* in ([\d.]+) s", r.stderr).group(1))
+    assert len(each) == 4, r.stderr
+    assert sum(each) <= total + 0.05, (each, total)

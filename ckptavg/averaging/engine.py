@@ -528,7 +528,6 @@ class Engine:
         for r in requests:
             remaining[r.ckpt_index] += 1
         read_bytes = [0] * len(ckpts)
-        started = time.perf_counter()
         old_readers: dict[Hashable, CheckpointReader] = {}
 
         def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
@@ -552,7 +551,16 @@ class Engine:
         if not self._cuda and any(r.piece is not None for r in requests):
             capacity = max(r.nbytes for r in requests if r.piece is not None)
             pool = _BufferPool(capacity, keep=window // capacity + 2)
-        stream = _Prefetcher(requests, lambda r: self._load(readers[r.ckpt_index], r.name, r.piece, pool), window)
+        spent = [0.0] * len(ckpts)  # each checkpoint's own read time (tensor-major reads them all together)
+
+        def load(r: _Request) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return self._load(readers[r.ckpt_index], r.name, r.piece, pool)
+            finally:
+                spent[r.ckpt_index] += time.perf_counter() - t0
+
+        stream = _Prefetcher(requests, load, window)
         try:
             for req, staged in stream:
                 current = req
@@ -567,8 +575,8 @@ class Engine:
                 self.progress.advance(ref.nbytes)
                 read_bytes[k] += ref.nbytes
                 remaining[k] -= 1
-                if remaining[k] == 0:
-                    self.progress.checkpoint_done(ckpt, read_bytes[k], time.perf_counter() - started)
+                if remaining[k] == 0:  # the seconds spent reading this checkpoint, not the time since the start
+                    self.progress.checkpoint_done(ckpt, read_bytes[k], spent[k])
                 key = (req.name, req.piece)
                 pending[key] -= 1
                 if pending[key] == 0:

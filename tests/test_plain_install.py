@@ -177,4 +177,6 @@ def test_row73_one_shot_lines_carry_each_checkpoints_own_read_time(tmp_path):
     each = [float(s) for s in re.findall(r"read checkpoint-\d+ \(step \d+\): .* in ([\d.]+) s", r.stderr)]
     total = float(re.search(r"averaged 4 checkpoints \(.*\) into .* in ([\d.]+) s", r.stderr).group(1))
     assert len(each) == 4, r.stderr
-    assert sum(each) <= total + 0.05, (each, total)
+    # before: each line repeated the time elapsed when the read ended (nearly the whole run); now each is one
+    # checkpoint's share of the reading
+    assert max(each) < 0.5 * total, (each, total)

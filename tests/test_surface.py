@@ -1,5 +1,5 @@
 """The surface users touch: configuration values refused at load, ``ckptavg watch`` flags, warnings said once,
-and the Hub token kept from evaluators (docs/FAULTS.md rows 63-66, 68, 69; row 67 is in tests/test_hub.py)."""
+and the Hub token kept from evaluators (docs/FAULTS.md rows 63-66, 68 and 69; row 67 is in tests/test_hub.py)."""
 
 from __future__ import annotations
 
@@ -151,7 +151,7 @@ def test_row64_a_lawa_window_larger_than_the_inputs_warns_once(tmp_path, ckptavg
     assert (r.code, r.err) == (0, "")  # a window the inputs fill: no warning
 
 
-# --------------------------------------------------------------------------- row 65: watch flags, end to end
+# --------------------------------------------------------------------------- rows 65, 66: watch flags, empty averages
 
 
 def test_row65_watch_uniform_rule_threads_accum_dtype_equal_the_one_shot(tmp_path, ckptavg):
@@ -186,8 +186,8 @@ def test_row65_watch_uniform_rule_threads_accum_dtype_equal_the_one_shot(tmp_pat
     assert not torch.equal(daemon["b"], results["float32"]["b"])  # --accum-dtype float64 reached the daemon
 
 
-def test_row65_an_average_left_with_no_tensor_warns_once_naming_its_rules(tmp_path):
-    """docs/FAULTS.md row 65: rules that together exclude every tensor of this model pass the load-time check
+def test_row66_an_average_left_with_no_tensor_warns_once_naming_its_rules(tmp_path):
+    """docs/FAULTS.md row 66 (with the rules cases of row 63's tests): rules that together exclude every tensor of this model pass the load-time check
     (no single rule matches every name); after the first fold one warning names the average and its rules."""
     run, out = tmp_path / "run", tmp_path / "avg"
     run.mkdir()

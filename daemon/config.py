@@ -170,7 +170,19 @@ def _check_rules(source: str, key: str, rules: tuple[Rule, ...]) -> tuple[Rule, 
     return rules
 
 
-def _name(source: str, key: str, name: Any, state_dir: Any) -> str:
+def _state_folder_in_output(data: dict[str, Any]) -> str | None:
+    """The name of ``state_dir`` when it is a folder directly in ``output`` (an average there would collide), else None."""
+    state_dir, output = data.get("state_dir"), data.get("output")
+    if not (isinstance(state_dir, str) and state_dir and isinstance(output, str) and output):
+        return None
+    try:
+        inside = Path(state_dir).resolve().parent == Path(output).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return Path(state_dir).name if inside else None
+
+
+def _name(source: str, key: str, name: Any, state_folder: str | None) -> str:
     """An average's folder name in OUTPUT: plain, not the daemon's own, and short enough for every name built on it."""
     if not isinstance(name, str) or not name or "/" in name or "\0" in name or name.startswith("."):
         raise _err(source, key, f"expected a plain folder name (no '/', no NUL, not starting with '.'), got {name!r}")
@@ -178,8 +190,8 @@ def _name(source: str, key: str, name: Any, state_dir: Any) -> str:
         raise _err(source, key, f"at most {NAME_MAX_BYTES} bytes (version folders and file names are built on it), "
                                 f"got {len(name.encode('utf-8', 'surrogateescape'))}")
     reserved = dict(RESERVED_NAMES)
-    if isinstance(state_dir, str) and state_dir:
-        reserved.setdefault(Path(state_dir).name, "the state folder (state_dir)")
+    if state_folder is not None:
+        reserved.setdefault(state_folder, "the state folder (state_dir)")
     if name in reserved:
         raise _err(source, key, f"{name!r} is taken by {reserved[name]}; choose another name")
     return name
@@ -206,7 +218,7 @@ def _rules(source: str, key: str, value: Any) -> tuple[Rule, ...]:
         raise _err(source, key, e.requirement()) from None
 
 
-def _average(source: str, index: int, table: Any, state_dir: Any = None) -> AverageConfig:
+def _average(source: str, index: int, table: Any, state_folder: str | None = None) -> AverageConfig:
     """One ``[[average]]`` table: its keys are the method's declared options (see ckptavg.averaging.methods)."""
     where = f"average[{index}]"
     if not isinstance(table, dict):
@@ -227,7 +239,7 @@ def _average(source: str, index: int, table: Any, state_dir: Any = None) -> Aver
         if e.problem == "invalid":
             raise _err(source, f"{where}.{e.options[0]}", e.requirement()) from None
         raise _err(source, where, e.phrase(method_name=f"method {method}")) from None
-    name = _name(source, f"{where}.name", table.get("name", built.label()), state_dir)
+    name = _name(source, f"{where}.name", table.get("name", built.label()), state_folder)
     rules = _check_rules(source, f"{where}.rules", _rules(source, f"{where}.rules", table.get("rules", [])))
     return AverageConfig(method, options, name, rules)
 
@@ -315,7 +327,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
     tables = data.get("average", [])
     if not isinstance(tables, list) or not tables:
         raise _err(source, "average", "at least one [[average]] table (or --ema/--lawa/--swa) is required")
-    averages = tuple(_average(source, i, t, data.get("state_dir")) for i, t in enumerate(tables))
+    state_folder = _state_folder_in_output(data)
+    averages = tuple(_average(source, i, t, state_folder) for i, t in enumerate(tables))
     names = [a.name for a in averages]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

@@ -310,3 +310,10 @@ def test_row69_pass_hub_token_hands_the_token_to_the_command_only_when_asked(tmp
     config.write_text(HEAD + UNIFORM + "[evaluate]\ncommand = '" + command + "'\npass_hub_token = true\n")
     ev = load_config(config).evaluate
     assert make_evaluator(ev.kind, ev.options).evaluate(cand) == {"hf": 1.0, "other": 1.0}
+
+
+def test_row63_a_state_dir_outside_the_output_reserves_no_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "exp.toml"
+    config.write_text(HEAD + 'state_dir = "elsewhere/state"\n' + UNIFORM + 'name = "state"\n')
+    assert load_config(config).averages[0].name == "state"

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 
 from ckptavg.errors import UsageError
-from ckptavg.redact import without_secrets
 from ckptavg.evaluators.base import Candidate, EvaluationError, check_metrics
+from ckptavg.redact import without_secrets
 
 log = logging.getLogger(__name__)
 

@@ -503,9 +503,9 @@ def test_row67_a_link_out_of_the_folder_is_refused_naming_link_and_target(ckptav
     target = secret / "id_rsa" if kind == "file" else secret
     r = ckptavg("publish", model, "--hub", "org/links")
     assert r.code == 1, r
-    assert _error_lines(r.err) == [f"ckptavg: error: {link}: symbolic link to {target}, outside the folder; refusing "
+    assert _error_lines(r.err) == [(f"ckptavg: error: {link}: symbolic link to {target}, outside the folder; refusing "
                                    "to publish it (copy the file into the folder, or pass --skip-outside-links to "
-                                   "leave it out)"]
+                                   "leave it out)")]
     assert "Traceback" not in r.err and hub.requests == []
 
 
@@ -519,8 +519,8 @@ def test_row67_skip_outside_links_leaves_them_out_and_inside_links_are_followed(
     r = ckptavg("publish", model, "--hub", "org/links", "--skip-outside-links")
     assert r.code == 0, r
     warnings = [line for line in r.err.splitlines() if "security:" in line]
-    assert warnings == [f"WARNING: security: not publishing {model / 'notes.txt'}: a link to {tmp_path / 'id_rsa'}, "
-                        f"outside {model}"]
+    assert warnings == [(f"WARNING: security: not publishing {model / 'notes.txt'}: a link to {tmp_path / 'id_rsa'}, "
+                        f"outside {model}")]
     files = hub.log("org/links")[0].files
     assert "notes.txt" not in files and b"not for the Hub" not in b"".join(files.values())
     assert files["generation_config.json"] == (model / "config.json").read_bytes()
@@ -546,5 +546,5 @@ def test_row67_a_hugging_face_cache_snapshot_is_published_through_its_blob_links
     (tmp_path / "hub" / "elsewhere.txt").write_text("x\n")
     r = ckptavg("publish", snapshot, "--hub", "org/cached")
     assert r.code == 1 and _error_lines(r.err) == [
-        f"ckptavg: error: {snapshot / 'stray.txt'}: symbolic link to {tmp_path / 'hub' / 'elsewhere.txt'}, outside the "
-        "folder; refusing to publish it (copy the file into the folder, or pass --skip-outside-links to leave it out)"]
+        (f"ckptavg: error: {snapshot / 'stray.txt'}: symbolic link to {tmp_path / 'hub' / 'elsewhere.txt'}, outside the "
+        "folder; refusing to publish it (copy the file into the folder, or pass --skip-outside-links to leave it out)")]

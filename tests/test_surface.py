@@ -57,17 +57,17 @@ EVAL = '[evaluate]\ncommand = "echo {model_dir}"\n'
     ('[[average]]\nmethod = "swa"\nstart_step = 1.5\n',
      "average[0].start_step: must be an integer >= 0, at most 1e18, got 1.5"),
     ('rules = ["*=exclude"]\n' + UNIFORM,
-     "rules: '*=exclude' excludes every tensor (the first matching rule wins), so nothing would be published; "
-     "exclude only some tensors, e.g. '*.lm_head.*=exclude'"),
+     ("rules: '*=exclude' excludes every tensor (the first matching rule wins), so nothing would be published; "
+     "exclude only some tensors, e.g. '*.lm_head.*=exclude'")),
     (UNIFORM + 'rules = ["**=exclude", "*.bias=latest"]\n',
-     "average[0].rules: '**=exclude' excludes every tensor (the first matching rule wins), so nothing would be "
-     "published; exclude only some tensors, e.g. '*.lm_head.*=exclude'"),
+     ("average[0].rules: '**=exclude' excludes every tensor (the first matching rule wins), so nothing would be "
+     "published; exclude only some tensors, e.g. '*.lm_head.*=exclude'")),
     ('rules = ["x=half-life:1e300"]\n' + UNIFORM,
      "rules: must be GLOB=half-life:H with H a positive number of steps, at most 1e+15, got 'x=half-life:1e300'"),
     (UNIFORM + EVAL + 'pass_hub_token = "yes"\n', "evaluate.pass_hub_token: expected bool, got 'yes'"),
     (UNIFORM + '[evaluate]\nfunction = "m:f"\npass_hub_token = true\n',
-     "evaluate.pass_hub_token: applies to kind command only; a python evaluator runs inside the daemon and sees "
-     "its environment"),
+     ("evaluate.pass_hub_token: applies to kind command only; a python evaluator runs inside the daemon and sees "
+     "its environment")),
 ])
 def test_row63_values_that_would_fail_later_are_refused_at_load(tmp_path, ckptavg, monkeypatch, body, message):
     """docs/FAULTS.md row 63: each value was accepted at start and failed later (a file name too long at the
@@ -96,8 +96,8 @@ def test_row63_a_rule_that_keeps_some_tensors_and_safe_names_still_load(tmp_path
     (("--uniform", "--threads", "1000000"),
      f"--threads: must be between 1 and {4 * CPUS} (4 per CPU; this machine has {CPUS}), got 1000000"),
     (("--uniform", "--rule", "*=exclude"),
-     "--rule: '*=exclude' excludes every tensor (the first matching rule wins), so nothing would be published; "
-     "exclude only some tensors, e.g. '*.lm_head.*=exclude'"),
+     ("--rule: '*=exclude' excludes every tensor (the first matching rule wins), so nothing would be published; "
+     "exclude only some tensors, e.g. '*.lm_head.*=exclude'")),
     (("--uniform", "--rule", "nonsense"),
      "--rule: must be GLOB=ACTION with ACTION one of latest, exclude, half-life:H, got 'nonsense'"),
     (("--uniform", "--accum-dtype", "float16"), "--accum-dtype: expected one of float32, float64, got 'float16'"),
@@ -203,8 +203,8 @@ def test_row66_an_average_left_with_no_tensor_warns_once_naming_its_rules(tmp_pa
         code, err = stop(proc)
     assert code == 0, err
     lines = [ln for ln in err.splitlines() if "holds no tensor" in ln]
-    assert lines == ["WARNING: the empty average holds no tensor after folding step 100: its rules (w=exclude, "
-                     "b=exclude, n=exclude) exclude every tensor of this model; nothing is published for it"], err
+    assert lines == [("WARNING: the empty average holds no tensor after folding step 100: its rules (w=exclude, "
+                     "b=exclude, n=exclude) exclude every tensor of this model; nothing is published for it")], err
     assert (out / "ema-100" / "model.safetensors").exists() and not (out / "empty").exists()
 
 
@@ -231,8 +231,8 @@ def test_row68_security_warnings_for_links_leaving_the_run_are_said_once(tmp_pat
             assert find_candidates(run) == [run / "checkpoint-300"]
     texts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("security:")]
     assert texts == [f"security: {run / 'checkpoint-100'} links outside {run}; not followed",
-                     f"security: skipping {run / 'checkpoint-200'}: its weight file "
-                     f"{run / 'checkpoint-200' / 'model.safetensors'} resolves outside {run}; not followed"]
+                     (f"security: skipping {run / 'checkpoint-200'}: its weight file "
+                     f"{run / 'checkpoint-200' / 'model.safetensors'} resolves outside {run}; not followed")]
 
 
 def test_row68_a_shard_link_out_of_its_folder_is_warned_once_and_refused_every_time(tmp_path, caplog):
@@ -241,7 +241,7 @@ def test_row68_a_shard_link_out_of_its_folder_is_warned_once_and_refused_every_t
 
     ckpt = tmp_path / "ckpt"
     write_checkpoint(ckpt, tiny_state(0), "sharded", shard_bytes=1024)
-    shard = sorted(ckpt.glob("model-*.safetensors"))[0]
+    shard = min(ckpt.glob("model-*.safetensors"))
     outside = tmp_path / "outside.safetensors"
     shard.rename(outside)
     shard.symlink_to(outside)

@@ -230,7 +230,7 @@ def _cache_blobs(folder: Path) -> Path | None:
     return blobs if real.parent.name == "snapshots" and blobs.is_dir() else None
 
 
-def _link_allowed(path: Path, real: Path, root: Path, blobs: Path | None) -> bool:
+def _link_allowed(real: Path, root: Path, blobs: Path | None) -> bool:
     """A link is followed when it stays in the folder, or is a cache snapshot's link to its own blob."""
     if real == root or root in real.parents:
         return True
@@ -261,7 +261,7 @@ def folder_files(folder: Path, *, outside_links: str = "refuse") -> dict[str, Pa
                     real = path.resolve(strict=True)
                 except (OSError, RuntimeError):
                     continue  # a broken link or a loop is no model file
-                if not _link_allowed(path, real, root, blobs):
+                if not _link_allowed(real, root, blobs):
                     if outside_links == "refuse":
                         raise UnsafePathError(f"symbolic link to {real}, outside the folder; refusing to publish it",
                                               path=path, hint="copy the file into the folder, or pass "

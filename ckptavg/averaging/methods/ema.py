@@ -14,7 +14,6 @@ import torch
 from ckptavg.averaging.methods.base import FoldInfo, Method, Option, Plan, Slot
 from ckptavg.errors import UsageError
 
-
 MAX_HALF_LIFE = 1e15  # steps: far beyond any run, and its label (``ema-<H>``) stays a short folder name
 
 

@@ -228,6 +228,10 @@ def average_checkpoints(
         _protect(target, protected)
     plans = {a.name: expected_outputs(ckpts, a) for a in averages}
     for a in averages:
+        warning = a.method.inputs_warning(len(ckpts))
+        if warning is not None:
+            log.warning("%s: %s", a.name, warning)
+    for a in averages:
         if not plans[a.name]:
             if not any(a.method.accepts(c.step) for c in ckpts):
                 raise UsageError(f"the {a.name} average accepts none of the inputs (newest step: {ckpts[-1].step})",

@@ -61,11 +61,16 @@ def average_flags() -> list[click.Option]:
 
 
 def watch_flags() -> list[click.Option]:
-    """One repeatable option of ``ckptavg watch`` per method with a main option: each use is one average."""
+    """One repeatable option of ``ckptavg watch`` per method with a main option: each use is one average.
+    A method without a main option that declares a ``watch_flag`` gets a plain flag: one average, default options."""
     out = []
     for cls in METHODS.values():
         flag = cls.flag_for_watch()
         if flag is None:
+            continue
+        if cls.main_option is None:
+            out.append(click.Option([flag, f"watch_{cls.name}"], is_flag=True, default=False,
+                                    help=f"A {cls.name} average: {cls.summary.split(' (')[0]}."))
             continue
         p = cls.param(cls.main_option)  # type: ignore[arg-type]
         unit = f" {p.unit}" if p.unit and not p.unit.startswith("per ") else ""
@@ -77,9 +82,14 @@ def watch_flags() -> list[click.Option]:
 
 def watch_averages(values: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
     """``[[average]]`` tables from the ``ckptavg watch`` method flags (``values``: ``watch_<method>`` → values)."""
-    tables = []
+    tables: list[dict[str, Any]] = []
     for cls in METHODS.values():
-        for v in values.get(f"watch_{cls.name}", ()) or ():
+        given = values.get(f"watch_{cls.name}")
+        if cls.main_option is None:
+            if given is True:  # a plain flag
+                tables.append({"method": cls.name})
+            continue
+        for v in given or ():
             tables.append({"method": cls.name, cls.main_option: v})
     return tables
 

@@ -7,6 +7,7 @@ the key and what was expected. ``systemd/exp1.toml`` documents every key.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -95,18 +96,105 @@ _CHOICES = {
 _TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source"} | {"average"}
 
 
+_FLAG_OF_KEY = {"watch": "RUN", "average": "the method flags", "evaluate": "--eval", "rules": "--rule", "hub": "--hub", "hub.repo": "--hub", "hub.revision": "--hub-revision",
+                "evaluate.command": "--eval", "evaluate.function": "--eval-python", "evaluate.data": "--eval-hf-perplexity",
+                "evaluate.timeout": "--eval-timeout", "evaluate.every": "--eval-every", "evaluate.metric": "--metric",
+                "evaluate.mode": "--mode"}
+
+
+def flag_of_key(key: str) -> str:
+    """The ``ckptavg watch`` flag that sets config ``key`` (``threads`` → ``--threads``,
+    ``average[0].half_life`` → ``--ema``); the key itself where no flag sets it."""
+    if key in _FLAG_OF_KEY:
+        return _FLAG_OF_KEY[key]
+    if key.startswith("average[") and "." in key:
+        option = key.split(".", 1)[1]
+        flags = [cls.flag_for_watch() for cls in METHODS.values() if cls.main_option == option]
+        return flags[0] or key if flags else key
+    if key.isidentifier():
+        return "--" + key.replace("_", "-")
+    return key
+
+
 def _err(source: str, key: str, what: str) -> UsageError:
-    return UsageError(f"{key}: {what}", path=source if source != "flags" else None)
+    """A configuration error naming the file and the key (or, for ``ckptavg watch`` flags, the flag)."""
+    if source == "flags":
+        return UsageError(f"{flag_of_key(key)}: {what}")
+    return UsageError(f"{key}: {what}", path=source)
 
 
-def _typed(source: str, key: str, value: Any, kind: type, *, minimum: float | None = None) -> Any:
+DAY, WEEK = 86400.0, 604800.0
+NAME_MAX_BYTES = 128  # an average's name; version folders, staging names and eval logs add up to ~100 bytes
+RESERVED_NAMES = {".ckptavg": "the daemon's state folder (OUTPUT/.ckptavg)", "best": "the best model's link (OUTPUT/best)",
+                  ".best-versions": "the best model's versions (OUTPUT/.best-versions)"}
+
+
+def max_threads() -> int:
+    """The most torch CPU threads a daemon may ask for: 4 per CPU of this machine."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _typed(source: str, key: str, value: Any, kind: type, *, minimum: float | None = None,
+           maximum: float | None = None, why: str = "") -> Any:
+    """``value`` checked as ``kind`` in [minimum, maximum]; ``why`` explains the upper bound in the message."""
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise _err(source, key, f"expected {kind.__name__}, got {value!r}")
-    if minimum is not None and (value < minimum or (kind is float and not math.isfinite(value))):
+    if kind is float and not math.isfinite(value):
+        raise _err(source, key, f"must be a finite number, got {value!r}")
+    if maximum is not None and (value > maximum or (minimum is not None and value < minimum)):
+        low = f"{minimum:g} and " if minimum is not None else ""
+        raise _err(source, key, f"must be between {low}{maximum:g}{why}, got {value!r}")
+    if minimum is not None and value < minimum:
         raise _err(source, key, f"must be at least {minimum:g}, got {value!r}")
     return value
+
+
+def _all_excluded(rules: tuple[Rule, ...]) -> Rule | None:
+    """The rule that excludes every tensor, or None: a rule matching every name, reached after exclusions only
+    (the first matching rule wins, so any rule before it that keeps something may keep a tensor)."""
+    for rule in rules:
+        if rule.action != "exclude":
+            return None
+        if set(rule.glob) == {"*"}:
+            return rule
+    return None
+
+
+def _check_rules(source: str, key: str, rules: tuple[Rule, ...]) -> tuple[Rule, ...]:
+    everything = _all_excluded(rules)
+    if everything is not None:
+        raise _err(source, key, f"{str(everything)!r} excludes every tensor (the first matching rule wins), so "
+                                f"nothing would be published; exclude only some tensors, e.g. '*.lm_head.*=exclude'")
+    return rules
+
+
+def _state_folder_in_output(data: dict[str, Any]) -> str | None:
+    """The name of ``state_dir`` when it is a folder directly in ``output`` (an average there would collide), else None."""
+    state_dir, output = data.get("state_dir"), data.get("output")
+    if not (isinstance(state_dir, str) and state_dir and isinstance(output, str) and output):
+        return None
+    try:
+        inside = Path(state_dir).resolve().parent == Path(output).resolve()
+    except (OSError, RuntimeError, ValueError):
+        return None
+    return Path(state_dir).name if inside else None
+
+
+def _name(source: str, key: str, name: Any, state_folder: str | None) -> str:
+    """An average's folder name in OUTPUT: plain, not the daemon's own, and short enough for every name built on it."""
+    if not isinstance(name, str) or not name or "/" in name or "\0" in name or name.startswith("."):
+        raise _err(source, key, f"expected a plain folder name (no '/', no NUL, not starting with '.'), got {name!r}")
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX_BYTES:
+        raise _err(source, key, f"at most {NAME_MAX_BYTES} bytes (version folders and file names are built on it), "
+                                f"got {len(name.encode('utf-8', 'surrogateescape'))}")
+    reserved = dict(RESERVED_NAMES)
+    if state_folder is not None:
+        reserved.setdefault(state_folder, "the state folder (state_dir)")
+    if name in reserved:
+        raise _err(source, key, f"{name!r} is taken by {reserved[name]}; choose another name")
+    return name
 
 
 def _size(source: str, key: str, value: Any) -> int | None:
@@ -130,7 +218,7 @@ def _rules(source: str, key: str, value: Any) -> tuple[Rule, ...]:
         raise _err(source, key, e.requirement()) from None
 
 
-def _average(source: str, index: int, table: Any) -> AverageConfig:
+def _average(source: str, index: int, table: Any, state_folder: str | None = None) -> AverageConfig:
     """One ``[[average]]`` table: its keys are the method's declared options (see ckptavg.averaging.methods)."""
     where = f"average[{index}]"
     if not isinstance(table, dict):
@@ -151,14 +239,13 @@ def _average(source: str, index: int, table: Any) -> AverageConfig:
         if e.problem == "invalid":
             raise _err(source, f"{where}.{e.options[0]}", e.requirement()) from None
         raise _err(source, where, e.phrase(method_name=f"method {method}")) from None
-    name = table.get("name", built.label())
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise _err(source, f"{where}.name", f"expected a plain folder name, got {name!r}")
-    return AverageConfig(method, options, name, _rules(source, f"{where}.rules", table.get("rules", [])))
+    name = _name(source, f"{where}.name", table.get("name", built.label()), state_folder)
+    rules = _check_rules(source, f"{where}.rules", _rules(source, f"{where}.rules", table.get("rules", [])))
+    return AverageConfig(method, options, name, rules)
 
 
 _EVAL_KEYS = {
-    "command": {"command": str, "timeout": float},
+    "command": {"command": str, "timeout": float, "pass_hub_token": bool},
     "python": {"function": str, "kwargs": dict},
     "hf-perplexity": {"data": str, "batch_size": int, "seq_len": int, "max_tokens": int, "tokenizer": str,
                       "device": str, "dtype": str, "text_field": str},
@@ -179,6 +266,9 @@ def _evaluate(source: str, table: Any) -> EvalConfig:
     if kind not in _EVAL_KEYS:
         raise _err(source, "evaluate.kind", f"expected one of {', '.join(_EVAL_KEYS)}, got {kind!r}")
     allowed = {**_EVAL_COMMON, **_EVAL_KEYS[kind]}
+    if "pass_hub_token" in table and kind != "command":
+        raise _err(source, "evaluate.pass_hub_token", f"applies to kind command only; a {kind} evaluator runs inside "
+                                                      "the daemon and sees its environment")
     unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise _err(source, f"evaluate.{unknown[0]}", f"unknown key for kind {kind} (allowed: {', '.join(sorted(allowed))})")
@@ -193,7 +283,9 @@ def _evaluate(source: str, table: Any) -> EvalConfig:
                 raise _err(source, f"evaluate.{key}", "expected a table")
             values[key] = value
         else:
-            values[key] = _typed(source, f"evaluate.{key}", value, kind_of, minimum=minimum)
+            week = key in ("timeout", "best_grace")
+            values[key] = _typed(source, f"evaluate.{key}", value, kind_of, minimum=minimum,
+                                 maximum=WEEK if week else None, why=" seconds (a week)" if week else "")
     if values.get("mode", "min") not in ("min", "max"):
         raise _err(source, "evaluate.mode", f"expected min or max, got {values['mode']!r}")
     if "timeout" in values and values["timeout"] <= 0:
@@ -235,7 +327,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
     tables = data.get("average", [])
     if not isinstance(tables, list) or not tables:
         raise _err(source, "average", "at least one [[average]] table (or --ema/--lawa/--swa) is required")
-    averages = tuple(_average(source, i, t) for i, t in enumerate(tables))
+    state_folder = _state_folder_in_output(data)
+    averages = tuple(_average(source, i, t, state_folder) for i, t in enumerate(tables))
     names = [a.name for a in averages]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -249,7 +342,7 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
         elif key == "marker":
             kw[key] = _typed(source, key, value, str) or None
         elif key == "rules":
-            kw[key] = _rules(source, key, value)
+            kw[key] = _check_rules(source, key, _rules(source, key, value))
         elif key == "evaluate":
             kw[key] = _evaluate(source, value) if value else None
         elif key == "hub":
@@ -257,13 +350,14 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
         elif key in ("publish_every", "persist_every"):
             kw[key] = _typed(source, key, value, int, minimum=1)
         elif key == "nice":
-            kw[key] = _typed(source, key, value, int, minimum=0)
+            kw[key] = _typed(source, key, value, int, minimum=0, maximum=19, why=" (a niceness increment)")
         elif key == "threads":
-            kw[key] = _typed(source, key, value, int, minimum=1)
+            kw[key] = _typed(source, key, value, int, minimum=1, maximum=max_threads(),
+                             why=f" (4 per CPU; this machine has {os.cpu_count() or 1})")
         elif key == "keep_generations":
             kw[key] = _typed(source, key, value, int, minimum=2)
         elif key in ("poll_interval", "settle"):
-            kw[key] = _typed(source, key, value, float, minimum=0.0)
+            kw[key] = _typed(source, key, value, float, minimum=0.0, maximum=DAY, why=" seconds (a day)")
         elif key == "ionice_idle":
             kw[key] = _typed(source, key, value, bool)
         elif key == "memory_budget":

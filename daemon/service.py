@@ -48,6 +48,7 @@ from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.ready import check_ready
 from ckptavg.reading.steps import step_from_name
+from ckptavg.redact import warn_once
 from ckptavg.units import format_bytes
 from ckptavg.writing.atomic import link_or_copy
 from ckptavg.writing.export import copy_meta_files, publish_average, remove_publish_orphans
@@ -666,6 +667,7 @@ class Service:
                           "gbps": round(nbytes / seconds / 1e9, 3) if seconds else None}
         log.info("folded step %d: %s in %.2f s into %s", step, format_bytes(nbytes), seconds,
                  ", ".join(a.name for a in self.averages if a.method.accepts(step)))
+        self._warn_empty(step)
         if len(self.unpersisted) >= self.cfg.persist_every:
             self._persist()
         if self.since_publish >= self.cfg.publish_every:
@@ -679,6 +681,15 @@ class Service:
         self.state, self.folding = "watching", None
         self._write_status()
         self.notifier.status(f"folded step {step}; {len(self.queue)} queued")
+
+    def _warn_empty(self, step: int) -> None:
+        """An average that took this fold but holds no tensor: its rules exclude everything this model has."""
+        for avg in self.averages:
+            if avg.method.accepts(step) and not avg.slots:
+                rules = ", ".join(str(r) for r in avg.rules) or "none"
+                warn_once(log, ("empty-average", avg.name),
+                          "the %s average holds no tensor after folding step %d: its rules (%s) exclude every tensor "
+                          "of this model; nothing is published for it", avg.name, step, rules)
 
     def _rollback(self) -> None:
         """Back to the last committed state, then re-fold what had been folded since."""

@@ -9,7 +9,10 @@ command and everything it started. Its stderr is kept in a log file, one per
 run, and an error names that file.
 
 The same values are also given as environment variables: ``CKPTAVG_MODEL_DIR``,
-``CKPTAVG_STEP``, ``CKPTAVG_CANDIDATE``.
+``CKPTAVG_STEP``, ``CKPTAVG_CANDIDATE``. The command gets the daemon's environment
+without the Hub token (``HF_TOKEN``, ``HUGGING_FACE_HUB_TOKEN``, and any variable
+holding a token ckptavg knows) unless ``pass_hub_token`` asks for it, so a command
+that prints its environment cannot write the token into its log.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from ckptavg.errors import UsageError
 from ckptavg.evaluators.base import Candidate, EvaluationError, check_metrics
+from ckptavg.redact import without_secrets
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,7 @@ class CommandEvaluator:
     name = "command"
 
     def __init__(self, template: str, *, timeout: float = 3600.0, log_dir: Path | None = None,
-                 cwd: Path | None = None) -> None:
+                 cwd: Path | None = None, pass_hub_token: bool = False) -> None:
         if not isinstance(template, str) or not template.strip():
             raise UsageError("--eval: expected a shell command, e.g. 'python eval.py --model {model_dir}'")
         if "{model_dir}" not in template:
@@ -56,6 +60,7 @@ class CommandEvaluator:
         self.timeout = float(timeout)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.cwd = cwd
+        self.pass_hub_token = bool(pass_hub_token)
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
         self._cancelled = False
@@ -66,7 +71,8 @@ class CommandEvaluator:
 
     def evaluate(self, candidate: Candidate) -> dict[str, float]:
         cmd = render_command(self.template, candidate)
-        env = {**os.environ, "CKPTAVG_MODEL_DIR": str(candidate.model_dir), "CKPTAVG_STEP": str(candidate.step),
+        inherited = dict(os.environ) if self.pass_hub_token else without_secrets(os.environ)
+        env = {**inherited, "CKPTAVG_MODEL_DIR": str(candidate.model_dir), "CKPTAVG_STEP": str(candidate.step),
                "CKPTAVG_CANDIDATE": candidate.name}
         log_path = None
         if self.log_dir is not None:

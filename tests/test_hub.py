@@ -479,3 +479,72 @@ def test_cli_publish_errors(ckptavg, hub: HubServer, model: Path, monkeypatch: p
     assert len(errors) == 1 and "401" in errors[0] and "token" in errors[0]
     assert "Traceback" not in r.err and SECRET not in r.err + r.out
     assert hub.count("create_repo") == 1 and hub.count("commit") == 0
+
+
+# --------------------------------------------------------------------------- row 67: symbolic links in the folder
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("ckptavg: error:")]
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_row67_a_link_out_of_the_folder_is_refused_naming_link_and_target(ckptavg, hub: HubServer, model: Path,
+                                                                          tmp_path: Path, kind: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/FAULTS.md row 67: `ckptavg publish` never uploads a file a link in the folder points to outside it."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    secret = tmp_path / "private"
+    secret.mkdir()
+    (secret / "id_rsa").write_text("not for the Hub\n")
+    link = model / ("notes.txt" if kind == "file" else "extra")
+    link.symlink_to(secret / "id_rsa" if kind == "file" else secret)
+    target = secret / "id_rsa" if kind == "file" else secret
+    r = ckptavg("publish", model, "--hub", "org/links")
+    assert r.code == 1, r
+    assert _error_lines(r.err) == [(f"ckptavg: error: {link}: symbolic link to {target}, outside the folder; refusing "
+                                   "to publish it (copy the file into the folder, or pass --skip-outside-links to "
+                                   "leave it out)")]
+    assert "Traceback" not in r.err and hub.requests == []
+
+
+def test_row67_skip_outside_links_leaves_them_out_and_inside_links_are_followed(
+        ckptavg, hub: HubServer, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    (tmp_path / "id_rsa").write_text("not for the Hub\n")
+    (model / "notes.txt").symlink_to(tmp_path / "id_rsa")
+    (model / "generation_config.json").symlink_to("config.json")  # a link inside the folder: followed
+    r = ckptavg("publish", model, "--hub", "org/links", "--skip-outside-links")
+    assert r.code == 0, r
+    warnings = [line for line in r.err.splitlines() if "security:" in line]
+    assert warnings == [(f"WARNING: security: not publishing {model / 'notes.txt'}: a link to {tmp_path / 'id_rsa'}, "
+                        f"outside {model}")]
+    files = hub.log("org/links")[0].files
+    assert "notes.txt" not in files and b"not for the Hub" not in b"".join(files.values())
+    assert files["generation_config.json"] == (model / "config.json").read_bytes()
+
+
+def test_row67_a_hugging_face_cache_snapshot_is_published_through_its_blob_links(
+        ckptavg, hub: HubServer, model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot's files are links to ``../../blobs/<hash>``: outside the snapshot folder, and legitimate."""
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    repo = tmp_path / "hub" / "models--org--tiny"
+    snapshot, blobs = repo / "snapshots" / "0123abcd", repo / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for i, path in enumerate(sorted(p for p in model.iterdir() if p.is_file())):
+        blob = blobs / f"{i:040x}"
+        blob.write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..") / ".." / "blobs" / blob.name)
+    r = ckptavg("publish", snapshot, "--hub", "org/cached")
+    assert r.code == 0, r
+    assert hub.log("org/cached")[0].files == {".gitattributes": GITATTRIBUTES, **folder_bytes(model)}
+    (snapshot / "stray.txt").symlink_to(tmp_path / "hub" / "elsewhere.txt")  # a link out of the cache repo's blobs
+    (tmp_path / "hub" / "elsewhere.txt").write_text("x\n")
+    r = ckptavg("publish", snapshot, "--hub", "org/cached")
+    assert r.code == 1 and _error_lines(r.err) == [
+        (f"ckptavg: error: {snapshot / 'stray.txt'}: symbolic link to {tmp_path / 'hub' / 'elsewhere.txt'}, outside the "
+        "folder; refusing to publish it (copy the file into the folder, or pass --skip-outside-links to leave it out)")]

@@ -14,7 +14,6 @@ Non-floating tensors (integer buffers such as ``num_batches_tracked`` or
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -23,6 +22,7 @@ from ckptavg.errors import OptionError
 __all__ = ["Rule", "parse_rule", "match_rule"]
 
 ACTIONS = ("latest", "exclude", "half-life:H")
+MAX_RULE_HALF_LIFE = 1e15  # as the EMA method's half_life
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,9 @@ def parse_rule(text: str) -> Rule:
             h = float(action.split(":", 1)[1])
         except ValueError:
             h = -1.0
-        if not (h > 0 and math.isfinite(h)):
-            raise OptionError.invalid(None, "rule", text, "GLOB=half-life:H with H a positive number of steps")
+        if not (0 < h <= MAX_RULE_HALF_LIFE):
+            raise OptionError.invalid(None, "rule", text,
+                                      f"GLOB=half-life:H with H a positive number of steps, at most {MAX_RULE_HALF_LIFE:g}")
         return Rule(glob, "ema", h)
     raise OptionError.invalid(None, "rule", text, expected)
 

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg._version import __version__
-from ckptavg.errors import CkptavgError, HubError, UsageError
-from ckptavg.redact import SCRUB_FILTER, remember_secret, scrub
+from ckptavg.errors import CkptavgError, HubError, UnsafePathError, UsageError
+from ckptavg.redact import SCRUB_FILTER, remember_secret, scrub, warn_once
 from ckptavg.writing.atomic import TMP_MARK, AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
 
 log = logging.getLogger(__name__)
@@ -222,17 +222,56 @@ class _Stopped(Exception):
     """The publisher is closing: stop between attempts; the snapshot stays on disk."""
 
 
-def folder_files(folder: Path) -> dict[str, Path]:
-    """Path in the repo → local file, for every file under ``folder``; hidden and staging names are skipped."""
+def _cache_blobs(folder: Path) -> Path | None:
+    """``.../models--org--name/blobs`` when ``folder`` is a Hugging Face cache snapshot
+    (``.../snapshots/<rev>/``, whose files are links into ``../../blobs/``), else None."""
+    real = folder.resolve()
+    blobs = real.parent.parent / "blobs"
+    return blobs if real.parent.name == "snapshots" and blobs.is_dir() else None
+
+
+def _link_allowed(real: Path, root: Path, blobs: Path | None) -> bool:
+    """A link is followed when it stays in the folder, or is a cache snapshot's link to its own blob."""
+    if real == root or root in real.parents:
+        return True
+    return blobs is not None and real.parent == blobs.resolve()
+
+
+def folder_files(folder: Path, *, outside_links: str = "refuse") -> dict[str, Path]:
+    """Path in the repo → local file, for every file under ``folder``; hidden and staging names are skipped.
+
+    A symbolic link (to a file or a folder) whose target is outside ``folder`` is refused with
+    :class:`UnsafePathError` naming the link and its target (``outside_links="skip"``: left out, with
+    a warning), so a publish never uploads a file the user did not put in the folder. Links inside
+    the folder, and a Hugging Face cache snapshot's links into its ``blobs/``, are followed.
+    """
+    if outside_links not in ("refuse", "skip"):
+        raise UsageError(f"outside_links must be 'refuse' or 'skip', got {outside_links!r}")
     folder = Path(folder)
+    root, blobs = folder.resolve(), _cache_blobs(folder)
     out: dict[str, Path] = {}
-    for root, dirs, files in os.walk(folder, followlinks=False):
+    for top, dirs, files in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
-        for name in sorted(files):
+        for name in [*(d for d in dirs if (Path(top) / d).is_symlink()), *sorted(files)]:
             if name.startswith(".") and name not in KEEP_REMOTE:
                 continue
-            path = Path(root) / name
-            if path.is_file():  # a broken link or a fifo is no model file
+            path = Path(top) / name
+            if path.is_symlink():
+                try:
+                    real = path.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    continue  # a broken link or a loop is no model file
+                if not _link_allowed(real, root, blobs):
+                    if outside_links == "refuse":
+                        raise UnsafePathError(f"symbolic link to {real}, outside the folder; refusing to publish it",
+                                              path=path, hint="copy the file into the folder, or pass "
+                                                              "--skip-outside-links to leave it out")
+                    warn_once(log, ("publish-out", str(path), str(real)),
+                              "security: not publishing %s: a link to %s, outside %s", path, real, folder)
+                    continue
+                if real.is_dir():
+                    continue  # a folder link inside the folder: its files are published where they are
+            if path.is_file():  # a fifo is no model file
                 out[path.relative_to(folder).as_posix()] = path
     return out
 
@@ -385,7 +424,7 @@ def _operations(api: Any, target: HubTarget, local: dict[str, Path], head: str |
 
 def _push(folder: Path, target: HubTarget, *, token: str | None, message: str, publish_id: str,
           max_attempts: int, backoff: tuple[float, float], stop: threading.Event | None = None,
-          on_retry: Callable[[int, str], None] | None = None) -> PushResult:
+          on_retry: Callable[[int, str], None] | None = None, outside_links: str = "refuse") -> PushResult:
     """One commit of ``folder`` to ``target``, retried; never twice (see the module docstring)."""
     if hub_offline():
         raise HubOfflineError("HF_HUB_OFFLINE is set: nothing was pushed", repo=str(target),
@@ -394,7 +433,7 @@ def _push(folder: Path, target: HubTarget, *, token: str | None, message: str, p
 
     _guard_library_logs()
     remember_secret(token)
-    local = folder_files(folder)
+    local = folder_files(folder, outside_links=outside_links)
     if not local:
         raise HubError("the folder holds no files to publish", repo=str(target), path=folder)
     api = HfApi(endpoint=target.resolved_endpoint, token=token or False, library_name="ckptavg",
@@ -450,7 +489,7 @@ def _push(folder: Path, target: HubTarget, *, token: str | None, message: str, p
 
 def push_folder(folder: Path, target: HubTarget, *, token: str | None = None, message: str,
                 publish_id: str | None = None, max_attempts: int = 8,
-                backoff: tuple[float, float] = (1.0, 300.0)) -> str:
+                backoff: tuple[float, float] = (1.0, 300.0), outside_links: str = "refuse") -> str:
     """Push every file of ``folder`` to ``target`` in one commit (files it lacks are deleted); returns the sha.
 
     Synchronous, with the same retries and the same no-duplicate guarantee as :class:`HubPublisher`.
@@ -461,7 +500,8 @@ def push_folder(folder: Path, target: HubTarget, *, token: str | None = None, me
     if not folder.is_dir():
         raise HubError("not a folder: nothing to publish", repo=str(target), path=folder)
     result = _push(folder, target, token=resolve_token(token), message=message or f"Upload {folder.name}",
-                   publish_id=publish_id or uuid.uuid4().hex, max_attempts=max_attempts, backoff=backoff)
+                   publish_id=publish_id or uuid.uuid4().hex, max_attempts=max_attempts, backoff=backoff,
+                   outside_links=outside_links)
     return result.sha
 
 

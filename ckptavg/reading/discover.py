@@ -23,6 +23,7 @@ from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteC
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.names import WEIGHT_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.steps import step_from_name
+from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
                 continue
             path = Path(entry.path)
             if entry.is_symlink() and not inside(path):
-                log.warning("security: %s links outside %s; not followed", path, root)
+                warn_once(log, ("link-out", str(path), str(root)), "security: %s links outside %s; not followed", path, root)
                 continue
             try:
                 is_dir = entry.is_dir()
@@ -75,8 +76,9 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
                 if step is not None and _holds_weights(path):
                     outside = _weights_outside(path, inside)
                     if outside is not None:
-                        log.warning("security: skipping %s: its weight file %s resolves outside %s; not followed",
-                                    path, outside, root)
+                        warn_once(log, ("weights-out", str(path), str(outside)),
+                                  "security: skipping %s: its weight file %s resolves outside %s; not followed",
+                                  path, outside, root)
                         continue
                     if (st_e.st_dev, st_e.st_ino) not in seen:
                         seen.add((st_e.st_dev, st_e.st_ino))

@@ -186,7 +186,9 @@ class Method:
     params: ClassVar[tuple[Option, ...]] = ()
     main_option: ClassVar[str | None] = None  # written inline: ``NAME:VALUE``
     one_of: ClassVar[tuple[tuple[str, ...], ...]] = ()  # exactly one option of each group
-    watch_flag: ClassVar[str | None] = None  # ``ckptavg watch`` flag for one average (default ``--NAME``)
+    # ``ckptavg watch`` flag for one average: with a main option it takes its value (default ``--NAME``);
+    # a method without one has a plain on/off flag only when it declares it here (uniform: ``--uniform``)
+    watch_flag: ClassVar[str | None] = None
 
     def __init__(self, *args: Any, **values: Any) -> None:
         if len(args) > len(self.params):
@@ -210,7 +212,7 @@ class Method:
     @classmethod
     def flag_for_watch(cls) -> str | None:
         if cls.main_option is None:
-            return None
+            return cls.watch_flag
         return cls.watch_flag or f"--{cls.name}"
 
     @classmethod
@@ -274,6 +276,11 @@ class Method:
     def needs(self, slot: Slot) -> Iterable[Hashable]:
         """Idents of earlier checkpoints whose tensor a later fold of ``slot`` will read (the daemon keeps them)."""
         return ()
+
+    def inputs_warning(self, count: int) -> str | None:
+        """One-shot: a warning about averaging ``count`` inputs with these options (LAWA: a window
+        larger than the inputs), or None."""
+        return None
 
     def final_members(self, idents: Sequence[Hashable]) -> frozenset | None:
         """One-shot: of the inputs holding a tensor (``idents``, in fold order), those in its final state;

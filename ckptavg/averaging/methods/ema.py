@@ -14,6 +14,8 @@ import torch
 from ckptavg.averaging.methods.base import FoldInfo, Method, Option, Plan, Slot
 from ckptavg.errors import UsageError
 
+MAX_HALF_LIFE = 1e15  # steps: far beyond any run, and its label (``ema-<H>``) stays a short folder name
+
 
 class EMA(Method):
     name = "ema"
@@ -22,7 +24,7 @@ class EMA(Method):
     buffers = ("ema",)
     params = (
         Option("half_life", float, "EMA half-life in training steps.", unit="steps", metavar="H",
-               low=0, low_open=True, expect="a positive number of steps"),
+               low=0, low_open=True, high=MAX_HALF_LIFE, expect=f"a positive number of steps, at most {MAX_HALF_LIFE:g}"),
         Option("decay", float, "EMA decay per step (instead of --half-life): h = ln 0.5 / ln d.", unit="per step",
                metavar="D", low=0, low_open=True, high=1, high_open=True),
     )

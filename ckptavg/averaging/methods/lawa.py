@@ -31,7 +31,8 @@ class LAWA(Method):
     reference = "https://arxiv.org/abs/2209.14981 (Kaddour, Stop Wasting My Time! LAWA); AlgoPerf EMA/LAWA study"
     buffers = ("S", "F")
     params = (Option("window", int, "LAWA window: the number of latest checkpoints averaged.", unit="checkpoints",
-                     metavar="K", low=0, low_open=True, default=5),)
+                     metavar="K", low=0, low_open=True, high=1_000_000, default=5,
+                     expect="a positive integer, at most 1000000"),)
     main_option = "window"
 
     window: int
@@ -41,6 +42,11 @@ class LAWA(Method):
 
     def needs(self, slot: Slot) -> Iterable[Hashable]:
         return slot.state["window"]
+
+    def inputs_warning(self, count: int) -> str | None:
+        if self.window <= count:
+            return None
+        return f"window {self.window} is larger than the {count} input(s); the result is the mean of all {count}"
 
     def final_members(self, idents: Sequence[Hashable]) -> frozenset:
         return frozenset(idents[-self.window:])

@@ -11,7 +11,8 @@ class SWA(Uniform):
     summary = "mean of every checkpoint from the start step on"
     reference = "https://arxiv.org/abs/1803.05407 (Izmailov et al., Averaging Weights Leads to Wider Optima)"
     params = (Option("start_step", int, "SWA: average every checkpoint from this step on.", unit="steps",
-                     metavar="S", low=0, default=0),)
+                     metavar="S", low=0, high=1e18, default=0,
+                     expect="an integer >= 0, at most 1e18"),)
     main_option = "start_step"
     watch_flag = "--swa-start"
 

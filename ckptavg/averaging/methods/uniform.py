@@ -16,6 +16,7 @@ class Uniform(Method):
     reference = "https://arxiv.org/abs/2203.05482 (model soups: uniform soup)"
     buffers = ("sum",)
     params = (Option("weighted", bool, "Weighted mean (one weight per checkpoint).", default=False, cli=False),)
+    watch_flag = "--uniform"
 
     weighted: bool
 

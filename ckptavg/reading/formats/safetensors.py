@@ -33,6 +33,7 @@ from ckptavg.errors import (
 )
 from ckptavg.reading.fileio import FileIdentity, open_regular
 from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ def _safe_member(folder: Path, name: Any, index_path: Path) -> Path:
         raise InvalidHeaderError(f"weight_map value {name!r} is not a file name", path=index_path)
     candidate = Path(name)
     if candidate.is_absolute() or ".." in candidate.parts or os.sep in name or (os.altsep and os.altsep in name):
-        log.warning("security: index %s points outside its folder: %r", index_path, name)
+        warn_once(log, ("index-out", str(index_path), name), "security: index %s points outside its folder: %r",
+                  index_path, name)
         raise UnsafePathError(
             f"weight_map points to {name!r}, outside the checkpoint folder; refusing to open it",
             path=index_path, hint="shard names must be plain file names in the same folder",
@@ -244,7 +246,8 @@ def _safe_member(folder: Path, name: Any, index_path: Path) -> Path:
     except OSError as e:  # symlink loop
         raise UnsafePathError(f"cannot resolve shard {name!r}: {e.strerror}", path=index_path) from None
     if real.parent != root and root not in real.parents:
-        log.warning("security: shard %s is a link out of %s (to %s)", full, folder, real)
+        warn_once(log, ("shard-out", str(full), str(real)), "security: shard %s is a link out of %s (to %s)",
+                  full, folder, real)
         raise UnsafePathError(
             f"shard {name!r} is a symbolic link to {real}, outside the checkpoint folder; refusing to open it",
             path=index_path,

@@ -147,7 +147,8 @@ def _relay(stream: IO[bytes], log_file: IO[str]) -> threading.Thread:
 
     def run() -> None:
         for raw in iter(stream.readline, b""):
-            stamp = time.strftime("%H:%M:%S", time.localtime()) + f".{int(time.time() * 1000) % 1000:03d}"
+            now = time.time()  # one clock read: seconds and milliseconds of the same instant
+            stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
             log_file.write(f"{stamp} {raw.decode('utf-8', 'replace').rstrip()}\n")
             log_file.flush()
         stream.close()

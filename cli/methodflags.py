@@ -75,7 +75,7 @@ def watch_flags() -> list[click.Option]:
         p = cls.param(cls.main_option)  # type: ignore[arg-type]
         unit = f" {p.unit}" if p.unit and not p.unit.startswith("per ") else ""
         out.append(click.Option([flag, f"watch_{cls.name}"], type=_TYPES.get(p.kind, click.STRING), multiple=True,
-                                metavar=p.metavar, help=f"A {cls.name.upper()} average, {p.name.replace('_', ' ')} "
+                                metavar=p.metavar, help=f"{cls.name.upper()} average: {p.name.replace('_', ' ')} "
                                                         f"{p.metavar}{unit} (repeatable)."))
     return out
 

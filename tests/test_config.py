@@ -24,7 +24,8 @@ def test_example_config_loads_with_every_key():
         assert f"\n{key} = " in text, key  # every top-level key is shown (and commented) in the example
     ev = cfg.evaluate
     assert (ev.kind, ev.metric, ev.mode, ev.every, ev.raw) == ("command", "val_loss", "min", 1, True)
-    assert ev.options == {"command": "python /srv/eval/eval.py --model {model_dir}", "timeout": 3600.0}
+    assert ev.options == {"command": "python /srv/eval/eval.py --model {model_dir}", "timeout": 3600.0,
+                          "pass_hub_token": False}
     for key in ("kind", "command", "timeout", "function", "data", "seq_len", "batch_size", "max_tokens", "tokenizer",
                 "device", "dtype", "text_field", "metric", "mode", "every", "raw", "best_grace", "repo", "revision",
                 "private", "endpoint"):

@@ -113,7 +113,7 @@ def test_its_toml_keys_and_watch_flag(tmp_path, smax):
             load_config(bad)
         assert str(e.value) == f"{bad}: {message}"
     help_text = CliRunner().invoke(cli, ["watch", "--help"]).output
-    assert re.search(r"--smax F\s+A SMAX average, scale F \(repeatable\)", help_text), help_text
+    assert re.search(r"--smax F\s+SMAX average: scale F \(repeatable\)", help_text), help_text
     assert "--scale" in CliRunner().invoke(cli, ["average", "--help"]).output
 
 

@@ -68,6 +68,11 @@ def _newest_mtime_ns(path: Path) -> int | None:
         return None
 
 
+def _retained_files(ckpt: Checkpoint, kept: Path) -> list[Path]:
+    """The retained copies of ``ckpt``'s weight files (``kept``: its retained folder, or the single file)."""
+    return [kept / f.name for f in ckpt.files] if kept.is_dir() else [kept]
+
+
 def set_idle_io() -> bool:
     """Put this process in the idle I/O scheduling class (Linux ``ioprio_set``); False where unavailable."""
     numbers = {"x86_64": 251, "aarch64": 30, "ppc64le": 273, "s390x": 282}
@@ -410,12 +415,8 @@ class Service:
             return None
 
     def _recently_modified(self, path: Path) -> bool:
-        try:
-            files = [path] if path.is_file() else [path, *path.iterdir()]
-            newest = max(f.stat().st_mtime for f in files)
-        except (OSError, ValueError):
-            return True
-        return self.clock() - newest < self.cfg.settle
+        newest = _newest_mtime_ns(path)
+        return newest is None or self.clock() - newest / 1e9 < self.cfg.settle
 
     @staticmethod
     def _trainer_state_older(path: Path) -> bool:
@@ -446,8 +447,7 @@ class Service:
         except OSError as e:  # the state folder's filesystem is full or read-only: retried at the next scan
             self._degrade(f"cannot keep step {step} in {self.retainer.keep_dir}: {e.strerror or e}")
             return
-        kept_files = [kept / f.name for f in ckpt.files] if kept.is_dir() else [kept]
-        self.trajectory.record(step, ckpt.path, ckpt.files, kept_files)
+        self.trajectory.record(step, ckpt.path, ckpt.files, _retained_files(ckpt, kept))
         if self.trajectory.save_steps is None and ckpt.path.is_dir():
             self.trajectory.save_steps = save_steps_of(ckpt.path)
         self.queue[step] = (ckpt.fingerprint, kept)
@@ -484,9 +484,7 @@ class Service:
         saved = Trajectory.from_json(self.trajectory.to_json())
         rewinds = [*self.rewinds]
         if target is None:  # nothing was folded before the resume point: start empty
-            self._close_stores()
-            self.averages = self._new_averages()
-            self.folded, self.skipped, self.last_step, self.unpersisted = {}, {}, None, []
+            self._reset_averages()
         else:
             self._load_state(at_most=target[0])
         kept_gen = target[0] if target is not None else 0
@@ -515,6 +513,12 @@ class Service:
         self._publish()
         self._unpublish_empty()
         self._release_unneeded()
+
+    def _reset_averages(self) -> None:
+        """Empty averages and bookkeeping: nothing folded (a rewind to before the first kept step)."""
+        self._close_stores()
+        self.averages = self._new_averages()
+        self.folded, self.skipped, self.last_step, self.unpersisted = {}, {}, None, []
 
     def _unpublish_empty(self) -> None:
         """An average that holds nothing after a rollback (e.g. SWA before its start step) no longer shows the
@@ -546,9 +550,7 @@ class Service:
         self._gen_steps = []
         for s in self.retainer.steps():
             self.retainer.release(s)
-        self._close_stores()
-        self.averages = self._new_averages()
-        self.folded, self.skipped, self.last_step, self.unpersisted = {}, {}, None, []
+        self._reset_averages()
         self.trajectory.gaps.clear()
         self.rewinds.append({"at": step, "back_to": None, "restarted": True, "why": why, "time": self.clock()})
         self.last_error = f"rewind at step {step} beyond the kept generations: averages restarted"
@@ -574,7 +576,7 @@ class Service:
             kept = self.retainer.retain(ckpt, step)
         except (CkptavgError, OSError):
             return False
-        self.trajectory.kept[step] = file_ids([kept / f.name for f in ckpt.files] if kept.is_dir() else [kept]) or {}
+        self.trajectory.kept[step] = file_ids(_retained_files(ckpt, kept)) or {}
         return True
 
     def _history(self, step: int) -> Checkpoint:

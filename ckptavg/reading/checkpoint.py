@@ -19,6 +19,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -26,7 +27,7 @@ from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError, Unsuppor
 from ckptavg.reading.fileio import FileCache, open_regular
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
-from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.steps import step_from_name
 
@@ -52,6 +53,8 @@ class Checkpoint:
     incomplete: str | None = None  # why the writer may not be done, or None
     model: str | None = None  # config.json's model_type and architectures, e.g. "gpt2 (GPT2LMHeadModel)"
     zero3: bool = False  # saved by DeepSpeed ZeRO-3: an empty float tensor is a partitioned placeholder
+    # reads tensors that are not one byte range (offset None, not a pickle): DCP chunks, DeepSpeed partitions
+    source: Callable[[FileCache], TensorSource] | None = field(default=None, repr=False)
     _pickles: list[pkl.PickleIndex] = field(default_factory=list, repr=False)
 
     @property
@@ -80,12 +83,21 @@ class CheckpointReader:
         self._files = files or FileCache()
         self._loaded_file: Path | None = None
         self._loaded: dict[str, torch.Tensor] = {}
+        self._source: TensorSource | None = None
 
     def read(self, name: str, *, out: torch.Tensor | None = None) -> torch.Tensor:
         ref = self.checkpoint.tensors[name]
         if ref.offset is not None:
             raw = self._files.read(ref.file, ref.identity, ref.offset, ref.nbytes, out=out)
             return raw.view(ref.dtype).reshape(ref.shape)
+        if self.checkpoint.source is not None:
+            if self._source is None:
+                self._source = self.checkpoint.source(self._files)
+            t = self._source.read(ref)
+            if t.dtype != ref.dtype or tuple(t.shape) != ref.shape:
+                raise UnknownFormatError(f"tensor read as {t.dtype} {tuple(t.shape)}, indexed as {ref.dtype} "
+                                         f"{ref.shape}", path=ref.file, tensor=name)
+            return t.contiguous()
         if self._loaded_file != ref.file:
             self._loaded = {}
             index = next(p for p in self.checkpoint._pickles if p.path == ref.file)
@@ -100,8 +112,10 @@ class CheckpointReader:
         return t.contiguous()
 
     def release(self) -> None:
-        """Drop a loaded pickle (safetensors reads keep nothing)."""
+        """Drop a loaded pickle or a source's decoded file (safetensors reads keep nothing)."""
         self._loaded, self._loaded_file = {}, None
+        if self._source is not None:
+            self._source.release()
 
     def close(self) -> None:
         self.release()
@@ -162,6 +176,15 @@ def _from_pickles(path: Path, kind: str, indexes: list[pkl.PickleIndex], meta_di
     if kind == "lightning" and indexes[0].global_step is not None:
         ckpt.step, ckpt.step_source = indexes[0].global_step, "global_step in the .ckpt"
     return ckpt
+
+
+def _from_index(path: Path, found: FormatIndex) -> Checkpoint:
+    """A checkpoint from what a format module (DCP, DeepSpeed, ...) found."""
+    return Checkpoint(
+        path=path, format=found.format, tensors=found.tensors, step=found.step, step_source=found.step_source,
+        fingerprint=found.fingerprint, files=found.files, meta_dir=found.meta_dir, aliases=found.aliases,
+        metadata=found.metadata, incomplete=found.incomplete, source=found.source,
+    )
 
 
 def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, meta_dir: Path | None) -> Checkpoint:
@@ -266,7 +289,7 @@ def open_checkpoint(
         elif ckpt.step is None and (s := _trainer_step(folder)) is not None:
             ckpt.step, ckpt.step_source = s, "trainer_state.json"
     if path.is_dir():
-        ckpt.incomplete = _trainer_incomplete(path)
+        ckpt.incomplete = ckpt.incomplete or _trainer_incomplete(path)
     ckpt.model = _model_identity(ckpt.meta_dir)
     ckpt.zero3 = _is_deepspeed(path if path.is_dir() else path.parent) or any(p.deepspeed for p in ckpt._pickles)
     return ckpt

@@ -1,15 +1,18 @@
-"""Tensor records: :class:`TensorSpec` (what a tensor is: name, dtype, shape) and :class:`TensorRef`
-(a tensor known from a checkpoint's index: what it is and where its bytes are)."""
+"""Tensor records: :class:`TensorSpec` (what a tensor is: name, dtype, shape), :class:`TensorRef`
+(a tensor known from a checkpoint's index: what it is and where its bytes are), and what a format
+module hands the checkpoint index (:class:`FormatIndex`, with a :class:`TensorSource` where a tensor
+is not one byte range)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
 
-from ckptavg.reading.fileio import FileIdentity
+from ckptavg.reading.fileio import FileCache, FileIdentity
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,32 @@ class TensorRef:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+class TensorSource(Protocol):
+    """Reads the tensors of a checkpoint whose bytes are not one plain byte range each (``TensorRef.offset``
+    is None): DCP chunks, DeepSpeed partitions. One source serves one reader; it may keep one file's worth of
+    decoded data between reads and drops it on :meth:`release`."""
+
+    def read(self, ref: TensorRef) -> torch.Tensor: ...
+
+    def release(self) -> None: ...
+
+
+@dataclass
+class FormatIndex:
+    """What a format module found in a checkpoint, before :mod:`ckptavg.reading.checkpoint` makes it a
+    ``Checkpoint``: the tensors (``offset`` None where ``source`` reads them), every file whose bytes are read
+    (they are what the daemon retains), a fingerprint of the content, and the step where the writer recorded it."""
+
+    format: str
+    tensors: dict[str, TensorRef]
+    files: list[Path]
+    fingerprint: str
+    source: Callable[[FileCache], TensorSource] | None = None
+    step: int | None = None
+    step_source: str = ""
+    meta_dir: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    incomplete: str | None = None
+    aliases: dict[str, str] = field(default_factory=dict)

@@ -4,7 +4,12 @@ and Lightning ``.ckpt``.
 Pickles can run code when loaded. ckptavg loads them only through
 ``torch.load(..., weights_only=True)``, always passed explicitly so that
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot turn it off, and refuses pickles
-outright on a torch too old to honour that. Side files that are pickles of
+outright on a torch too old to honour that. Objects stored beside the weights that
+``weights_only`` does not admit (Lightning hyper-parameters holding paths, namespaces,
+enums or dataclasses; DeepSpeed's loss scaler) are read as :class:`Inert` stand-ins, still
+under ``weights_only``: their classes are never imported and none of their code runs; a
+file that names a function, or a class of ``os``/``subprocess``/``builtins`` and the like,
+stays refused. Side files that are pickles of
 arbitrary objects (``training_args.bin``, DCP ``.metadata``, Lightning
 ``meta.pt``) are never loaded.
 
@@ -19,6 +24,7 @@ import hashlib
 import logging
 import os
 import pickle
+import threading
 import warnings
 import zipfile
 from pathlib import Path
@@ -39,7 +45,7 @@ from ckptavg.reading.formats.safetensors import check_shard_keys, read_index_jso
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PickleIndex", "index_pickle", "index_pickle_sharded", "load_tensors", "torch_version"]
+__all__ = ["Inert", "PickleIndex", "index_pickle", "index_pickle_sharded", "load_tensors", "torch_version"]
 
 # Containers in which trainers nest the model's state dict, most specific first.
 STATE_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
@@ -108,6 +114,67 @@ def check_zip_bounds(path: Path) -> None:
         )
 
 
+class Inert:
+    """Stands in for a pickled object of a class that ``weights_only`` loading does not admit (a
+    ``pathlib.Path``, an ``argparse.Namespace``, an enum, a dataclass, a DeepSpeed loss scaler, a numpy
+    random state). It records the pickled arguments and state and runs none of the class's code: the class
+    is never imported. One subclass per pickled name, so ``weights_only`` loading admits exactly the names
+    the file holds, mapped to these stand-ins (:func:`_inert_load`)."""
+
+    qualname: str = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Inert":
+        obj = object.__new__(cls)
+        obj.args, obj.state = args, None  # type: ignore[attr-defined]
+        return obj
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def __repr__(self) -> str:
+        return f"<{self.qualname}, not loaded>"
+
+
+_INERT_LOCK = threading.Lock()  # the admitted names are process-wide while a load runs
+# modules whose names a data pickle never needs: a file naming one is refused outright
+_HOSTILE_MODULES = frozenset({"builtins", "__builtin__", "os", "posix", "nt", "sys", "subprocess", "shutil", "socket",
+                              "importlib", "runpy", "code", "codeop", "pty", "ctypes", "pickle", "_pickle", "marshal",
+                              "webbrowser", "multiprocessing", "signal", "threading", "io", "tempfile", "operator",
+                              "functools", "types", "inspect", "torch", "numpy.testing", "copyreg", "mmap", "glob",
+                              "http", "urllib", "asyncio", "select", "platform",
+                              # Python 2 names, which pickle protocol 2 (torch.save's) writes for the modules above
+                              "commands", "copy_reg", "cPickle", "urllib2", "httplib", "exceptions"})
+
+
+def _stand_in_for(name: str) -> bool:
+    """Whether a pickled global may be read as an :class:`Inert`: a class by its name (``pathlib.PosixPath``,
+    ``argparse.Namespace``, ``my_pkg.Config``), outside the modules above. A function or method (``x.y.touch``,
+    ``eval``) is a call, not data: such a file stays refused."""
+    module, _, last = name.rpartition(".")
+    root = module.split(".", 1)[0]
+    return bool(module) and last[:1].isupper() and root not in _HOSTILE_MODULES and module not in _HOSTILE_MODULES
+
+
+def _inert_load(path: Path, map_location: str, mmap: bool) -> Any:
+    """``torch.load(weights_only=True)`` with every class the file names beyond torch's allowlist mapped to
+    an :class:`Inert` stand-in (never the real class, whose module is never imported). A file that names a
+    function, or anything from a module a data pickle never needs, is refused (UnpicklingError)."""
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    refused = sorted(n for n in names if not _stand_in_for(n))
+    if refused:
+        raise pickle.UnpicklingError(f"Unsupported global: {', '.join(refused[:3])} (a call, not data)")
+    stand_ins = [(type(f"Inert[{n}]", (Inert,), {"qualname": n}), n) for n in names]
+    with _INERT_LOCK, torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    if names:
+        log.info("%s: read %s as inert stand-ins (no code of theirs runs)", path, ", ".join(sorted(names)))
+    return obj
+
+
 def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
     require_regular(path)  # torch.load would block forever on a FIFO
     _check_torch(path)
@@ -119,6 +186,12 @@ def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
     except FileNotFoundError:
         raise CheckpointVanishedError("file was deleted before it could be read", path=path) from None
     except pickle.UnpicklingError as e:
+        try:  # objects beside the weights (hyper-parameters, loss scalers): read them as inert stand-ins
+            return _inert_load(path, map_location, mmap)
+        except FileNotFoundError:
+            raise CheckpointVanishedError("file was deleted before it could be read", path=path) from None
+        except Exception as retry:  # noqa: BLE001 - any failure of the retry: report torch's first refusal
+            e = retry if isinstance(retry, pickle.UnpicklingError) else e
         first = str(e).strip().splitlines()
         reason = next((line for line in first if "Unsupported" in line or "global" in line.lower()), first[0] if first else "")
         raise UnsafePickleError(
@@ -131,6 +204,17 @@ def _torch_load(path: Path, map_location: str, *, mmap: bool = False) -> Any:
             f"cannot read as a PyTorch checkpoint: {msg[:200]}", path=path,
             hint="the file is truncated, corrupt, or not a torch.save file",
         ) from None
+
+
+def _refuse_inert(node: Mapping[Any, Any], path: Path, where: str | None) -> None:
+    """A stand-in where the weights are (a tensor subclass, a quantized parameter) would silently drop a
+    tensor: refuse it, naming the entry and its class."""
+    for k, v in node.items():
+        if isinstance(v, Inert):
+            raise UnsupportedCheckpointError(
+                f"entry {(where + '/' if where else '') + str(k)!r} of the state dict is a {v.qualname}, which ckptavg "
+                "does not load (only plain tensors are read; no code from the file runs)", path=path,
+                hint="save the state dict with plain tensors (e.g. tensor.detach().contiguous())")
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -151,6 +235,7 @@ def _find_state_dict(obj: Any, path: Path, state_key: str | None) -> tuple[Mappi
         tensors = {k: v for k, v in node.items() if isinstance(v, torch.Tensor)} if isinstance(node, Mapping) else {}
         if not tensors:
             raise UnknownFormatError(f"entry {state_key!r} holds no tensors", path=path)
+        _refuse_inert(node, path, state_key)
         return tensors, state_key
     if _is_state_dict(obj):
         return obj, None
@@ -160,10 +245,12 @@ def _find_state_dict(obj: Any, path: Path, state_key: str | None) -> tuple[Mappi
             if isinstance(node, Mapping):
                 tensors = {k: v for k, v in node.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
                 if tensors:
+                    _refuse_inert(node, path, key)
                     return tensors, key
         # a flat dict mixing tensors with a few scalars (e.g. {"step": 3, ...weights})
         tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
         if tensors:
+            _refuse_inert({k: v for k, v in obj.items() if isinstance(v, Inert) and "." in str(k)}, path, None)
             return tensors, None
         keys = ", ".join(map(str, list(obj)[:12]))
         raise UnknownFormatError(

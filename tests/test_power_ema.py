@@ -4,6 +4,7 @@ the daemon (killed mid-run and resumed) and their bitwise agreement; bad options
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -18,7 +19,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 from test_daemon import ckptavg_command, status, stop, wait_for
 
-from ckptavg.averaging.methods import METHODS, FoldInfo, Method, PowerEMA, Slot, register, unregister
+from ckptavg.averaging.methods import METHODS, FoldInfo, Method, PowerEMA, register, unregister
 from ckptavg.averaging.methods.power_ema import SIGMA_REL_MAX, gamma_from_sigma_rel, sigma_rel_from_gamma
 from ckptavg.cli.main import cli
 from ckptavg.daemon.config import load_config
@@ -101,7 +102,7 @@ def test_gamma_from_sigma_rel_round_trips_through_edm2s_closed_form():
     assert gamma_from_sigma_rel(SIGMA_REL_MAX) == 0.0  # γ = 0: the plain mean of every step
     # σ_rel falls strictly with γ: the map is one to one on (0, 1/√12] ↔ [0, ∞)
     grid = [gamma_from_sigma_rel(s) for s in np.linspace(0.001, SIGMA_REL_MAX, 200)]
-    assert all(a > b for a, b in zip(grid, grid[1:]))
+    assert all(a > b for a, b in itertools.pairwise(grid))
 
 
 def test_the_fold_coefficient_is_the_product_of_edm2s_per_step_betas():
@@ -140,7 +141,7 @@ def test_matches_edm2_per_step_in_one_shot_and_daemon_killed_mid_run(tmp_path):
     values |x| ≲ 4: ≲ 5e-6 in all), against a float64 reference: rtol 1e-5 / atol 2e-6 for fp32 and fp64 tensors; bf16
     tensors are compared at bf16's own resolution (one rounding of the result: 2⁻⁸ relative). With
     ``--accum-dtype float64`` the fp64 tensor agrees to 1e-12."""
-    run, archive = tmp_path / "run", tmp_path / "archive"
+    run = tmp_path / "run"
     states = [_state(i) for i in range(len(STEPS))]
     gamma = edm2_gamma(SIGMA)
     want = edm2_reference(STEPS, states, gamma)
@@ -262,12 +263,12 @@ def test_matches_ema_pytorch_karras_ema_on_a_training_loop(tmp_path):
     want = {k: v.detach() for k, v in ema.ema_model.state_dict().items()}
     got = _average(run, tmp_path / "out", "--method", f"power-ema:{SIGMA}", "--accum-dtype", "float64")
     assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6)
     # float32 accumulation (the default) stays within the same bound
     got32 = _average(run, tmp_path / "out32", "--method", f"power-ema:{SIGMA}")
-    for name in want:
-        torch.testing.assert_close(got32[name], want[name], rtol=1e-5, atol=1e-6)
+    for name, value in want.items():
+        torch.testing.assert_close(got32[name], value, rtol=1e-5, atol=1e-6)
     # the test can fail: off by one step, the profile differs measurably
     off = _average(shifted, tmp_path / "off", "--method", f"power-ema:{SIGMA}", "--accum-dtype", "float64")
     assert max((off[k] - want[k]).abs().max().item() for k in want) > 1e-4
@@ -366,7 +367,8 @@ def test_steps_are_required_and_must_increase(tmp_path):
 
 def test_registry_flags_help_and_hyphenated_names(tmp_path):
     """The registry gives ``power-ema`` its ``ckptavg average`` flags, its repeatable ``ckptavg watch --power-ema``
-    flag and its README row; method names may hold single hyphens (the click destination takes underscores)."""
+    flag (its README row: tests/test_method_plugin.py); method names may hold single hyphens (the click
+    destination takes underscores)."""
     assert METHODS["power-ema"] is PowerEMA
     watch_help = CliRunner().invoke(cli, ["watch", "--help"]).output
     assert re.search(r"--power-ema S\s+POWER-EMA average: sigma rel S \(repeatable\)", watch_help), watch_help
@@ -389,4 +391,3 @@ def test_registry_flags_help_and_hyphenated_names(tmp_path):
         assert watch_averages({"watch_twin_ema": (0.1,)}) == [{"method": "twin-ema", "sigma_rel": 0.1}]
     finally:
         unregister("twin-ema")
-    assert isinstance(PowerEMA(sigma_rel=0.1).new_slot((2,), torch.float32, torch.float32, torch.device("cpu")), Slot)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_cli_subprocess
 from safetensors.torch import load_file, save_file
 from test_daemon import ckptavg_command, status, stop, wait_for
 
@@ -285,8 +286,8 @@ def _run3(tmp_path: Path) -> Path:
 
 
 def test_bad_options_are_clear_errors_on_the_command_line(tmp_path):
-    """docs/FAULTS.md row 99: σ_rel ≤ 0 or beyond 1/√12, a negative γ, both or neither given: one line naming
-    the flag and the valid range, on ``ckptavg average`` and on ``ckptavg watch``; nothing is written."""
+    """docs/FAULTS.md row 99: σ_rel ≤ 0 or beyond 1/√12, NaN, a negative γ, both or neither given: one line
+    naming the flag and the valid range (``ckptavg watch --power-ema``: the next test); nothing is written."""
     run = _run3(tmp_path)
     expect = "a number in (0, 0.288675] (1/√12, the mean of every step)"
     for args, message in [
@@ -306,11 +307,25 @@ def test_bad_options_are_clear_errors_on_the_command_line(tmp_path):
             _invoke("average", run, *args, "-o", tmp_path / "x")
         assert str(e.value) == message, args
     assert not (tmp_path / "x").exists()
-    for value in ("0", "0.5"):
-        r = CliRunner().invoke(cli, ["watch", str(run), "-o", str(tmp_path / "w"), "--power-ema", value])
-        assert r.exit_code != 0
-        assert f"--power-ema: must be {expect}, got {float(value)}" in str(r.exception or r.output)
-    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
+def test_bad_options_exit_2_with_one_line(tmp_path):
+    """docs/FAULTS.md row 99, as real processes: exit 2, the one line, no traceback."""
+    run = _run3(tmp_path)
+    expect = "a number in (0, 0.288675] (1/√12, the mean of every step)"
+    config = tmp_path / "c.toml"
+    config.write_text(f'watch = "{run}"\noutput = "{tmp_path / "w"}"\n[[average]]\nmethod = "power-ema"\n')
+    for args, message in [
+        (("average", run, "--method", "power-ema:0", "-o", tmp_path / "x"),
+         f"--method 'power-ema:0': '0' is not {expect}"),
+        (("watch", run, "-o", tmp_path / "w", "--power-ema", "0"), f"--power-ema: must be {expect}, got 0.0"),
+        (("watch", run, "-o", tmp_path / "w", "--power-ema", "0.5"), f"--power-ema: must be {expect}, got 0.5"),
+        (("watch", "--config", config), f"{config}: average[0]: method power-ema needs exactly one of sigma_rel or gamma"),
+    ]:
+        r = run_cli_subprocess(*args)
+        assert r.returncode == 2 and r.stderr.strip() == f"ckptavg: error: {message}", (args, r.stderr)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "x").exists()
 
 
 def test_bad_options_are_clear_errors_in_the_config_file(tmp_path):

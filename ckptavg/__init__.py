@@ -18,7 +18,7 @@ from ckptavg._version import __version__
 if TYPE_CHECKING:
     from ckptavg.averaging.average import Average
     from ckptavg.averaging.engine import Engine, resolve_device
-    from ckptavg.averaging.methods import EMA, LAWA, METHODS, SWA, Uniform, make_method
+    from ckptavg.averaging.methods import EMA, LAWA, METHODS, SWA, PowerEMA, Uniform, make_method
     from ckptavg.averaging.rules import Rule, parse_rule
     from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
     from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader, open_checkpoint
@@ -31,6 +31,7 @@ _LAZY: dict[str, str] = {
     "LAWA": "ckptavg.averaging.methods",
     "METHODS": "ckptavg.averaging.methods",
     "SWA": "ckptavg.averaging.methods",
+    "PowerEMA": "ckptavg.averaging.methods",
     "Uniform": "ckptavg.averaging.methods",
     "make_method": "ckptavg.averaging.methods",
     "Rule": "ckptavg.averaging.rules",

@@ -49,6 +49,11 @@ def phrase(e: OptionError, method: type[Method] | None = None) -> UsageError:
     return UsageError(e.phrase(flag_of, method_name=f"--method {method.name}" if method else None))
 
 
+def _dest(cls: type[Method]) -> str:
+    """The click parameter name of a method's ``ckptavg watch`` flag (``power-ema`` → ``watch_power_ema``)."""
+    return "watch_" + cls.name.replace("-", "_")
+
+
 def average_flags() -> list[click.Option]:
     """One option of ``ckptavg average`` per method option (methods sharing an option share the flag)."""
     users: dict[str, list[str]] = {}
@@ -69,22 +74,23 @@ def watch_flags() -> list[click.Option]:
         if flag is None:
             continue
         if cls.main_option is None:
-            out.append(click.Option([flag, f"watch_{cls.name}"], is_flag=True, default=False,
+            out.append(click.Option([flag, _dest(cls)], is_flag=True, default=False,
                                     help=f"A {cls.name} average: {cls.summary.split(' (')[0]}."))
             continue
         p = cls.param(cls.main_option)  # type: ignore[arg-type]
         unit = f" {p.unit}" if p.unit and not p.unit.startswith("per ") else ""
-        out.append(click.Option([flag, f"watch_{cls.name}"], type=_TYPES.get(p.kind, click.STRING), multiple=True,
+        out.append(click.Option([flag, _dest(cls)], type=_TYPES.get(p.kind, click.STRING), multiple=True,
                                 metavar=p.metavar, help=f"{cls.name.upper()} average: {p.name.replace('_', ' ')} "
                                                         f"{p.metavar}{unit} (repeatable)."))
     return out
 
 
 def watch_averages(values: Mapping[str, Sequence[Any]]) -> list[dict[str, Any]]:
-    """``[[average]]`` tables from the ``ckptavg watch`` method flags (``values``: ``watch_<method>`` → values)."""
+    """``[[average]]`` tables from the ``ckptavg watch`` method flags (``values``: ``watch_<method>`` → values,
+    hyphens in the method name as underscores)."""
     tables: list[dict[str, Any]] = []
     for cls in METHODS.values():
-        given = values.get(f"watch_{cls.name}")
+        given = values.get(_dest(cls))
         if cls.main_option is None:
             if given is True:  # a plain flag
                 tables.append({"method": cls.name})

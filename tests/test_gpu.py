@@ -23,6 +23,7 @@ SPECS = [
     AverageSpec("ema", {"half_life": 150.0}),
     AverageSpec("lawa", {"window": 3}),
     AverageSpec("swa", {"start_step": 300}),
+    AverageSpec("power-ema", {"sigma_rel": 0.1}),
 ]
 
 
@@ -42,7 +43,7 @@ def _average(paths, device: str, out, **engine_options):
     with Engine(device=device, **engine_options) as engine:
         averages = build_averages(SPECS, device=engine.device)
         average_checkpoints(ckpts, averages, out, engine=engine)
-    return {a: load_file(str(f)) for a in ("uniform", "ema-150", "lawa-3", "swa-300")
+    return {a: load_file(str(f)) for a in ("uniform", "ema-150", "lawa-3", "swa-300", "power-ema-0.1")
             for f in sorted((out / a).glob("*.safetensors"))}
 
 

@@ -16,21 +16,25 @@ from ckptavg.averaging.methods.base import FoldInfo, Method, Option, Plan, Slot,
 from ckptavg.averaging.methods.ema import EMA
 from ckptavg.averaging.methods.latest import Latest
 from ckptavg.averaging.methods.lawa import LAWA
+from ckptavg.averaging.methods.power_ema import PowerEMA
 from ckptavg.averaging.methods.swa import SWA
 from ckptavg.averaging.methods.uniform import Uniform
 from ckptavg.errors import UsageError
 
-__all__ = ["EMA", "LAWA", "METHODS", "SWA", "FoldInfo", "Latest", "Method", "Option", "Plan", "Slot", "Uniform",
-           "cli_params", "divide", "finite", "make_method", "method_class", "methods_table", "register", "unregister"]
+__all__ = ["EMA", "LAWA", "METHODS", "SWA", "FoldInfo", "Latest", "Method", "Option", "Plan", "PowerEMA", "Slot",
+           "Uniform", "cli_params", "divide", "finite", "make_method", "method_class", "methods_table", "register",
+           "unregister"]
 
-METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Uniform, EMA, LAWA, SWA)}
+METHODS: dict[str, type[Method]] = {cls.name: cls for cls in (Uniform, EMA, LAWA, SWA, PowerEMA)}
 
 
 def register(cls: type[Method], *, replace: bool = False) -> type[Method]:
     """Add a method class to the registry (checks its declaration); returns it, so it can decorate."""
     name = getattr(cls, "name", None)
-    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
-        raise UsageError(f"method class {cls.__qualname__} needs a lower-case identifier as its name, got {name!r}")
+    if (not isinstance(name, str) or not name.replace("-", "_").isidentifier() or name != name.lower()
+            or name.startswith("-") or name.endswith("-") or "--" in name):
+        raise UsageError(f"method class {cls.__qualname__} needs a lower-case name of words joined by single "
+                         f"hyphens (like power-ema), got {name!r}")
     if name in METHODS and METHODS[name] is not cls and not replace:
         raise UsageError(f"a method named {name!r} is already registered ({METHODS[name].__qualname__})")
     declared = {p.name for p in cls.params}

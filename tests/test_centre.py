@@ -441,3 +441,41 @@ def test_hf_callback_pulls_in_a_real_trainer_run(tmp_path):
     c = dict(other.named_parameters())
     for k, p in model.named_parameters():  # lr 0: the pull alone moved the weights
         torch.testing.assert_close(p.detach().cpu(), x0[k] - 0.5 * (x0[k] - c[k].detach()), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_lightning_callback_pulls_in_a_real_trainer_run(tmp_path):
+    L = pytest.importorskip("lightning.pytorch")
+    from ckptavg.integrations.lightning import CentrePullLightningCallback
+
+    class Tiny(L.LightningModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.net = small_model(seed)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    other = Tiny(1)
+    folder = tmp_path / "w1" / "checkpoint-1"
+    folder.mkdir(parents=True)
+    save_file({k: v.detach().clone() for k, v in other.state_dict().items()}, str(folder / "model.safetensors"))
+    out = tmp_path / "out"
+    publish_centre(out, folder)
+    module = Tiny(0)
+    x0 = {k: v.detach().clone() for k, v in module.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 8, generator=g), torch.randn(16, 3, generator=g))
+    cb = CentrePullLightningCallback(out / "centre", alpha=0.5, every=2)
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                        default_root_dir=str(tmp_path / "run"))
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert cb.state.pulls == 1
+    c = dict(other.named_parameters())
+    for k, p in module.named_parameters():
+        assert torch.equal(p.detach(), x0[k] - 0.5 * (x0[k] - c[k].detach())), k

@@ -479,3 +479,25 @@ def test_lightning_callback_pulls_in_a_real_trainer_run(tmp_path):
     c = dict(other.named_parameters())
     for k, p in module.named_parameters():
         assert torch.equal(p.detach(), x0[k] - 0.5 * (x0[k] - c[k].detach())), k
+
+
+def test_the_experiments_report_says_plainly_when_the_centre_did_not_help():
+    """benchmarks/easgd.py's verdict follows the numbers: a centre worse than the lone worker is reported so."""
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("easgd_bench", Path(__file__).parents[1] / "benchmarks" / "easgd.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    a = argparse.Namespace(workers=2, steps=40, save_every=20, alpha=0.5, tau=20)
+
+    def run(name, centre_loss, worker_loss):
+        return {"name": name, "rep": 0, "folds": 4, "centre": [(20, 2.0, 0.5), (80, centre_loss, 0.6)],
+                "workers": [[(20, 2.0, 0.5, 1), (40, worker_loss, 0.6, 1)]] * 2}
+
+    single = {"name": "single", "rep": 0, "curve": [(20, 1.5, 0.6), (40, 1.4, 0.6), (60, 1.3, 0.6), (80, 1.2, 0.7)]}
+    text, _ = bench.report([run("pull", 1.9, 1.8), run("nopull", 1.7, 1.6), single], a, 1.0, "cmd")
+    assert "the centre with the pull did not beat one worker alone" in text
+    assert "The pull did not help the centre" in text and "did not beat its own workers" in text
+    text, _ = bench.report([run("pull", 1.0, 1.1), run("nopull", 1.7, 1.6), single], a, 1.0, "cmd")
+    assert "the centre with the pull beat one worker alone" in text and "The pull helped the centre" in text

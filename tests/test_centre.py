@@ -402,8 +402,13 @@ def test_pull_without_a_centre_and_bad_input(tmp_path):
     out = tmp_path / "out"
     wrong = torch.nn.Sequential(torch.nn.Linear(8, 5))
     publish_centre(out, save_model(wrong, tmp_path / "c"))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
     with pytest.raises(TensorMismatchError, match=r"tensor '0\.(weight|bias)': is \[5"):
         pull_toward_centre(model, out / "centre", 0.5)
+    assert all(torch.equal(p.detach(), before[k]) for k, p in model.named_parameters())  # untouched
+    _, folder = centre_version(out)
+    shutil.rmtree(folder)  # the version the link names is gone (expired): nothing to pull, no error
+    assert pull_toward_centre(model, out / "centre", 0.5) is False
 
 
 def test_pull_reads_the_version_it_resolved(tmp_path):

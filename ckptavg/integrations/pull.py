@@ -9,6 +9,7 @@ the newer one). Tensors are read with safetensors (no code execution), one at a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -104,28 +105,34 @@ def pull_toward_centre(model: torch.nn.Module, centre_dir: str | os.PathLike, al
     if last.number is not None and number <= last.number:
         return False
     params = dict(model.named_parameters())
+    for n, p in list(params.items()):  # a DistributedDataParallel wrapper's names match the centre's without it
+        if n.startswith("module."):
+            params.setdefault(n[len("module."):], p)
     pulled = 0
-    try:
-        files = _files(folder)
-        if not files:
+    with contextlib.ExitStack() as stack:
+        try:  # every file opened before any parameter moves: a version removed meanwhile stays readable
+            paths = _files(folder)
+            files = [stack.enter_context(safe_open(str(f), framework="pt", device="cpu")) for f in paths]
+        except FileNotFoundError:  # the version expired between resolving and opening: the next call pulls
+            log.info("centre version %s was replaced before it could be read; pulling toward the next one", folder.name)
             return False
-        for f in files:
-            with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
-                    p = params.get(name)
-                    if p is None:
-                        continue
-                    c = sf.get_tensor(name)
-                    if tuple(c.shape) != tuple(p.shape):
-                        raise TensorMismatchError(f"is {list(c.shape)} in the centre but {list(p.shape)} in the model",
-                                                  path=f, tensor=name, hint="pull toward a centre of this model")
-                    d = torch.sub(p, c.to(device=p.device, dtype=p.dtype))  # x − x̃
-                    d.mul_(alpha)  # α (x − x̃)
-                    p.sub_(d)  # x − α (x − x̃)
-                    pulled += 1
-    except FileNotFoundError:  # the version expired between resolving and reading: the next call pulls
-        log.info("centre version %s was replaced while being read; pulling toward the next one", folder.name)
-        return False
+        for f, sf in zip(paths, files):
+            for name in sf.keys():  # noqa: SIM118 - safe_open is not a mapping
+                p = params.get(name)
+                shape = tuple(sf.get_slice(name).get_shape()) if p is not None else None
+                if p is not None and shape != tuple(p.shape):
+                    raise TensorMismatchError(f"is {list(shape)} in the centre but {list(p.shape)} in the model",
+                                              path=f, tensor=name, hint="pull toward a centre of this model")
+        for sf in files:  # shapes checked everywhere first: a mismatch leaves the model untouched
+            for name in sf.keys():  # noqa: SIM118
+                p = params.get(name)
+                if p is None:
+                    continue
+                c = sf.get_tensor(name)
+                d = torch.sub(p, c.to(device=p.device, dtype=p.dtype))  # x − x̃
+                d.mul_(alpha)  # α (x − x̃)
+                p.sub_(d)  # x − α (x − x̃)
+                pulled += 1
     if pulled == 0:
         raise UsageError("the published centre holds none of the model's parameters", path=folder,
                          hint="pull toward the centre of this model's workers")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     g = torch.Generator().manual_seed(1000 + args.seed)  # the worker's own minibatch order
     state = PullState()
-    log = open(out.parent / f"{out.name}.jsonl", "w")
+    log = open(out.parent / f"{out.name}.jsonl", "w")  # noqa: SIM115 - written through the whole run
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, x.shape[0], (cfg.batch_size,), generator=g)
         loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
@@ -183,45 +184,47 @@ def report(results: list[dict], a: argparse.Namespace, seconds: float, command: 
                  _mean([min(c[1] for c in r["curve"]) for r in singles]), float("nan"), float("nan")))
     reps = len(singles)
     pulls = [w[-1][3] for r in results if r["name"] == "pull" for w in r["workers"]]
-    lines = [
-        "# ckptavg centre: elastic averaging (EASGD) experiment", "",
-        f"Task: the demo MLP (`ckptavg.demo.trainer`, noisy 16-class problem, SGD lr 0.3 momentum 0.9, batch 32), "
-        f"{K} worker processes from the same initial weights with their own minibatch order, each {T} steps, a "
-        f"checkpoint every {a.save_every} steps; `ckptavg centre --alpha {a.alpha}` as another process; with the pull, "
-        f"each worker calls `pull_toward_centre(model, OUT/centre, {a.alpha})` every {a.tau} steps. "
-        f"Held-out cross-entropy on 4096 samples; mean of {reps} repetition(s) (seeds differ per repetition); "
-        f"\"last quarter\": the mean over the last quarter of the model's evaluations. "
-        f"CPU, {os.cpu_count()} cores, {seconds:.0f} s in all.", "",
-        "| model | workers × steps | final held-out loss | last quarter | final accuracy |", "|---|---|---|---|---|",
-    ]
+    intro = (f"Task: the demo MLP (`ckptavg.demo.trainer`, noisy 16-class problem, SGD lr 0.3 momentum 0.9, batch 32), "
+             f"{K} worker processes from the same initial weights with their own minibatch order, each {T} steps, a "
+             f"checkpoint every {a.save_every} steps; `ckptavg centre --alpha {a.alpha}` as another process; with the "
+             f"pull, each worker calls `pull_toward_centre(model, OUT/centre, {a.alpha})` every {a.tau} steps. "
+             f"Held-out cross-entropy on 4096 samples; mean of {reps} repetition(s) (seeds differ per repetition); "
+             f"\"last quarter\": the mean over the last quarter of the model's evaluations. "
+             f"CPU, {os.cpu_count()} cores, {seconds:.0f} s in all.")
+    lines = ["# ckptavg centre: elastic averaging (EASGD) experiment", "", intro, "",
+             "| model | workers × steps | final held-out loss | last quarter | final accuracy |", "|---|---|---|---|---|"]
+
+    def f(v: float, d: int = 4) -> str:
+        return "-" if math.isnan(v) else f"{v:.{d}f}"
+
     for name, steps, loss, tail, acc in rows:
-        f = (lambda v, d=4: "-" if v != v else f"{v:.{d}f}")
         lines.append(f"| {name} | {steps} | {f(loss)} | {f(tail)} | {f(acc, 3)} |")
     c_pull, c_nopull, single, best = rows[0][3], rows[3][3], rows[6][3], rows[8][2]
+    w_pull, w_nopull = rows[1][3], rows[4][3]
+
+    def beat(x: float, y: float) -> str:
+        return "beat" if x < y else "did not beat"
+
     verdict = [
-        f"Over the last quarter, the centre with the pull {'beat' if c_pull < single else 'did not beat'} one worker "
-        f"alone at equal total steps ({c_pull:.4f} vs {single:.4f}) and {'beat' if rows[0][2] < best else 'did not beat'} "
-        f"even that worker's best checkpoint picked in hindsight ({rows[0][2]:.4f} final vs {best:.4f}).",
-        f"The pull {'helped' if c_pull < c_nopull else 'did not help'} the centre ({c_pull:.4f} with, {c_nopull:.4f} "
-        "without).",
-        f"With the pull, the centre {'beat' if c_pull < rows[1][3] else 'did not beat'} its own workers "
-        f"({rows[1][3]:.4f}); without it, the centre {'beat' if c_nopull < rows[4][3] else 'did not beat'} its "
-        f"workers ({c_nopull:.4f} vs {rows[4][3]:.4f})." if c_nopull >= rows[4][3] else
-        f"With the pull, the centre {'beat' if c_pull < rows[1][3] else 'did not beat'} its own workers "
-        f"({rows[1][3]:.4f}); without it, the centre beat its workers too ({c_nopull:.4f} vs {rows[4][3]:.4f}).",
-        "Without the pull the workers' runs are deterministic but the centre depends on the order their "
-        "checkpoints arrived in, which varies from run to run.",
+        (f"Over the last quarter, the centre with the pull {beat(c_pull, single)} one worker alone at equal total "
+         f"steps ({c_pull:.4f} vs {single:.4f}) and {beat(rows[0][2], best)} even that worker's best checkpoint "
+         f"picked in hindsight ({rows[0][2]:.4f} final vs {best:.4f})."),
+        f"The pull {'helped' if c_pull < c_nopull else 'did not help'} the centre ({c_pull:.4f} with, {c_nopull:.4f} without).",
+        (f"With the pull, the centre {beat(c_pull, w_pull)} its own workers ({w_pull:.4f}); without it, the centre "
+         f"{beat(c_nopull, w_nopull)} its workers ({c_nopull:.4f} vs {w_nopull:.4f})."),
+        ("Without the pull the workers' runs are deterministic but the centre depends on the order their "
+         "checkpoints arrived in, which varies from run to run."),
     ]
     rising = [r for r in singles if _tail(r["curve"]) > min(c[1] for c in r["curve"]) + 0.05]
     if rising:
         at = _mean([min(r["curve"], key=lambda c: c[1])[0] for r in rising])
         verdict.append(f"Part of the gap to the lone worker is that its held-out loss rises after its best checkpoint "
-                       f"(around step {at:.0f}): over its longer run it overfits the noisy labels, while each worker "
+                       f"(around step {at:.0f}) over its longer run on the same training samples, while each worker "
                        f"takes {T} steps.")
-    lines += ["", "**Result:** " + " ".join(verdict), "",
-              f"Pulls per worker that found a newer centre: {_mean(pulls) if pulls else 0:.1f} on average "
-              f"(of {T // a.tau} pull points). Folds per run: "
-              f"{', '.join(str(r['folds']) for r in results if r['name'] != 'single')}.", "",
+    pulls_line = (f"Pulls per worker that found a newer centre: {_mean(pulls) if pulls else 0:.1f} on average "
+                  f"(of {T // a.tau} pull points). Folds per run: "
+                  f"{', '.join(str(r['folds']) for r in results if r['name'] != 'single')}.")
+    lines += ["", "**Result:** " + " ".join(verdict), "", pulls_line, "",
               "![held-out loss](easgd.png)", "", "Reproduce:", "", "```", command, "```", ""]
     return "\n".join(lines), rows
 

@@ -415,7 +415,7 @@ class CentreService:
         for q in self.queue.values():
             return open_checkpoint(q.kept, step=q.step)
         if self.order:
-            i, step = self.order[-1]
+            i = self.order[-1][0]
             for w in self.cfg.workers:
                 if str(w.resolve()) == self.paths[i]:
                     for path in reversed(find_candidates(w) if w.is_dir() else []):

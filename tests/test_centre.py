@@ -384,7 +384,7 @@ def test_pull_applies_exactly_x_minus_alpha_x_minus_centre_and_only_for_a_newer_
     assert pull_toward_centre(model, out / "centre", 0.25, last=state) is False  # no newer centre: a no-op
     assert pull_toward_centre(model, out, 0.25, last=state) is False  # OUT itself names the same centre
     assert all(torch.equal(p.detach(), x1[k]) for k, p in model.named_parameters())
-    number, folder = centre_version(out / "centre")
+    number, _ = centre_version(out / "centre")
     publish_centre(out, save_model(small_model(2), tmp_path / "c2"))  # a newer version
     assert centre_version(out)[0] == number + 1
     assert pull_toward_centre(model, out / "centre", 0.25, last=state) is True and state.pulls == 2
@@ -503,6 +503,6 @@ def test_the_experiments_report_says_plainly_when_the_centre_did_not_help():
     single = {"name": "single", "rep": 0, "curve": [(20, 1.5, 0.6), (40, 1.4, 0.6), (60, 1.3, 0.6), (80, 1.2, 0.7)]}
     text, _ = bench.report([run("pull", 1.9, 1.8), run("nopull", 1.7, 1.6), single], a, 1.0, "cmd")
     assert "the centre with the pull did not beat one worker alone" in text
-    assert "The pull did not help the centre" in text and "did not beat its own workers" in text
+    assert "The pull did not help the centre" in text and "the centre did not beat its own workers" in text
     text, _ = bench.report([run("pull", 1.0, 1.1), run("nopull", 1.7, 1.6), single], a, 1.0, "cmd")
     assert "the centre with the pull beat one worker alone" in text and "The pull helped the centre" in text

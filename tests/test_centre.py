@@ -256,12 +256,18 @@ def test_row112_rotated_before_its_fold_is_folded_from_the_retained_copy(tmp_pat
         write_worker_checkpoint(b, step, 1)
     archive_copy(a, arch[a])
     archive_copy(b, arch[b])
-    daemon = start_centre([a, b], out, env={"CKPTAVG_FAULT": "remove-source-before-fold"})
+    ev = tmp_path / "ev.py"
+    ev.write_text("from safetensors.torch import load_file\n"
+                  "def score(model_dir):\n    return {'w_sum': float(load_file(str(model_dir / 'model.safetensors'))['w'].sum())}\n")
+    daemon = start_centre([a, b], out, "--eval-python", f"{ev}:score", env={"CKPTAVG_FAULT": "remove-source-before-fold"})
     try:
         assert wait_for(folds_reach(out, daemon, 4), 60)
     finally:
         code, err = stop(daemon)
     assert code == 0, err
+    lines = [json.loads(x) for x in (out / ".ckptavg" / "centre-metrics.jsonl").read_text().splitlines()]
+    assert [x["fold"] for x in lines] == [1, 2, 3, 4]  # each published centre evaluated (--eval-python)
+    assert lines[-1]["w_sum"] == pytest.approx(float(published(out)["w"].sum()), rel=1e-6)
     assert not list(a.glob("checkpoint-*")) and not list(b.glob("checkpoint-*"))  # all rotated away
     paths = resolve_order(out, arch)
     assert len(paths) == 4

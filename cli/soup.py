@@ -27,14 +27,16 @@ def soup_table(result: SoupResult) -> str:
             tried = "failed"
         added = "yes (best single)" if i == 1 else "yes" if m.added else "no"
         rows.append((str(i), str(m.path), own, tried, added))
+    n = len(result.members)
+    rows.append(("", f"greedy soup ({len(result.greedy)} of {n})", f"{result.greedy_value:.6g}", "", ""))
     uv = result.uniform_value
-    rows.append(("", f"uniform soup of all {len(result.members)}", "-",
-                 "failed" if uv is None else f"{uv:.6g}", "-"))
-    rows.append(("", f"greedy soup ({len(result.greedy)} members) -> {result.output}", "-",
-                 f"{result.greedy_value:.6g}", "-"))
+    rows.append(("", f"uniform soup (all {n})", "failed" if uv is None else f"{uv:.6g}", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append(f"greedy soup written to {result.output}"
+                 + (f", uniform soup to {result.uniform_output}" if result.uniform_output is not None else ""))
     return "\n".join(lines)
 
 

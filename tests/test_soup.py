@@ -369,3 +369,86 @@ def test_peak_memory_of_a_soup_of_four_is_the_engines_bound(tmp_path):
     # the engine's bound, plus what the evaluator keeps and run-to-run noise (measured: 8-36 MiB over it); one
     # model more (96 MiB) would not fit
     assert soup_kb <= avg_kb + 64 * 1024, (soup_kb, avg_kb)
+
+
+DIST_CMD = textwrap.dedent('''
+    """Command evaluator: the mean squared weight (lower is better) and its negation (higher is better); it fails
+    on the candidate named in $FAIL_ON. Standard library only (fp32 safetensors), so it starts fast."""
+    import array
+    import json
+    import os
+    import struct
+    import sys
+    from pathlib import Path
+
+    folder, name = Path(sys.argv[1]), sys.argv[2]
+    if name == os.environ.get("FAIL_ON"):
+        sys.exit(3)
+    total, count = 0.0, 0
+    for f in sorted(folder.glob("*.safetensors")):
+        data = f.read_bytes()
+        n = struct.unpack("<Q", data[:8])[0]
+        for key, info in json.loads(data[8:8 + n]).items():
+            if key != "__metadata__":
+                lo, hi = info["data_offsets"]
+                values = array.array("f", data[8 + n + lo:8 + n + hi])
+                total += sum(v * v for v in values)
+                count += len(values)
+    print(json.dumps({"distance": total / count, "closeness": -total / count}))
+''')
+
+
+@pytest.mark.parametrize("metric,mode", [("distance", "min"), ("closeness", "max")])
+def test_a_member_whose_evaluation_fails_is_left_out_and_max_mode_ranks_higher_first(tmp_path, ckptavg, monkeypatch,
+                                                                                    metric, mode):
+    """docs/FAULTS.md row 106: a member whose evaluation fails (the command exits 3) is left out with a warning naming
+    it and shown as failed; the soup goes on with the others. A pickle member is evaluated from its one-model mean.
+    --mode max ranks higher first and makes the same decisions as min on the negated metric."""
+    def state(seed: int, offset: float = 0.0) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {"a.weight": torch.randn(64, 32, generator=g) + offset, "b.bias": torch.randn(32, generator=g) + offset}
+
+    a, b, c = tmp_path / "a", tmp_path / "b.pt", tmp_path / "c"
+    a.mkdir(), c.mkdir()
+    save_file(state(0), str(a / "model.safetensors"))
+    torch.save(state(1), b)
+    save_file(state(2, offset=2.0), str(c / "model.safetensors"))
+    (tmp_path / "dist.py").write_text(DIST_CMD)
+    monkeypatch.setenv("FAIL_ON", "member-3")
+    out = tmp_path / "soup"
+    r = ckptavg("soup", a, b, c, "--eval", f"{sys.executable} {tmp_path / 'dist.py'} {{model_dir}} {{name}}",
+                "--metric", metric, "--mode", mode, "-o", out)
+    assert r.code == 0, r.err
+    assert f"{c}: evaluation failed, left out of the soup: eval command exited with status 3 on member-3" in r.err
+    rec = soup_record(out)
+    assert [m["path"] for m in rec["members"]][-1] == str(c)
+    assert rec["members"][-1]["metrics"] is None and "status 3" in rec["members"][-1]["error"]
+    own = {m["path"]: m["metrics"] for m in rec["members"][:2]}
+    first = min(own, key=lambda p: own[p]["distance"])
+    assert rec["members"][0]["path"] == first and rec["better"] == ("lower" if mode == "min" else "higher")
+    assert [m["added"] for m in rec["members"]] == [True, True, False]  # the mean of two noises is nearer 0
+    assert r.out.splitlines()[4].split()[1:] == [str(c), "failed", "-", "no"]
+    b_state = torch.load(b, weights_only=True)
+    states = [load_file(a / "model.safetensors"), b_state]
+    got = weights(out)
+    for k in got:
+        ref = (states[0][k].double() + states[1][k].double()) / 2
+        torch.testing.assert_close(got[k].double(), ref, rtol=0, atol=1e-6)
+    assert rec["uniform"]["metrics"]["distance"] > rec["greedy"]["metrics"]["distance"]  # c's offset, in the uniform
+
+
+def test_an_existing_output_is_refused_before_any_evaluation(tmp_path, ckptavg):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for i, f in enumerate((a, b)):
+        f.mkdir()
+        save_file({"w": torch.full((4,), float(i))}, str(f / "model.safetensors"))
+    out = tmp_path / "soup"
+    out.mkdir()
+    marker = tmp_path / "evaluated"
+    r = ckptavg("soup", a, b, "--eval", f"touch {marker}; echo '{{\"loss\": 1}}'", "-o", out)
+    assert r.code == 1 and f"ckptavg: error: {out}: already exists (pass --force to replace it)" in r.err
+    assert not marker.exists()
+    r = ckptavg("soup", a, b, "--eval", f"touch {marker}; echo '{{\"loss\": 1}}'", "--force", "-o", out)
+    assert r.code == 0, r.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "evaluated", "soup"]
+    assert (out / "soup.json").is_file()

@@ -39,7 +39,6 @@ from ckptavg.averaging.compat import check_inputs
 from ckptavg.averaging.engine import Engine
 from ckptavg.contracts.metrics import is_better
 from ckptavg.errors import (
-    CkptavgError,
     EvaluationError,
     MixedModelsError,
     NonFiniteError,
@@ -47,8 +46,8 @@ from ckptavg.errors import (
     TensorMismatchError,
     UsageError,
 )
-from ckptavg.progress import Progress
 from ckptavg.oneshot import AverageSpec, _input_paths, _protect, average_checkpoints, build_averages
+from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint
 from ckptavg.writing.atomic import AtomicDir, link_or_copy
 from ckptavg.writing.export import DEFAULT_SHARD_BYTES, copy_meta_files
@@ -279,17 +278,21 @@ class _Soup:
         return folder
 
     def member_folder(self, c: Checkpoint, name: str) -> Path:
-        """A loadable model folder of member ``c``: hard links of its safetensors folder, else a one-member mean."""
-        if c.path.is_dir() and c.format in ("safetensors", "safetensors-sharded") and not c.aliases:
-            self.count += 1
-            folder = self.work / f"{self.count:03d}-{name}"
-            folder.mkdir()
-            for f in sorted(c.path.iterdir()):
-                if f.is_file() and not f.is_symlink() and f.name.endswith((".safetensors", ".safetensors.index.json")):
-                    link_or_copy(f, folder / f.name)
-            copy_meta_files(c.meta_dir, folder)
-            return folder
-        return self.mean([c], name)
+        """A loadable model folder of member ``c``: hard links of its weights (and index) when it is a standard model
+        folder (``model.safetensors``, or shards with ``model.safetensors.index.json``), else its one-model mean."""
+        index = c.path / "model.safetensors.index.json"
+        standard = c.path.is_dir() and not c.aliases and all(f.parent == c.path for f in c.files) and (
+            (c.format == "safetensors" and [f.name for f in c.files] == ["model.safetensors"])
+            or (c.format == "safetensors-sharded" and c.weights_name == "model" and index.is_file()))
+        if not standard:
+            return self.mean([c], name)
+        self.count += 1
+        folder = self.work / f"{self.count:03d}-{name}"
+        folder.mkdir()
+        for f in [*c.files, *([index] if c.format == "safetensors-sharded" else [])]:
+            link_or_copy(f, folder / f.name)
+        copy_meta_files(c.meta_dir, folder)
+        return folder
 
     def score(self, folder: Path, name: str) -> dict[str, float]:
         try:
@@ -298,7 +301,8 @@ class _Soup:
             _give_back_memory()
         for k, v in metrics.items():
             if not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise EvaluationError(f"metric {k!r} of {name} is {v!r}", hint="the model diverged or the evaluator is broken")
+                raise EvaluationError(f"metric {k!r} of {name} is {v!r}",
+                                      hint="the model diverged or the evaluator is broken")
         return metrics
 
 
@@ -373,7 +377,8 @@ def _run(soup: _Soup, out: Path, *, metric: str | None, mode: str, force: bool,
             continue
         if metric is None:
             metric = next(iter(r.metrics))
-            log.info("ranking by %s (%s is better); pass --metric to choose", metric, "lower" if mode == "min" else "higher")
+            log.info("ranking by %s (%s is better); pass --metric to choose", metric,
+                     "lower" if mode == "min" else "higher")
         value = _value(r.metrics, metric, str(c.path))
         log.info("%s: %s = %.6g", c.path, metric, value)
     scored = [c for c in ckpts if results[id(c)].metrics is not None]
@@ -381,7 +386,8 @@ def _run(soup: _Soup, out: Path, *, metric: str | None, mode: str, force: bool,
         raise EvaluationError(f"the evaluation of every member failed; the first: {results[id(ckpts[0])].error}")
     assert metric is not None
     sign = 1.0 if mode == "min" else -1.0
-    scored.sort(key=lambda c: sign * results[id(c)].metrics[metric])  # type: ignore[index]  # stable: ties keep the order given
+    # a stable sort: members that tie keep the order given
+    scored.sort(key=lambda c: sign * results[id(c)].metrics[metric])  # type: ignore[index]
     failed = [c for c in ckpts if results[id(c)].metrics is None]
 
     best = results[id(scored[0])]
@@ -442,7 +448,7 @@ def _run(soup: _Soup, out: Path, *, metric: str | None, mode: str, force: bool,
     ordered = [results[id(c)] for c in [*scored, *failed]]
     result = SoupResult(metric=metric, mode=mode, members=ordered, greedy_metrics=current,
                         uniform_metrics=uniform_metrics, uniform_error=uniform_error, output=out,
-                        uniform_output=keep_uniform if keep_uniform is not None and uniform_folder is not None else None)
+                        uniform_output=None if uniform_folder is None else keep_uniform)
     summary = result.to_json()
     _publish(kept, out, summary, force=force, what="greedy")
     if result.uniform_output is not None:
@@ -481,9 +487,9 @@ def soup_card(summary: dict[str, Any], what: str) -> str:
     title = "Greedy soup" if what == "greedy" else "Uniform soup"
     lines = ["---", "tags:", "- ckptavg", "- model-soup", "---", "",
              f"# {title} made with ckptavg", "",
-             f"Members ranked by **{metric}** ({better} is better) on the held-out evaluation; the greedy soup adds a "
-             "member only if the uniform mean with it scores strictly better "
-             "([model soups](https://arxiv.org/abs/2203.05482)).", "",
+             (f"Members ranked by **{metric}** ({better} is better) on the held-out evaluation; the greedy soup adds a "
+              "member only if the uniform mean with it scores strictly better "
+              "([model soups](https://arxiv.org/abs/2203.05482))."), "",
              f"| # | member | {metric} | soup {metric} when tried | in the greedy soup |", "|---|---|---|---|---|"]
     for i, m in enumerate(summary["members"], 1):
         own = "failed" if m["metrics"] is None else f"{m['metrics'][metric]:.6g}"
@@ -491,7 +497,8 @@ def soup_card(summary: dict[str, Any], what: str) -> str:
         lines.append(f"| {i} | `{m['path']}` | {own} | {'' if tried is None else f'{tried[metric]:.6g}'} | "
                      f"{'yes' if m['added'] else 'no'} |")
     uniform = summary["uniform"]["metrics"]
-    lines += ["", f"Greedy soup: {metric} {summary['greedy']['metrics'][metric]:.6g}; uniform soup of all "
-              f"{len(summary['members'])}: {'not evaluated' if uniform is None else f'{uniform[metric]:.6g}'}.", "",
+    shown = "not evaluated" if uniform is None else f"{uniform[metric]:.6g}"
+    lines += ["", (f"Greedy soup: {metric} {summary['greedy']['metrics'][metric]:.6g}; uniform soup of all "
+                   f"{len(summary['members'])}: {shown}."), "",
               summary["summary"], "", "The averaging itself:", ""]
     return "\n".join(lines)

@@ -42,7 +42,8 @@ def soup_table(result: SoupResult) -> str:
 
 @click.command()
 @click.argument("models", nargs=-1, required=True, metavar="MODEL...")
-@click.option("-o", "--output", required=True, type=click.Path(path_type=Path), help="Where the greedy soup is written.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Where the greedy soup is written.")
 @click.option("--eval", "eval_command", metavar="CMD",
               help="Evaluate with a shell command; {model_dir}, {step}, {name} are filled in; it prints a JSON "
                    "object of metrics as its last stdout line.")
@@ -52,9 +53,11 @@ def soup_table(result: SoupResult) -> str:
 @click.option("--metric", help="The held-out metric (default: the evaluator's first).")
 @click.option("--mode", type=click.Choice(["min", "max"]), default="min", show_default=True,
               help="min: lower --metric is better (a loss); max: higher is better (an accuracy).")
-@click.option("--keep-uniform", type=click.Path(path_type=Path), help="Also write the uniform soup of every member here.")
+@click.option("--keep-uniform", type=click.Path(path_type=Path),
+              help="Also write the uniform soup of every member here.")
 @click.option("--json", "as_json", is_flag=True, help="Print the soup's record as JSON instead of the table.")
-@click.option("--device", default="auto", show_default=True, help="Where the averaging runs: auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the averaging runs: auto, cpu, cuda or cuda:N.")
 @click.option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Accumulator precision (the soups keep each tensor's source dtype).")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 2GB).")

@@ -12,9 +12,7 @@ target text; the expected metrics, the greedy decisions and the weights are reco
 from __future__ import annotations
 
 import json
-import os
 import random
-import resource
 import shutil
 import subprocess
 import sys
@@ -26,10 +24,17 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch
+from conftest import write_sharded_safetensors
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 STEP = 40
 ADJ = ["big", "small", "red", "blue", "old"]
@@ -331,7 +336,7 @@ MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], c
 def peak_kb(*args: object, cwd: Path) -> tuple[int, str]:
     """Run ``ckptavg ARGS`` as its own process; its peak RSS (kB) and stdout."""
     p = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "ckptavg.cli.main", *map(str, args)],
-                       capture_output=True, text=True, timeout=300, cwd=cwd)
+                       capture_output=True, text=True, timeout=300, cwd=cwd, check=False)
     assert p.returncode == 0, p.stderr
     out, peak = p.stdout.rsplit("PEAK_KB ", 1)
     return int(peak), out
@@ -342,8 +347,8 @@ def peak_kb(*args: object, cwd: Path) -> tuple[int, str]:
 def test_peak_memory_of_a_soup_of_four_is_the_engines_bound(tmp_path):
     """docs/FAULTS.md row 108: a soup of four 96 MiB models (384 MiB in all) never holds the models in memory: its
     peak RSS stays within that of `ckptavg average` of the same four (the engine's one-shot bound: a piece's
-    accumulators, the read-ahead and write windows) plus what the evaluator keeps, far below one model more. The three noisy
-    members are added (their mean is nearer 0), the offset one is not. Figures printed, nothing timed."""
+    accumulators, the read-ahead and write windows) plus what the evaluator keeps, far below one model more. The
+    three noisy members are added (their mean is nearer 0), the offset one is not. Figures printed, nothing timed."""
     n_tensors, numel = 6, 4 << 20  # 6 x 16 MiB fp32 per model
     members = []
     for i in range(4):
@@ -409,8 +414,8 @@ def test_a_member_whose_evaluation_fails_is_left_out_and_max_mode_ranks_higher_f
         return {"a.weight": torch.randn(64, 32, generator=g) + offset, "b.bias": torch.randn(32, generator=g) + offset}
 
     a, b, c = tmp_path / "a", tmp_path / "b.pt", tmp_path / "c"
-    a.mkdir(), c.mkdir()
-    save_file(state(0), str(a / "model.safetensors"))
+    c.mkdir()
+    write_sharded_safetensors(a, state(0), shard_bytes=4096)  # two shards and model.safetensors.index.json
     torch.save(state(1), b)
     save_file(state(2, offset=2.0), str(c / "model.safetensors"))
     (tmp_path / "dist.py").write_text(DIST_CMD)
@@ -424,12 +429,15 @@ def test_a_member_whose_evaluation_fails_is_left_out_and_max_mode_ranks_higher_f
     assert [m["path"] for m in rec["members"]][-1] == str(c)
     assert rec["members"][-1]["metrics"] is None and "status 3" in rec["members"][-1]["error"]
     own = {m["path"]: m["metrics"] for m in rec["members"][:2]}
+    for member, st in ((a, state(0)), (b, state(1))):  # the sharded folder (linked), the pickle (its one-model mean)
+        expected = sum(float((t.double() ** 2).sum()) for t in st.values()) / sum(t.numel() for t in st.values())
+        assert own[str(member)]["distance"] == pytest.approx(expected, rel=1e-6)
     first = min(own, key=lambda p: own[p]["distance"])
     assert rec["members"][0]["path"] == first and rec["better"] == ("lower" if mode == "min" else "higher")
     assert [m["added"] for m in rec["members"]] == [True, True, False]  # the mean of two noises is nearer 0
     assert r.out.splitlines()[4].split()[1:] == [str(c), "failed", "-", "no"]
     b_state = torch.load(b, weights_only=True)
-    states = [load_file(a / "model.safetensors"), b_state]
+    states = [state(0), b_state]
     got = weights(out)
     for k in got:
         ref = (states[0][k].double() + states[1][k].double()) / 2

@@ -41,6 +41,7 @@ import logging
 import os
 import pickle
 import re
+import stat
 import warnings
 import zipfile
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ import torch
 from ckptavg.errors import (
     IncompleteCheckpointError,
     MissingShardError,
+    SpecialFileError,
     TruncatedFileError,
     UnknownFormatError,
     UnsafePathError,
@@ -141,6 +143,8 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def load_metadata(path: Path) -> tuple[Any, bytes]:
     """The ``Metadata`` object of a DCP ``.metadata`` file and its raw bytes, through the restricted unpickler."""
+    if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO is refused unopened: an open could block or be seen
+        raise SpecialFileError("is not a regular file (a FIFO, socket or device?); it is never opened", path=path)
     fd = open_regular(path)
     try:
         size = os.fstat(fd).st_size

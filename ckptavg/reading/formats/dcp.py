@@ -52,6 +52,7 @@ from typing import Any
 import torch
 
 from ckptavg.errors import (
+    CkptavgError,
     IncompleteCheckpointError,
     MissingShardError,
     SpecialFileError,
@@ -130,8 +131,8 @@ class _MetadataUnpickler(pickle.Unpickler):
         found = self._allowed.get((module, name))
         if found is not None:
             return found
-        if module == "torch" and "." not in name:
-            value = getattr(torch, name, None)
+        if module == "torch" and not name.startswith("_"):
+            value = vars(torch).get(name)  # never getattr: torch's module __getattr__ imports submodules
             if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
                 return value
         raise UnsafePickleError(f"names the global {module}.{name}, which a DCP .metadata never needs; "
@@ -298,6 +299,18 @@ def index_dcp(folder: Path, *, state_key: str | None = None, strip_prefix: str |
             "(it renames .metadata.tmp to .metadata last)", path=folder, hint="wait until the save has finished")
     pkl._check_torch(meta_path)
     meta, raw = load_metadata(meta_path)
+    try:
+        return _index(folder, meta, raw, state_key=state_key, strip_prefix=strip_prefix, meta_dir=meta_dir)
+    except (AttributeError, TypeError, ValueError, KeyError) as e:
+        if isinstance(e, CkptavgError):
+            raise
+        raise UnknownFormatError(f"its .metadata is malformed ({type(e).__name__}: {str(e)[:160]})", path=meta_path,
+                                 hint="not a .metadata written by torch.distributed.checkpoint") from None
+
+
+def _index(folder: Path, meta: Any, raw: bytes, *, state_key: str | None, strip_prefix: str | None,
+           meta_dir: Path | None) -> FormatIndex:
+    meta_path = folder / METADATA
     import torch.distributed.checkpoint.filesystem as fs
     import torch.distributed.checkpoint.metadata as md
 

@@ -189,6 +189,18 @@ def test_row80_malicious_metadata_is_refused_and_nothing_runs(tmp_path, ckptavg,
     assert not sentinel.exists()
 
 
+def test_row80_an_oversized_metadata_is_refused_unread(tmp_path, monkeypatch):
+    """docs/FAULTS.md row 80: a .metadata over the size bound is refused before a byte of it is unpickled (the
+    bound lowered to 100 bytes here; it is 1 GiB)."""
+    from ckptavg.reading.formats import dcp as reader
+
+    folder = save({"model": net_state(0)}, tmp_path / "step-10")
+    monkeypatch.setattr(reader, "MAX_METADATA_BYTES", 100)
+    monkeypatch.setattr(reader, "_MetadataUnpickler", None)  # unpickling it at all would fail differently
+    with pytest.raises(UnsafePickleError, match="over the 100-byte limit"):
+        open_checkpoint(folder)
+
+
 def test_row80_a_fifo_metadata_is_never_opened(tmp_path):
     """docs/FAULTS.md row 80: a FIFO where .metadata should be is refused without being opened (nothing blocks)."""
     folder = save({"model": net_state(0)}, tmp_path / "step-10")

@@ -33,8 +33,8 @@ from ckptavg.reading.discover import find_candidates, latest_complete
 from ckptavg.reading.ready import check_ready
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
-from torch.distributed.checkpoint.filesystem import _StorageInfo  # noqa: E402
-from torch.distributed.checkpoint.metadata import (  # noqa: E402
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
     MetadataIndex,

@@ -102,7 +102,7 @@ def _weight_names(folder: Path) -> list[str]:
     """Names in ``folder`` that may be (or index) its weights (DCP: its ``.distcp`` files, or accelerate's
     ``pytorch_model_fsdp_0/``; whether ``.metadata`` committed them is judged when the folder is opened)."""
     return [n for n in os.listdir(folder)
-            if not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json") or n.endswith(DCP_MARKERS))
+            if not is_noise(n) and n.endswith((*WEIGHT_SUFFIXES, ".index.json", *DCP_MARKERS))
             and not is_side_file(n)]
 
 

@@ -68,7 +68,7 @@ from ckptavg.reading.formats.refs import FormatIndex, TensorRef
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DCP_SUFFIX", "METADATA", "MAX_METADATA_BYTES", "find_dcp_folder", "index_dcp", "load_metadata"]
+__all__ = ["DCP_SUFFIX", "MAX_METADATA_BYTES", "METADATA", "find_dcp_folder", "index_dcp", "load_metadata"]
 
 METADATA = ".metadata"
 DCP_SUFFIX = ".distcp"

@@ -91,13 +91,16 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
 
 # -- layouts of real writers ----------------------------------------------------------------------------------
 
-def test_one_process_dcp_reads_every_dtype_and_shape_bit_for_bit(tmp_path):
+def test_one_process_dcp_reads_every_dtype_and_shape_bit_for_bit(tmp_path, ckptavg):
     sd = net_state(0)
     folder = save({"model": sd, "optim": optimizer_state(sd)}, tmp_path / "run" / "step-40")
     ckpt = open_checkpoint(folder)
     assert ckpt.format == "dcp" and ckpt.step == 40 and ckpt.incomplete is None
     assert ckpt.files[0].name == ".metadata" and all(f.suffix == ".distcp" for f in ckpt.files[1:])
     assert_same(read_all(folder), sd)  # optimizer entries (and its bytes entries) left out, "model." removed
+    r = ckptavg("inspect", folder)
+    assert r.code == 0 and "format:      dcp" in r.out and "step:        40 (from name)" in r.out, r
+    assert "complete:    yes" in r.out and ".metadata" in r.out
 
 
 @pytest.mark.parametrize("layout", ["torchtitan", "accelerate", "dcp-tutorial", "lightning"])
@@ -304,6 +307,28 @@ def test_row84_output_format_dcp_loads_with_dcp_load_bit_for_bit(tmp_path, ckpta
     back = open_checkpoint(out)
     assert back.format == "dcp"
     assert_same(read_all(out), want)
+
+
+def test_row84_tied_weights_are_both_keys_of_the_dcp_output(tmp_path, ckptavg):
+    """docs/FAULTS.md row 84: a tied weight (one storage under two names in a pickle) is stored once and listed
+    under both names, so dcp.load fills both keys of a model whose state dict holds both."""
+    paths = []
+    for step in (1, 2):
+        w = torch.randn(5, 3, generator=torch.Generator().manual_seed(step))
+        torch.save({"embed.weight": w, "head.weight": w, "head.bias": torch.zeros(5) + step}, tmp_path / f"step_{step}.pt")
+        paths.append(tmp_path / f"step_{step}.pt")
+    r = ckptavg("average", *paths, "--output-format", "dcp", "-o", tmp_path / "out")
+    assert r.code == 0, r
+    target = {"embed.weight": torch.zeros(5, 3), "head.weight": torch.zeros(5, 3), "head.bias": torch.zeros(5)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(target, checkpoint_id=str(tmp_path / "out"))
+    mean = sum(torch.load(p, weights_only=True)["embed.weight"].double() for p in paths) / 2
+    torch.testing.assert_close(target["embed.weight"].double(), mean)
+    assert torch.equal(target["head.weight"], target["embed.weight"]) and torch.equal(target["head.bias"], torch.full((5,), 1.5))
+    meta = dcp.FileSystemReader(str(tmp_path / "out")).read_metadata()  # our own output: torch's reader is fine
+    where = {k.fqn: (v.offset, v.length) for k, v in meta.storage_data.items()}
+    assert where["head.weight"] == where["embed.weight"] != where["head.bias"]  # the tied bytes are stored once
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

@@ -444,9 +444,39 @@ def _train_state_step(folder: Path, meta: Any, sd_meta: dict, where: dict, stora
     return None, ""
 
 
+class _BufferReader(io.RawIOBase):
+    """A seekable file over bytes already in memory, read with ``readinto``: ``torch.load`` copies a chunk's
+    data straight into its tensor (``io.BytesIO`` would first copy the whole range once more)."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self._view = view
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._view)}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), len(self._view) - self._pos))
+        memoryview(buffer).cast("B")[:n] = self._view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+
 def _decode(raw: torch.Tensor, path: Path, fqn: str) -> Any:
     """A ``torch.save`` byte range, loaded with ``weights_only=True`` after checking its zip is plain."""
-    data = io.BytesIO(raw.numpy().tobytes())
+    data = _BufferReader(memoryview(raw.numpy()).cast("B"))
     try:
         with zipfile.ZipFile(data) as zf:
             members = zf.infolist()

@@ -250,7 +250,9 @@ def average_checkpoints(
     engine = engine or Engine(device="cpu", progress=progress)
     if progress is not None:
         engine.progress = progress
-    schedule = "tensor-major" if all(c.format.startswith("safetensors") for c in ckpts) else "checkpoint-major"
+    # DCP tensors are read one at a time (no whole-file load as for pickles): tensor-major too
+    schedule = ("tensor-major" if all(c.format.startswith("safetensors") or c.format == "dcp" for c in ckpts)
+                else "checkpoint-major")
     for a in averages:
         a.final_members = final_members(ckpts, a)
     own_scratch = scratch_dir is None

@@ -69,7 +69,7 @@ def net_state(seed: int) -> dict[str, torch.Tensor]:
 
 
 def optimizer_state(model_sd: dict[str, torch.Tensor]) -> dict:
-    params = [nn.Parameter(v.float()) for v in model_sd.values() if v.is_floating_point()]
+    params = [nn.Parameter(v.float().clone()) for v in model_sd.values() if v.is_floating_point()]
     opt = torch.optim.AdamW(params)
     sum(p.sum() for p in params).backward()
     opt.step()
@@ -360,6 +360,61 @@ def handmade(folder: Path, tensors: dict, *, relative_path: str = "__0_0.distcp"
     with open(folder / ".metadata", "wb") as f:
         pickle.dump(meta, f)
     return folder
+
+
+def _wait_folded(out: Path, step: int, timeout: float = 60.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            if json.loads((out / ".ckptavg" / "status.json").read_text()).get("last_folded_step") == step:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_row85_daemon_folds_hf_trainer_fsdp_checkpoints_without_false_rewinds(tmp_path):
+    """docs/FAULTS.md row 85: HF Trainer + FSDP SHARDED_STATE_DICT checkpoints (checkpoint-N/ holding accelerate's
+    pytorch_model_fsdp_0/ and optimizer_0/ DCP folders, trainer_state.json last), written while the daemon runs:
+    each is folded once (its model files lie in a subfolder: never taken for a re-written checkpoint), a
+    checkpoint without trainer_state.json is waited for, and the EMA equals a float64 reference; config.json is
+    carried into the published folder."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    run.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "ckptavg.cli.main", "watch", str(run), "-o", str(out), "--ema", "15",
+         "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    states = {}
+    try:
+        for step in (10, 20, 30, 40):
+            sd = states[step] = net_state(step)
+            folder = run / f"checkpoint-{step}"
+            save({"model": sd}, folder / "pytorch_model_fsdp_0")
+            save({"optimizer": optimizer_state(sd)}, folder / "optimizer_0")
+            torch.save({"seed": step}, folder / "rng_state_0.pth")
+            (folder / "config.json").write_text(json.dumps({"model_type": "net"}))
+            if step < 40:  # step 40's save is cut short before trainer_state.json
+                (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        assert _wait_folded(out, 30)
+        time.sleep(1.5)  # rescans after the last fold: a subfolder's files must not look re-written
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        _, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert "rewind" not in err and "Traceback" not in err, err
+    status = json.loads((out / ".ckptavg" / "status.json").read_text())
+    assert status["averages"]["ema-15"]["folded"] == 3 and status["rewinds"] == []
+    got = load_file(out / "ema-15" / "model.safetensors")
+    steps = [10, 20, 30]
+    for k, v in states[10].items():
+        if v.is_floating_point():
+            want = _ema([states[s][k] for s in steps], steps, 15.0)
+            torch.testing.assert_close(got[k], want.to(v.dtype), msg=k)
+    assert json.loads((out / "ema-15" / "config.json").read_text()) == {"model_type": "net"}
 
 
 # -- a real 2-rank FSDP2 run (row 85) -------------------------------------------------------------------------

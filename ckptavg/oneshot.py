@@ -35,6 +35,7 @@ from ckptavg.reading.checkpoint import Checkpoint
 from ckptavg.reading.formats.refs import TensorRef
 from ckptavg.units import format_bytes
 from ckptavg.writing.atomic import AtomicDir
+from ckptavg.writing.dcp import DcpWriter
 from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,7 @@ def average_checkpoints(
     memory_budget: int | None = None,
     scratch_dir: Path | None = None,
     allow_mixed_models: bool = False,
+    output_format: str = "safetensors",
 ) -> Result:
     """Average ``ckpts`` into one model folder per average and return where they are.
 
@@ -212,7 +214,11 @@ def average_checkpoints(
     accumulators: averages beyond it fold through a disk store in
     ``scratch_dir`` (default: a hidden folder beside ``out``, removed at the end).
     Inputs of different models are refused unless ``allow_mixed_models`` (:func:`check_inputs`).
+    ``output_format`` ``"dcp"`` writes each average as a torch.distributed.checkpoint folder instead of
+    safetensors (:class:`~ckptavg.writing.dcp.DcpWriter`).
     """
+    if output_format not in ("safetensors", "dcp"):
+        raise UsageError(f"output format {output_format!r}: expected safetensors or dcp")
     if not ckpts:
         raise UsageError("no checkpoints to average")
     if not averages:
@@ -244,7 +250,9 @@ def average_checkpoints(
     engine = engine or Engine(device="cpu", progress=progress)
     if progress is not None:
         engine.progress = progress
-    schedule = "tensor-major" if all(c.format.startswith("safetensors") for c in ckpts) else "checkpoint-major"
+    # DCP tensors are read one at a time (no whole-file load as for pickles): tensor-major too
+    schedule = ("tensor-major" if all(c.format.startswith("safetensors") or c.format == "dcp" for c in ckpts)
+                else "checkpoint-major")
     for a in averages:
         a.final_members = final_members(ckpts, a)
     own_scratch = scratch_dir is None
@@ -270,8 +278,9 @@ def average_checkpoints(
         with contextlib.ExitStack() as stack:
             folders = {name: stack.enter_context(AtomicDir(t, replace=force)) for name, t in targets.items()}
             writers = {
-                a.name: ModelWriter(folders[a.name], plans[a.name], max_shard_bytes=max_shard_bytes,
-                                    weights_name=ckpts[-1].weights_name, aliases=aliases)
+                a.name: (DcpWriter if output_format == "dcp" else ModelWriter)(
+                    folders[a.name], plans[a.name], max_shard_bytes=max_shard_bytes,
+                    weights_name=ckpts[-1].weights_name, aliases=aliases)
                 for a in averages
             }
             try:

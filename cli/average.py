@@ -106,6 +106,9 @@ def _is_run_folder(path: Path) -> bool:
               help="Per-tensor rule, first match wins: GLOB=latest | GLOB=exclude | GLOB=half-life:H.")
 @click.option("--on-shape-change", type=click.Choice(["error", "reset"]), default="error", show_default=True,
               help="A tensor whose shape or dtype changes: stop with an error, or restart its average.")
+@click.option("--output-format", type=click.Choice(["safetensors", "dcp"]), default="safetensors", show_default=True,
+              help="safetensors: a model folder from_pretrained loads; dcp: a torch.distributed.checkpoint folder "
+                   "(.metadata + one .distcp file) that dcp.load reads into a model's state dict.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 2GB).")
 @click.option("--memory-budget", help="Host memory for long-lived accumulators (pickle inputs), e.g. 8GiB; averages "
               "beyond it fold through an fp32 disk store in --scratch-dir.")
@@ -126,7 +129,8 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
             last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
             state_key: str | None, strip_prefix: str | None, threads: int | None, allow_nonfinite: bool,
-            allow_mixed_models: bool, force: bool, progress: bool | None, **method_options: object) -> None:
+            allow_mixed_models: bool, force: bool, progress: bool | None, output_format: str,
+            **method_options: object) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
     \b
@@ -138,6 +142,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
       ckptavg average runs/exp1/checkpoint-* --method ema:2000 --method lawa:5 -o out   # out/ema-2000, out/lawa-5
       ckptavg average a.safetensors b.safetensors --weights 0.3,0.7 -o out/mix
       ckptavg average runs/exp1 --last 5 -o out/last5
+      ckptavg average outputs/checkpoint --last 4 --method ema:200 --output-format dcp -o out/ema-dcp
     """
     weight_list = _parse_list(weights, "--weights", float)
     step_list = _parse_list(steps, "--steps", int)
@@ -163,7 +168,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
             result = average_checkpoints(ckpts, averages, output, weights=weight_list, engine=engine,
                                          max_shard_bytes=max_shard, force=force, protected=run_folders,
                                          progress=bar, memory_budget=budget, scratch_dir=scratch_dir,
-                                         allow_mixed_models=allow_mixed_models)
+                                         allow_mixed_models=allow_mixed_models, output_format=output_format)
     rate = result.bytes_read / result.seconds / 1e9 if result.seconds else 0.0
     for name, path in result.outputs.items():
         click.echo(f"{name}: {path}")

@@ -431,8 +431,9 @@ class Service:
             return False
 
     def _still_abandoned(self, step: int, path: Path) -> bool:
-        base = path if path.is_dir() else path.parent
-        names = self.trajectory.abandoned[step].get("files", {})
+        old = self.trajectory.abandoned[step]
+        base = Path(old["dir"]) if isinstance(old.get("dir"), str) else path if path.is_dir() else path.parent
+        names = old.get("files", {})
         return self.trajectory.is_abandoned(step, [base / n for n in names])
 
     def _take(self, ckpt: Checkpoint, step: int) -> None:

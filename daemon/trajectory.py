@@ -94,7 +94,9 @@ class Gap:
 class Trajectory:
     """Per folded step: the trainer's path and files as folded, and the retained copy's files."""
 
-    sources: dict[int, dict[str, Any]] = field(default_factory=dict)  # step -> {"path": str, "files": FileIds}
+    # step -> {"path": str, "files": FileIds, and "dir": str where the files lie in a subfolder of the checkpoint
+    # (accelerate's pytorch_model_fsdp_0/)}
+    sources: dict[int, dict[str, Any]] = field(default_factory=dict)
     kept: dict[int, FileIds] = field(default_factory=dict)  # step -> retained files' ids
     abandoned: dict[int, dict[str, Any]] = field(default_factory=dict)  # steps a rewind left behind, as they were
     gaps: list[Gap] = field(default_factory=list)
@@ -126,9 +128,13 @@ class Trajectory:
     # -- recording -------------------------------------------------------------------------------
     def record(self, step: int, path: Path, trainer_files: Iterable[Path], kept_files: Iterable[Path]) -> None:
         """Remember where ``step`` came from, at the moment it was retained."""
+        trainer_files = list(trainer_files)
         ids = file_ids(trainer_files)
         if ids is not None:
             self.sources[step] = {"path": str(path), "files": ids}
+            parents = {Path(f).parent for f in trainer_files}
+            if len(parents) == 1 and parents != {path if path.is_dir() else path.parent}:
+                self.sources[step]["dir"] = str(parents.pop())
         kept = file_ids(kept_files)
         if kept is not None:
             self.kept[step] = kept
@@ -146,7 +152,7 @@ class Trajectory:
         if src is None:
             return "gone"
         folder = Path(src["path"])
-        base = folder if folder.is_dir() else folder.parent
+        base = Path(src["dir"]) if isinstance(src.get("dir"), str) else folder if folder.is_dir() else folder.parent
         now = file_ids(base / name for name in src["files"]) if base.is_dir() else None
         if now is None:
             return "gone" if not folder.exists() else "changed"

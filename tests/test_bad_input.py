@@ -257,7 +257,7 @@ def test_side_files_are_never_unpickled(tmp_path, ckptavg):
     _evil_pickle(dcp / "metadata.pkl", sentinel)
     (dcp / "metadata.pkl").rename(dcp / ".metadata")
     (dcp / "__0_0.distcp").write_bytes(b"\0" * 64)
-    assert_refused(ckptavg("average", dcp, "-o", tmp_path / "o2"), "step-10", "torch.distributed.checkpoint")
+    assert_refused(ckptavg("average", dcp, "-o", tmp_path / "o2"), "step-10", "DCP .metadata")
     # an HF folder holding malicious optimizer/args pickles averages without touching them
     paths = []
     for i, step in enumerate((100, 200)):

@@ -4,7 +4,8 @@
 
 * a folder with ``*.safetensors.index.json`` (sharded safetensors), ``model.safetensors``
   (or a single ``*.safetensors``), ``pytorch_model.bin.index.json`` or
-  ``pytorch_model.bin`` / a single ``.pt``/``.pth``/``.ckpt``;
+  ``pytorch_model.bin`` / a single ``.pt``/``.pth``/``.ckpt``, or a torch.distributed.checkpoint
+  folder (``.metadata`` + ``*.distcp``, or accelerate's ``pytorch_model_fsdp_0/`` inside it);
 * a file: ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt``, or an index.
 
 Opening reads headers only (pickles: a data-free ``meta`` load). Tensor bytes are
@@ -23,8 +24,9 @@ from typing import Callable
 
 import torch
 
-from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError, UnsupportedCheckpointError
+from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError
 from ckptavg.reading.fileio import FileCache, open_regular
+from ckptavg.reading.formats import dcp
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
@@ -40,7 +42,7 @@ class Checkpoint:
     """A checkpoint indexed from headers: tensors, step, fingerprint. Holds no tensor data."""
 
     path: Path
-    format: str  # safetensors | safetensors-sharded | torch | torch-sharded | lightning
+    format: str  # safetensors | safetensors-sharded | torch | torch-sharded | lightning | dcp
     tensors: dict[str, TensorRef]
     step: int | None
     step_source: str
@@ -220,15 +222,9 @@ def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, m
 
 def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None) -> Checkpoint:
 
+    if (dcp_folder := dcp.find_dcp_folder(folder)) is not None:
+        return _from_index(folder, dcp.index_dcp(dcp_folder, state_key=state_key, strip_prefix=strip_prefix, meta_dir=folder))
     entries = sorted(p.name for p in folder.iterdir() if not is_noise(p.name))
-    if (folder / ".metadata").exists() or any(n.endswith(".distcp") for n in entries):
-        raise UnsupportedCheckpointError(
-            "is a torch.distributed.checkpoint (DCP) folder, which this version cannot read "
-            "(its .metadata is a pickle and is never loaded)",
-            path=folder,
-            hint="convert it with `python -m torch.distributed.checkpoint.format_utils dcp_to_torch_save` "
-            "or save with safetensors",
-        )
     st_indexes = [n for n in entries if n.endswith(".safetensors.index.json")]
     if st_indexes:
         chosen = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
-from ckptavg.reading.names import WEIGHT_SUFFIXES, is_noise, is_side_file
+from ckptavg.reading.names import DCP_MARKERS, WEIGHT_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.steps import step_from_name
 from ckptavg.redact import warn_once
 
@@ -99,9 +99,11 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
 
 
 def _weight_names(folder: Path) -> list[str]:
-    """Names in ``folder`` that may be (or index) its weights."""
+    """Names in ``folder`` that may be (or index) its weights (DCP: its ``.distcp`` files, or accelerate's
+    ``pytorch_model_fsdp_0/``; whether ``.metadata`` committed them is judged when the folder is opened)."""
     return [n for n in os.listdir(folder)
-            if not is_noise(n) and (n.endswith(WEIGHT_SUFFIXES) or n.endswith(".index.json")) and not is_side_file(n)]
+            if not is_noise(n) and n.endswith((*WEIGHT_SUFFIXES, ".index.json", *DCP_MARKERS))
+            and not is_side_file(n)]
 
 
 def _weights_outside(folder: Path, inside: Callable[[Path], bool]) -> Path | None:

@@ -6,10 +6,12 @@ of a checkpoint hold its weights) decide by these rules, so they live here, belo
 
 from __future__ import annotations
 
-__all__ = ["PICKLE_SUFFIXES", "SIDE_FILES", "WEIGHT_SUFFIXES", "is_noise", "is_side_file"]
+__all__ = ["DCP_MARKERS", "PICKLE_SUFFIXES", "SIDE_FILES", "WEIGHT_SUFFIXES", "is_noise", "is_side_file"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+# a torch.distributed.checkpoint folder: its chunk files, or accelerate's model folder of them
+DCP_MARKERS = (".distcp", "pytorch_model_fsdp_0")
 # pickles of arbitrary objects written beside the weights: never unpickled
 SIDE_FILES = frozenset({"training_args.bin", "optimizer.pt", "optimizer.bin", "scheduler.pt", "scaler.pt", "meta.pt",
                         ".metadata"})

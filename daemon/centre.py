@@ -24,7 +24,6 @@ Order and exactly-once:
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -44,14 +43,14 @@ from ckptavg.averaging.engine import Engine
 from ckptavg.averaging.methods.elastic import Elastic
 from ckptavg.averaging.placement import ensure_placed
 from ckptavg.daemon.retain import Retainer
-from ckptavg.errors import CheckpointVanishedError, CkptavgError, OutputError, StateLockedError, UsageError
+from ckptavg.errors import CheckpointVanishedError, CkptavgError, OutputError, UsageError
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.ready import check_ready
 from ckptavg.reading.steps import step_from_name
 from ckptavg.writing.atomic import atomic_write_bytes
-from ckptavg.writing.export import publish_average, remove_publish_orphans
+from ckptavg.writing.export import lock_publisher, publish_average, remove_publish_orphans
 from ckptavg.writing.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -219,18 +218,8 @@ class CentreService:
                 os.close(self._lock_fd)
 
     def _lock_output(self) -> None:
-        path = self.cfg.output / ".ckptavg" / "publisher.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StateLockedError(f"is published by another ckptavg daemon ({holder})", path=self.cfg.output,
-                                   hint="give each daemon its own output folder") from None
-        path.write_text(f"pid {os.getpid()}, state {self.cfg.state_path.resolve()}")
-        self._lock_fd = fd
+        """One daemon publishes into an output folder: a second one (another state folder) is refused."""
+        self._lock_fd = lock_publisher(self.cfg.output, self.cfg.state_path)
 
     def _run(self) -> int:
         torch.set_num_threads(self.cfg.threads)

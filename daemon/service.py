@@ -40,7 +40,7 @@ from ckptavg.daemon.notify import Notifier
 from ckptavg.daemon.retain import Retainer, probe_link
 from ckptavg.daemon.trajectory import Trajectory, file_ids, save_steps_of
 from ckptavg.daemon.watcher import Watcher
-from ckptavg.errors import CheckpointChangedError, CkptavgError, OutputError, StateLockedError, UsageError
+from ckptavg.errors import CheckpointChangedError, CkptavgError, OutputError, UsageError
 from ckptavg.evaluators import Candidate
 from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.progress import Progress
@@ -51,7 +51,7 @@ from ckptavg.reading.steps import step_from_name
 from ckptavg.redact import warn_once
 from ckptavg.units import format_bytes
 from ckptavg.writing.atomic import link_or_copy
-from ckptavg.writing.export import copy_meta_files, publish_average, remove_publish_orphans
+from ckptavg.writing.export import copy_meta_files, lock_publisher, publish_average, remove_publish_orphans
 from ckptavg.writing.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -209,21 +209,7 @@ class Service:
 
     def _lock_output(self) -> None:
         """One daemon publishes into an output folder: a second one (another state folder) is refused."""
-        import fcntl
-
-        path = self.cfg.output / ".ckptavg" / "publisher.lock"  # beside the published versions
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # read-only descriptor: a daemon holding the output must not keep it from being remounted read-only
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise StateLockedError(f"is published by another ckptavg daemon ({holder})", path=self.cfg.output,
-                                   hint="give each daemon its own output folder") from None
-        path.write_text(f"pid {os.getpid()}, state {self.cfg.state_path.resolve()}")
-        self._publisher_lock = fd
+        self._publisher_lock = lock_publisher(self.cfg.output, self.cfg.state_path)
 
     def _run(self) -> int:
         if self.cfg.nice:

@@ -51,7 +51,7 @@ from ckptavg import hooks
 from ckptavg._version import __version__
 from ckptavg.averaging.average import Average
 from ckptavg.dtypes import short_name
-from ckptavg.errors import OutputError
+from ckptavg.errors import OutputError, StateLockedError
 from ckptavg.reading.checkpoint import Checkpoint
 from ckptavg.reading.formats.refs import TensorRef, TensorSpec
 from ckptavg.reading.formats.safetensors_writer import ShardWriter
@@ -527,3 +527,24 @@ def remove_publish_orphans(output: Path, *, grace: float = DEFAULT_PUBLISH_GRACE
             _remove(p)
             removed.append(p)
     return removed
+
+
+def lock_publisher(output: Path, state: Path) -> int:
+    """Take the publisher lock of ``output`` (``OUT/.ckptavg/publisher.lock``, beside the published versions):
+    one daemon publishes into an output folder, a second one is refused naming the holder. Returns the
+    descriptor that holds the lock (close it to let go)."""
+    import fcntl
+
+    path = output / ".ckptavg" / "publisher.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # read-only descriptor: a daemon holding the output must not keep it from being remounted read-only
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise StateLockedError(f"is published by another ckptavg daemon ({holder})", path=output,
+                               hint="give each daemon its own output folder") from None
+    path.write_text(f"pid {os.getpid()}, state {state.resolve()}")
+    return fd

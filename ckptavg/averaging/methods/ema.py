@@ -17,11 +17,29 @@ from ckptavg.errors import UsageError
 MAX_HALF_LIFE = 1e15  # steps: far beyond any run, and its label (``ema-<H>``) stays a short folder name
 
 
-class EMA(Method):
+class MovingAverage(Method):
+    """What every exponential moving average shares: one ``ema`` buffer, ``ema ← a · ema + b · θ`` in two
+    IEEE-754 operations per element (the first fold copies θ). Subclasses choose ``a`` and ``b`` in
+    ``prepare``."""
+
+    buffers = ("ema",)
+
+    def apply(self, slot: Slot, plan: Plan, x: torch.Tensor, old: torch.Tensor | None, lo: int, hi: int,
+              tmp: torch.Tensor) -> None:
+        ema = slot.bufs["ema"][lo:hi]
+        if plan.first:
+            ema.copy_(x)
+        else:
+            ema.mul_(plan.a).add_(torch.mul(x, plan.b, out=tmp))
+
+    def value(self, slot: Slot) -> torch.Tensor:
+        return slot.bufs["ema"]
+
+
+class EMA(MovingAverage):
     name = "ema"
     summary = "exponential moving average; irregular checkpoint intervals handled exactly"
     reference = "https://arxiv.org/abs/2312.02696 (Karras et al., EDM2: EMA in steps); AlgoPerf EMA/LAWA study"
-    buffers = ("ema",)
     params = (
         Option("half_life", float, "EMA half-life in training steps.", unit="steps", metavar="H",
                low=0, low_open=True, high=MAX_HALF_LIFE, expect=f"a positive number of steps, at most {MAX_HALF_LIFE:g}"),
@@ -57,14 +75,3 @@ class EMA(Method):
             raise UsageError(f"EMA needs increasing steps; got step {info.step} after {slot.last_step}")
         beta = self.beta(delta)
         return Plan(first=False, a=beta, b=1.0 - beta)
-
-    def apply(self, slot: Slot, plan: Plan, x: torch.Tensor, old: torch.Tensor | None, lo: int, hi: int,
-              tmp: torch.Tensor) -> None:
-        ema = slot.bufs["ema"][lo:hi]
-        if plan.first:
-            ema.copy_(x)
-        else:
-            ema.mul_(plan.a).add_(torch.mul(x, plan.b, out=tmp))
-
-    def value(self, slot: Slot) -> torch.Tensor:
-        return slot.bufs["ema"]

@@ -41,9 +41,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
-from ckptavg.averaging.methods.base import FoldInfo, Method, Option, Plan, Slot
+from ckptavg.averaging.methods.base import FoldInfo, Option, Plan, Slot
+from ckptavg.averaging.methods.ema import MovingAverage
 from ckptavg.errors import UsageError
 
 __all__ = ["SIGMA_REL_MAX", "PowerEMA", "gamma_from_sigma_rel", "sigma_rel_from_gamma"]
@@ -90,12 +89,11 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
     return lo if abs(_var(lo) - target) <= abs(_var(hi) - target) else hi
 
 
-class PowerEMA(Method):
+class PowerEMA(MovingAverage):
     name = "power-ema"
     summary = ("power-function EMA (EDM2): a profile ∝ τ^γ over the whole run, its width σ_rel relative to "
                "the step; exact over irregular checkpoint steps")
     reference = "https://arxiv.org/abs/2312.02696 (Karras et al., EDM2: power-function EMA, Eq. 127 / Alg. 2)"
-    buffers = ("ema",)
     params = (
         Option("sigma_rel", float, "Power EMA: relative std of the averaging profile (EDM2's σ_rel; 0.05, 0.1 are "
                "typical).", metavar="S", low=0, low_open=True, high=SIGMA_REL_MAX,
@@ -146,14 +144,3 @@ class PowerEMA(Method):
             raise UsageError(f"power-EMA needs increasing steps; got step {info.step} after {slot.last_step}")
         a = self.coefficient(slot.last_step, info.step)
         return Plan(first=False, a=a, b=1.0 - a)
-
-    def apply(self, slot: Slot, plan: Plan, x: torch.Tensor, old: torch.Tensor | None, lo: int, hi: int,
-              tmp: torch.Tensor) -> None:
-        ema = slot.bufs["ema"][lo:hi]
-        if plan.first:
-            ema.copy_(x)
-        else:
-            ema.mul_(plan.a).add_(torch.mul(x, plan.b, out=tmp))
-
-    def value(self, slot: Slot) -> torch.Tensor:
-        return slot.bufs["ema"]

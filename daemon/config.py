@@ -399,3 +399,9 @@ def config_from_flags(watch: str, output: str, averages: list[dict[str, Any]], *
     ``[[average]]`` tables the flags stand for (``{"method": "ema", "half_life": 2000.0}``)."""
     data = {"watch": watch, "output": output, "average": averages, **{k: v for k, v in options.items() if v is not None}}
     return build_config(data, source="flags")
+
+
+def evaluate_config(table: dict[str, Any], *, source: str) -> EvalConfig:
+    """An ``[evaluate]`` table (from a TOML file or built from flags) checked as the daemon checks it
+    (``ckptavg sweep`` takes the same evaluators)."""
+    return _evaluate(source, table)

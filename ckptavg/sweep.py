@@ -44,7 +44,8 @@ from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LAST", "NOT_HELPED", "Entry", "GridPoint", "SweepFold", "SweepReport", "fold_grid", "parse_grid", "rank"]
+__all__ = ["LAST", "NOT_HELPED", "Entry", "GridPoint", "SweepFold", "SweepReport", "fold_grid", "grid_averages",
+           "parse_grid", "rank"]
 
 LAST = "last"  # the option swept by a method without a main option: the newest N checkpoints
 NOT_HELPED = "averaging did not help on this run"
@@ -117,6 +118,15 @@ def _newest_only(avg: Average, ckpts: Sequence[Checkpoint], n: int) -> None:
     method.needs_steps = lambda: True  # type: ignore[method-assign]
 
 
+def grid_averages(points: Sequence[GridPoint], ckpts: Sequence[Checkpoint], **kw: Any) -> list[Average]:
+    """The :class:`Average` of every grid point over ``ckpts`` (``kw``: :func:`build_averages`'s options)."""
+    averages = build_averages([p.spec() for p in points], **kw)
+    for p, avg in zip(points, averages):
+        if p.option == LAST:
+            _newest_only(avg, ckpts, int(p.horizon))
+    return averages
+
+
 @dataclass
 class SweepFold:
     """What the one pass produced: one model folder per grid point, and the read accounting."""
@@ -164,11 +174,8 @@ def fold_grid(
     own = engine is None
     engine = engine or Engine(device="cpu", progress=progress)
     try:
-        averages = build_averages([p.spec() for p in points], accum_dtype=accum_dtype, device=engine.device,
-                                  memory_budget=memory_budget)
-        for p, avg in zip(points, averages):
-            if p.option == LAST:
-                _newest_only(avg, ckpts, int(p.horizon))
+        averages = grid_averages(points, ckpts, accum_dtype=accum_dtype, device=engine.device,
+                                 memory_budget=memory_budget)
         before = engine.bytes_read()
         kw: dict[str, Any] = {} if max_shard_bytes is None else {"max_shard_bytes": max_shard_bytes}
         result = average_checkpoints(ckpts, averages, Path(folder), engine=engine, subfolders=True, force=force,

@@ -295,3 +295,60 @@ def test_pickles_fold_through_the_disk_store_under_a_memory_budget(run, tmp_path
         got = load_file(str(out / "averages" / name / "model.safetensors"))
         assert all(torch.equal(got[k], want[k]) for k in want), name
     shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_the_daemon_keeps_a_sweep_current_and_status_names_the_best(run, tmp_path, ckptavg):
+    """`[sweep] grid = [...]` in the daemon's config: every grid point is an average kept current as the run
+    trains, evaluated each round; `ckptavg status` names the best; each equals the one-shot sweep's, bit for bit."""
+    import subprocess
+    import sys
+    import textwrap
+    import time
+
+    out = tmp_path / "avg"
+    config = tmp_path / "exp.toml"
+    config.write_text(textwrap.dedent(f"""\
+        watch = "{run}"
+        output = "{out}"
+        device = "cpu"
+        settle = 0.1
+        poll_interval = 0.2
+        [sweep]
+        grid = ["ema:80,160", "lawa:3,5"]
+        [evaluate]
+        function = "ckptavg.demo:evaluate_folder"
+        metric = "val_loss"
+        every = 12
+        """))
+    proc = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "watch", "--config", str(config)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        st: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                st = json.loads((out / ".ckptavg" / "status.json").read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                st = {}
+            if ((st.get("evaluation") or {}).get("best") or {}).get("step") == STEPS:
+                break
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    best = st["evaluation"]["best"]
+    assert best["candidate"] in {"ema-80", "ema-160", "lawa-3", "lawa-5", "raw"}, best
+    shown = ckptavg("status", out)
+    assert f"best:       {best['candidate']} at step {STEPS}" in shown.out
+    assert set(st["averages"]) == {"ema-80", "ema-160", "lawa-3", "lawa-5"}
+    sweep = tmp_path / "sweep"
+    res = ckptavg("sweep", run, "--grid", "ema:80,160", "--grid", "lawa:3,5", *EVAL, "-o", sweep, "--keep-all",
+                  "--no-raw")
+    assert res.code == 0, res.err
+    for name in ("ema-80", "ema-160", "lawa-3", "lawa-5"):
+        a = load_file(str(out / name / "model.safetensors"))
+        b = load_file(str(sweep / "averages" / name / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in b), name
+    assert "Traceback" not in err

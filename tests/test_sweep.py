@@ -352,3 +352,64 @@ def test_the_daemon_keeps_a_sweep_current_and_status_names_the_best(run, tmp_pat
         b = load_file(str(sweep / "averages" / name / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in b), name
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_tiny_causal_lm_trained_on_real_text_is_swept_by_perplexity(tmp_path, ckptavg):
+    """A 2-layer GPT-2 made from a config (nothing downloaded), trained a few AdamW steps on real English text
+    (this repository's README, a word-level tokenizer trained on it), `save_pretrained` every 10 steps; the sweep
+    scores every average and raw checkpoint with the `hf-perplexity` evaluator on held-out text and publishes a
+    loadable best model; each average equals `ckptavg average` of it alone, bit for bit."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    cut = int(len(text) * 0.8)
+    train_text, held_out = text[:cut], text[cut:]
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([train_text], trainers.WordLevelTrainer(vocab_size=2000, special_tokens=["[UNK]", "[EOS]"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]")
+    (tmp_path / "val.txt").write_text(held_out, encoding="utf-8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                                           bos_token_id=1, eos_token_id=1))
+        ids = torch.tensor(tokenizer(train_text)["input_ids"])
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(0)
+        run = tmp_path / "run"
+        for step in range(1, 61):
+            starts = torch.randint(0, len(ids) - 65, (8,), generator=g)
+            batch = torch.stack([ids[s:s + 64] for s in starts])
+            loss = model(input_ids=batch, labels=batch).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 10 == 0:
+                model.save_pretrained(run / f"checkpoint-{step}")
+                tokenizer.save_pretrained(run / f"checkpoint-{step}")
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "sweep"
+    config = tmp_path / "eval.toml"  # an [evaluate] table, as the daemon's config has it
+    config.write_text(f'[evaluate]\nkind = "hf-perplexity"\ndata = "{tmp_path / "val.txt"}"\nseq_len = 64\n'
+                      'batch_size = 4\nmetric = "val_loss"\n')
+    res = ckptavg("sweep", run, "--grid", "ema:10,20,40", "--grid", "lawa:2,3", "--grid", "uniform:4",
+                  "--config", config, "-o", out, "--keep-all")
+    assert res.code == 0, res.err
+    doc = json.loads((out / "sweep.json").read_text())
+    assert len([r for r in doc["rows"] if r["kind"] == "raw"]) == 6 and doc["read_ratio"] == 1.0
+    assert all(r["value"] is not None and r["value"] > 0 for r in doc["rows"]), doc["rows"]
+    for name, args in (("ema-20", ["--method", "ema:20"]), ("lawa-3", ["--method", "lawa:3"])):
+        alone = tmp_path / "alone" / name
+        assert ckptavg("average", run, *args, "-o", alone).code == 0
+        want = load_file(str(alone / "model.safetensors"))
+        got = load_file(str(out / "averages" / name / "model.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+    best = AutoModelForCausalLM.from_pretrained(out / "best")  # the published best loads as a causal LM
+    assert best.config.n_layer == 2 and doc["best_average"]["candidate"] in os.readlink(out / "best")

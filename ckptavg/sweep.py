@@ -25,8 +25,8 @@ import csv
 import io
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,8 @@ from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LAST", "NOT_HELPED", "Entry", "GridPoint", "SweepFold", "SweepReport", "fold_grid", "grid_averages",
-           "parse_grid", "rank"]
+__all__ = ["LAST", "NOT_HELPED", "Entry", "GridPoint", "SweepFold", "SweepReport", "average_entries", "fold_grid",
+           "grid_averages", "parse_grid", "rank", "raw_entries"]
 
 LAST = "last"  # the option swept by a method without a main option: the newest N checkpoints
 NOT_HELPED = "averaging did not help on this run"
@@ -217,8 +217,9 @@ class Entry:
                 "metrics": self.metrics, "error": self.error}
 
 
-def raw_entries(ckpts: Sequence[Checkpoint], folder_of: Mapping[int, Path]) -> list[Entry]:
-    return [Entry(f"raw-{c.step if c.step is not None else i}", "raw", c.step, folder_of[i], steps=[c.step])
+def raw_entries(ckpts: Sequence[Checkpoint]) -> list[Entry]:
+    """The baseline: one entry per raw checkpoint (named ``raw-<step>``, or ``raw-<position>`` without a step)."""
+    return [Entry(f"raw-{c.step if c.step is not None else i}", "raw", c.step, c.path, steps=[c.step])
             for i, c in enumerate(ckpts)]
 
 
@@ -365,8 +366,3 @@ def rank(entries: Sequence[Entry], *, metric: str | None, mode: str = "min", rea
 
     return SweepReport(list(entries), metric, mode, best("average"), best("raw"), read_ratio)
 
-
-def entry_dict(e: Entry) -> dict[str, Any]:
-    d = asdict(e)
-    d["model_dir"] = str(e.model_dir)
-    return d

@@ -27,7 +27,7 @@ from ckptavg.daemon.evaluation import BEST_LINK, Evaluation, snapshot_checkpoint
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.evaluators import Candidate
 from ckptavg.oneshot import _input_paths, _protect, order_checkpoints
-from ckptavg.sweep import LAST, Entry, SweepReport, average_entries, fold_grid, parse_grid, rank
+from ckptavg.sweep import LAST, Entry, SweepReport, average_entries, fold_grid, parse_grid, rank, raw_entries
 from ckptavg.units import parse_size
 
 log = logging.getLogger("ckptavg.cli")
@@ -162,7 +162,8 @@ def _print_table(rep: SweepReport, n_raw: int) -> None:
 @click.option("--metric", help="Metric that ranks the averages (default: the evaluator's first).")
 @click.option("--mode", type=click.Choice(["min", "max"]), help="Whether lower or higher --metric is better (default min).")
 @click.option("--eval-timeout", type=float, help="Seconds before an --eval command is killed (default 3600).")
-@click.option("--no-raw", is_flag=True, help="Do not evaluate the raw checkpoints (the baseline).")
+@click.option("--no-raw", is_flag=True, help="Do not evaluate the raw checkpoints (the baseline; also raw = false in "
+              "the config's [evaluate]).")
 @click.option("--keep-all", is_flag=True, help="Keep every average's model folder in OUT/averages/ (default: only best/).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
@@ -215,14 +216,14 @@ def sweep(inputs: tuple[str, ...], output: Path, grids: tuple[str, ...], last: s
     evaluation = Evaluation(cfg, output=output, state_path=state)
     started = time.perf_counter()
     try:
-        with Engine(device=device, threads=threads) as engine:
-            with make_progress(sys.stderr.isatty() if progress is None else progress) as bar:
-                fold = fold_grid(ckpts, points, folder, engine=engine, accum_dtype=getattr(torch, accum_dtype),
-                                 memory_budget=budget, scratch_dir=scratch_dir, protected=run_folders, progress=bar)
+        with Engine(device=device, threads=threads) as engine, \
+                make_progress(sys.stderr.isatty() if progress is None else progress) as bar:
+            fold = fold_grid(ckpts, points, folder, engine=engine, accum_dtype=getattr(torch, accum_dtype),
+                             memory_budget=budget, scratch_dir=scratch_dir, protected=run_folders, progress=bar)
         folded = time.perf_counter() - started
-        entries = [] if no_raw else [Entry(f"raw-{c.step}", "raw", c.step, c.path, steps=[c.step]) for c in ckpts]
-        entries += average_entries(fold)
-        _evaluate(evaluation, entries, ckpts, raw=not no_raw)
+        raw = cfg.raw and not no_raw
+        entries = [*(raw_entries(ckpts) if raw else []), *average_entries(fold)]
+        _evaluate(evaluation, entries, ckpts, raw=raw)
     finally:
         evaluation.close()
         if not keep_all:
@@ -233,7 +234,7 @@ def sweep(inputs: tuple[str, ...], output: Path, grids: tuple[str, ...], last: s
     except OutputError as e:  # matplotlib missing: the table and the JSON/CSV are the result
         log.warning("%s", e)
         paths = {}
-    _print_table(rep, len(ckpts) if not no_raw else 0)
+    _print_table(rep, len(ckpts) if raw else 0)
     click.echo(rep.verdict())
     if evaluation.best is not None:
         click.echo(f"published: {output / BEST_LINK} -> {os.readlink(output / BEST_LINK)}")

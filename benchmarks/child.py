@@ -394,7 +394,7 @@ def task_sweep(args: dict) -> dict:
     from ckptavg.averaging.engine import Engine
     from ckptavg.oneshot import average_checkpoints, final_members
     from ckptavg.reading.checkpoint import open_checkpoint
-    from ckptavg.sweep import fold_grid, grid_averages, parse_grid
+    from ckptavg.sweep import fold_grid, grid_averages, parse_grid, piece_elems_for
 
     folders = [Path(f) for f in args["folders"]]
     repeat = int(args.get("repeat", 1))
@@ -408,9 +408,13 @@ def task_sweep(args: dict) -> dict:
         averages = grid_averages(pts, ckpts, device=engine.device)
         for a in averages:
             a.final_members = final_members(ckpts, a)
-        t0 = time.perf_counter()
-        engine.average(ckpts, averages, discard)
-        return time.perf_counter() - t0
+        default, engine.piece_elems = engine.piece_elems, piece_elems_for(averages, engine.piece_elems)  # as fold_grid
+        try:
+            t0 = time.perf_counter()
+            engine.average(ckpts, averages, discard)
+            return time.perf_counter() - t0
+        finally:
+            engine.piece_elems = default
 
     out: dict[str, Any] = {"k_averages": len(points), "grid": [p.name for p in points], "bytes": sum(c.nbytes for c in ckpts)}
     with Engine(device=args.get("device", "cpu")) as engine:

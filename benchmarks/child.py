@@ -14,6 +14,7 @@ Tasks:
 ``avgmodel``   ``torch.optim.swa_utils.AveragedModel`` EMA inside a training loop (scaled-down model)
 ``oneshot``    ckptavg one-shot uniform through the public API
 ``fold``       ckptavg ``Engine.fold`` of one checkpoint into long-lived averages (daemon mode)
+``sweep``      ckptavg sweep's fold of K averages from one read vs the K averages one by one
 ``h2d``        pinned host-to-device copy bandwidth (CUDA only)
 """
 
@@ -372,6 +373,80 @@ def task_fold(args: dict) -> dict:
             "warm_resident": warm_resident}
 
 
+def sweep_grid(steps: list[int]) -> list[str]:
+    """The benchmark's sweep over checkpoints at ``steps``: EMA x4, LAWA x3, SWA x2, newest-N x3 (12 averages;
+    fewer with fewer than 5 checkpoints)."""
+    k, gap = len(steps), steps[1] - steps[0]
+    small = sorted({max(2, min(k, n)) for n in (2, 3, k - 1)})
+    starts = sorted({steps[1], steps[k // 2]})
+    return [f"ema:{gap // 2},{gap},{2 * gap},{4 * gap}", "lawa:" + ",".join(map(str, small)),
+            "swa:" + ",".join(map(str, starts)), "uniform:" + ",".join(map(str, small))]
+
+
+def task_sweep(args: dict) -> dict:
+    """``ckptavg sweep``'s fold against the same averages one by one, in one process, page cache warm.
+
+    Timed (medians of ``repeat``): the engine's read pass alone (every tensor read, folded into nothing),
+    the sweep's fold of K averages from one read, and each average's fold alone (K passes); with
+    ``write``, also the sweep writing its K model folders (:func:`fold_grid`) against K one-shot runs.
+    Outputs go to a discarding sink in the fold-only rows: what is measured is reading and folding.
+    """
+    from ckptavg.averaging.engine import Engine
+    from ckptavg.oneshot import average_checkpoints, final_members
+    from ckptavg.reading.checkpoint import open_checkpoint
+    from ckptavg.sweep import fold_grid, grid_averages, parse_grid, piece_elems_for
+
+    folders = [Path(f) for f in args["folders"]]
+    repeat = int(args.get("repeat", 1))
+    ckpts = [open_checkpoint(f, step=1000 * (i + 1)) for i, f in enumerate(folders)]
+    points = parse_grid(sweep_grid([c.step for c in ckpts]))
+
+    def discard(avg: Any, name: str, t: Any) -> None:
+        pass
+
+    def fold(engine: Any, pts: list) -> float:
+        averages = grid_averages(pts, ckpts, device=engine.device)
+        for a in averages:
+            a.final_members = final_members(ckpts, a)
+        default, engine.piece_elems = engine.piece_elems, piece_elems_for(averages, engine.piece_elems)  # as fold_grid
+        try:
+            t0 = time.perf_counter()
+            engine.average(ckpts, averages, discard)
+            return time.perf_counter() - t0
+        finally:
+            engine.piece_elems = default
+
+    out: dict[str, Any] = {"k_averages": len(points), "grid": [p.name for p in points], "bytes": sum(c.nbytes for c in ckpts)}
+    with Engine(device=args.get("device", "cpu")) as engine:
+        fold(engine, [])  # warm-up: allocator, threads
+        read, sweep, each = [], [], []
+        before = sum(engine.bytes_read().values())
+        for _ in range(repeat):
+            read.append(fold(engine, []))
+            sweep.append(fold(engine, points))
+            each.append([fold(engine, [p]) for p in points])
+        out["read_ratio"] = (sum(engine.bytes_read().values()) - before) / out["bytes"] / (repeat * (2 + len(points)))
+    out["read"], out["sweep"] = statistics.median(read), statistics.median(sweep)
+    out["each"] = [statistics.median(col) for col in zip(*each)]
+    out["each_total"] = sum(out["each"])
+    if args.get("write"):
+        root = Path(args["out"])
+        sw, ew = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fold_grid(ckpts, points, root / "sweep", force=True)
+            sw.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with Engine(device=args.get("device", "cpu")) as engine:
+                for p in points:
+                    a = grid_averages([p], ckpts, device=engine.device)
+                    average_checkpoints(ckpts, a, root / "each" / p.name, engine=engine, force=True)
+            ew.append(time.perf_counter() - t0)
+        out["sweep_write"], out["each_write"] = statistics.median(sw), statistics.median(ew)
+    out["seconds"] = out["sweep"]
+    return out
+
+
 def task_h2d(args: dict) -> dict:
     """Pinned host-to-device copy bandwidth (what the engine's staging path can at most move)."""
     import torch
@@ -421,6 +496,7 @@ def task_torch(args: dict) -> dict:
 TASKS: dict[str, Callable[[dict], dict]] = {
     "generate": task_generate, "check": task_check, "torch": task_torch, "baseline": task_baseline, "read": task_read, "write": task_write, "kernel": task_kernel,
     "fairseq": task_fairseq, "avgmodel": task_avgmodel, "oneshot": task_oneshot, "fold": task_fold, "h2d": task_h2d,
+    "sweep": task_sweep,
 }
 
 

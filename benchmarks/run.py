@@ -57,7 +57,8 @@ from common import (
 )
 
 GIB = 2**30
-ALL_PARTS = ("floor", "write", "kernel", "fairseq", "mergekit", "avgmodel", "cli", "oneshot", "fold", "lawa", "h2d")
+ALL_PARTS = ("floor", "write", "kernel", "fairseq", "mergekit", "avgmodel", "cli", "oneshot", "fold", "lawa", "sweep",
+             "h2d")
 LAWA_WINDOWS = (2, 5, 20)
 ONESHOT_ROWS = ("cli", "oneshot")  # the rows compared with the peers
 FOLD_SAMPLES = 3  # timed folds per fold child, at least (a fold is short; one sample is too noisy)
@@ -380,6 +381,10 @@ class Bench:
                 r = self.row(f"lawa-{w}", f"ckptavg LAWA fold, window {w}", "ckptavg", bytes=s, floor_bytes=2 * s)
                 if self.fits(r, 4 * s + GIB, on_device=True):
                     self.single(r, partial(self._fold, r, "lawa", w))
+        if self.want("sweep"):
+            r = self.row("sweep", "ckptavg sweep: K averages from one read (fold)", "ckptavg", bytes=total, floor_bytes=total)
+            r.note = "Engine.average into EMA x4, LAWA x3, SWA x2, newest-N x3 at once; outputs discarded"
+            self.single(r, partial(self._sweep, r))
         self.execute()
         for key in ("kernel1", "kernel3"):
             row = self.rows.get(key)
@@ -409,6 +414,33 @@ class Bench:
         row.extra.update(r.result)
         self.cold_residency += r.result.get("cold_resident", [])
         self.warm_residency += [_fraction(b, files_bytes(self.files)) for b in r.result.get("warm_resident", [])]
+
+    def _sweep(self, row: Row) -> None:
+        """The sweep against the same averages one by one, the engine's read pass alone, and (64 MB
+        checkpoints or less) both again writing their model folders: one child, page cache warm."""
+        prewarm(self.files)
+        write = self.ckpt_bytes <= 64_000_000 * 1.1
+        r = run_task("sweep", {"folders": [str(f) for f in self.folders], "repeat": self.o.repeat,
+                               "device": self.o.device, "write": write, "out": str(self.work / "out" / "sweep")},
+                     logdir=self.logs)
+        e, total, n = r.result, files_bytes(self.files), r.result["k_averages"]
+        row.label = f"ckptavg sweep: {n} averages from one read (fold)"
+        row.warm.append(e["sweep"])
+        row.rss = r.rss
+        row.extra.update(e)
+        read = self.row("sweep-read", "ckptavg engine read pass alone (no average)", "ckptavg", bytes=total,
+                        floor_bytes=total)
+        read.warm.append(e["read"])
+        each = self.row("sweep-each", f"the same {n} averages one by one (fold)", "ckptavg", bytes=n * total,
+                        floor_bytes=n * total)
+        each.warm.append(e["each_total"])
+        if write:
+            sw = self.row("sweep-write", f"ckptavg sweep: {n} averages from one read, written", "ckptavg",
+                          bytes=total, floor_bytes=total)
+            sw.warm.append(e["sweep_write"])
+            ew = self.row("sweep-each-write", f"the same {n} averages one by one, written", "ckptavg",
+                          bytes=n * total, floor_bytes=n * total)
+            ew.warm.append(e["each_write"])
 
     # -- checks ----------------------------------------------------------------------------------
     def check(self) -> None:
@@ -514,6 +546,17 @@ class Bench:
                     vals[m] = max(ts) / min(ts)  # type: ignore[type-var,operator]
             add("LAWA fold cost flat in window (2, 5, 20)", " / ".join(f"{m} max/min {v:.2f}" for m, v in vals.items()),
                 all(v <= 1.25 for v in vals.values()), "flat: max/min <= 1.25 (the machine's noise)")
+        sw = rows.get("sweep")
+        if sw and sw.warm and sw.extra.get("each"):
+            e, n = sw.extra, sw.extra["k_averages"]
+            per_avg = sum(max(0.0, t - e["read"]) for t in e["each"])  # each average's fold, its read taken out
+            bound = e["read"] + per_avg
+            add(f"sweep <= read + K x per-average fold (K = {n})",
+                f"warm {e['sweep'] / bound:.2f}x ({e['sweep']:.3f} s vs {e['read']:.3f} + {per_avg:.3f} s)",
+                e["sweep"] <= bound, "in one process, page cache warm; outputs discarded")
+            add(f"sweep >= 4x faster than the {n} averages one by one", f"warm {e['each_total'] / e['sweep']:.2f}x"
+                + (f"; written: {e['each_write'] / e['sweep_write']:.2f}x" if e.get("sweep_write") else ""),
+                e["each_total"] / e["sweep"] >= 4, f"each checkpoint byte read {e['read_ratio']:.2f}x in every pass")
         return out
 
     def summary(self) -> dict:

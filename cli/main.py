@@ -83,7 +83,7 @@ def cli(ctx: click.Context, log_level: str) -> None:
 
 def _register() -> None:
     # name -> module of this package defining the click command of that name, imported when it runs
-    for name in ("average", "centre", "demo", "inspect", "publish", "report", "soup", "status", "watch"):
+    for name in ("average", "centre", "demo", "inspect", "publish", "report", "soup", "status", "sweep", "watch"):
         cli.lazy[name] = f"{__package__}.{name}"
 
 

@@ -82,6 +82,7 @@ class WatchConfig:
     rules: tuple[Rule, ...] = ()
     evaluate: EvalConfig | None = None
     hub: HubConfig | None = None
+    sweep: tuple[str, ...] = ()  # [sweep] grid: its averages are in ``averages`` (expanded at load)
     source: str = "flags"  # where this came from, for messages
 
     @property
@@ -244,6 +245,35 @@ def _average(source: str, index: int, table: Any, state_folder: str | None = Non
     return AverageConfig(method, options, name, rules)
 
 
+def _sweep(source: str, table: Any) -> tuple[str, ...]:
+    """``[sweep]``: ``grid = ["ema:500,1000,2000", "lawa:3,5,10"]``, as ``ckptavg sweep --grid`` takes it."""
+    if not isinstance(table, dict) or set(table) - {"grid"}:
+        raise _err(source, "sweep", 'expected a table with one key: grid = ["ema:500,1000", "lawa:3,5"]')
+    grid = table.get("grid")
+    if isinstance(grid, str):
+        grid = [grid]
+    if not isinstance(grid, list) or not grid or not all(isinstance(g, str) for g in grid):
+        raise _err(source, "sweep.grid", 'expected a list of "METHOD:V1,V2,..." strings, e.g. ["ema:500,1000"]')
+    return tuple(grid)
+
+
+def _sweep_tables(source: str, grid: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The ``[[average]]`` tables a sweep grid stands for: the daemon keeps each average current as the run
+    trains, evaluates them all in every round, and publishes the best (``ckptavg status`` names it)."""
+    from ckptavg.sweep import LAST, parse_grid
+
+    try:
+        points = parse_grid(grid)
+    except UsageError as e:
+        raise _err(source, "sweep.grid", str(e).replace("--grid ", "")) from None
+    for p in points:
+        if p.option == LAST:
+            raise _err(source, "sweep.grid", f"{p.method}:{p.horizon} (the newest {p.horizon} checkpoints) is a "
+                                             f"one-shot grid point; as the run trains use lawa:{p.horizon}, the mean "
+                                             f"of the newest {p.horizon}")
+    return [{"method": p.method, p.option: p.horizon} for p in points]
+
+
 _EVAL_KEYS = {
     "command": {"command": str, "timeout": float, "pass_hub_token": bool},
     "python": {"function": str, "kwargs": dict},
@@ -325,8 +355,12 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
         if not isinstance(data.get(key), str) or not data[key]:
             raise _err(source, key, "required: a folder path")
     tables = data.get("average", [])
+    grid = _sweep(source, data["sweep"]) if data.get("sweep") is not None else ()
+    if isinstance(tables, list) and grid:
+        tables = [*tables, *_sweep_tables(source, grid)]
     if not isinstance(tables, list) or not tables:
-        raise _err(source, "average", "at least one [[average]] table (or --ema/--lawa/--swa) is required")
+        raise _err(source, "average", "at least one [[average]] table (or --ema/--lawa/--swa, or a [sweep] grid) "
+                                      "is required")
     state_folder = _state_folder_in_output(data)
     averages = tuple(_average(source, i, t, state_folder) for i, t in enumerate(tables))
     names = [a.name for a in averages]
@@ -347,6 +381,8 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
             kw[key] = _evaluate(source, value) if value else None
         elif key == "hub":
             kw[key] = _hub(source, value) if value else None
+        elif key == "sweep":
+            kw[key] = grid
         elif key in ("publish_every", "persist_every"):
             kw[key] = _typed(source, key, value, int, minimum=1)
         elif key == "nice":
@@ -399,3 +435,9 @@ def config_from_flags(watch: str, output: str, averages: list[dict[str, Any]], *
     ``[[average]]`` tables the flags stand for (``{"method": "ema", "half_life": 2000.0}``)."""
     data = {"watch": watch, "output": output, "average": averages, **{k: v for k, v in options.items() if v is not None}}
     return build_config(data, source="flags")
+
+
+def evaluate_config(table: dict[str, Any], *, source: str) -> EvalConfig:
+    """An ``[evaluate]`` table (from a TOML file or built from flags) checked as the daemon checks it
+    (``ckptavg sweep`` takes the same evaluators)."""
+    return _evaluate(source, table)

@@ -30,18 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ckptavg.averaging.engine import Engine
 from ckptavg.contracts.evalsettings import EVAL_FILE, EvalSettings, write_eval_settings
 from ckptavg.contracts.metrics import METRICS_FILE, MetricsRow, append_row, is_better
 from ckptavg.contracts.status import BestModel, EvaluationStatus, owned_section
 from ckptavg.daemon.config import EvalConfig
 from ckptavg.errors import CkptavgError, OutputError
 from ckptavg.evaluators import Candidate, make_evaluator
+from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.progress import Progress
+from ckptavg.reading.checkpoint import Checkpoint
 from ckptavg.writing.atomic import AtomicDir, atomic_write_bytes, fsync_dir, link_or_copy
 from ckptavg.writing.export import copy_meta_files
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BEST_LINK", "VERSIONS_DIR", "EvalRound", "Evaluation", "snapshot_model_folder"]
+__all__ = ["BEST_LINK", "VERSIONS_DIR", "EvalRound", "Evaluation", "snapshot_checkpoint", "snapshot_model_folder"]
 
 BEST_LINK = "best"
 VERSIONS_DIR = ".best-versions"
@@ -66,6 +70,23 @@ def snapshot_model_folder(src: Path, dst: Path) -> None:
                             or f.name in ("ckptavg.json", "README.md")):
             link_or_copy(f, dst / f.name)
     copy_meta_files(src, dst)
+
+
+def snapshot_checkpoint(ckpt: Checkpoint, dst: Path, *, progress: Progress | None = None) -> None:
+    """A raw checkpoint as a loadable model folder ``dst`` for an evaluator: a safetensors checkpoint folder's
+    files hard-linked (or copied), anything else (a pickle, a bare file) exported as safetensors (the mean of one
+    checkpoint is itself). Never writes into the trainer's folder."""
+    if ckpt.format.startswith("safetensors") and ckpt.path.is_dir():
+        dst.mkdir(parents=True)
+        for f in ckpt.files:
+            link_or_copy(f, dst / f.name)
+        for index in ckpt.path.glob("*.safetensors.index.json"):
+            link_or_copy(index, dst / index.name)
+        copy_meta_files(ckpt.meta_dir or ckpt.path, dst)
+        return
+    raw = build_averages([AverageSpec("uniform", name="raw")], device="cpu")
+    with Engine(device="cpu", progress=progress) as engine:
+        average_checkpoints([ckpt], raw, dst, engine=engine)
 
 
 class Evaluation:
@@ -200,6 +221,9 @@ class Evaluation:
                 self.evaluator.cancel()
                 self._thread.join(10)
             self._thread = None
+        if getattr(self, "_own_evaluator", False):  # built by run_round: no worker closes it
+            self._own_evaluator = False
+            self.evaluator.close()
 
     def status(self) -> EvaluationStatus:
         with self._cond:
@@ -249,13 +273,25 @@ class Evaluation:
             except Exception:
                 log.debug("closing the evaluator failed", exc_info=True)
 
-    def _evaluate_round(self, rnd: EvalRound) -> None:
+    def run_round(self, rnd: EvalRound, *, select: bool = True) -> list[MetricsRow]:
+        """Evaluate ``rnd`` on the calling thread, exactly as the worker does (metrics.jsonl, and with ``select``
+        the best candidate so far published to ``OUT/best``); ``ckptavg sweep`` has no fold loop to stay beside.
+        The evaluator is built on first use and closed by :meth:`close`."""
+        if self.evaluator is None:
+            self.evaluator = make_evaluator(self.cfg.kind, self.cfg.options, log_dir=self.dir / "logs")
+            self._own_evaluator = True
+        try:
+            return self._evaluate_round(rnd, select=select)
+        finally:
+            shutil.rmtree(rnd.folder, ignore_errors=True)
+
+    def _evaluate_round(self, rnd: EvalRound, *, select: bool = True) -> list[MetricsRow]:
         label = getattr(self.evaluator, "label", self.cfg.kind)
         rows: list[MetricsRow] = []
         for cand in rnd.candidates:
             if self._stop:  # stopping: the round runs again at the next start
                 log.info("evaluation round %d interrupted by the stop", rnd.round)
-                return
+                return rows
             started = self.clock()
             t0 = time.perf_counter()
             metrics: dict[str, float] | None = None
@@ -279,7 +315,9 @@ class Evaluation:
         self.last_ok = any(r.metrics is not None for r in rows)
         self.rounds_run += 1
         self._save_progress()
-        self._select(rnd, rows)
+        if select:
+            self._select(rnd, rows)
+        return rows
 
     def _append(self, row: MetricsRow) -> None:
         append_row(self.metrics_path, row)

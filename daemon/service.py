@@ -35,14 +35,14 @@ from ckptavg.averaging.average import Average
 from ckptavg.averaging.engine import Engine
 from ckptavg.averaging.placement import ensure_placed
 from ckptavg.daemon.config import WatchConfig, load_config
-from ckptavg.daemon.evaluation import EvalRound, Evaluation, snapshot_model_folder
+from ckptavg.daemon.evaluation import EvalRound, Evaluation, snapshot_checkpoint, snapshot_model_folder
 from ckptavg.daemon.notify import Notifier
 from ckptavg.daemon.retain import Retainer, probe_link
 from ckptavg.daemon.trajectory import Trajectory, file_ids, save_steps_of
 from ckptavg.daemon.watcher import Watcher
 from ckptavg.errors import CheckpointChangedError, CkptavgError, OutputError, UsageError
 from ckptavg.evaluators import Candidate
-from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
+from ckptavg.oneshot import AverageSpec, build_averages
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.discover import find_candidates
@@ -50,8 +50,7 @@ from ckptavg.reading.ready import check_ready
 from ckptavg.reading.steps import step_from_name
 from ckptavg.redact import warn_once
 from ckptavg.units import format_bytes
-from ckptavg.writing.atomic import link_or_copy
-from ckptavg.writing.export import copy_meta_files, lock_publisher, publish_average, remove_publish_orphans
+from ckptavg.writing.export import lock_publisher, publish_average, remove_publish_orphans
 from ckptavg.writing.state import StateStore
 
 log = logging.getLogger(__name__)
@@ -808,18 +807,7 @@ class Service:
         self.evaluation.submit(rnd)
 
     def _snapshot_raw(self, ckpt: Checkpoint, dst: Path) -> None:
-        if ckpt.format.startswith("safetensors") and ckpt.path.is_dir():
-            dst.mkdir(parents=True)
-            for f in ckpt.files:
-                link_or_copy(f, dst / f.name)
-            for index in ckpt.path.glob("*.safetensors.index.json"):
-                link_or_copy(index, dst / index.name)
-            copy_meta_files(ckpt.meta_dir or ckpt.path, dst)
-            return
-        # a pickle or a bare file: export it as a safetensors model folder (a mean of one checkpoint is itself)
-        raw = build_averages([AverageSpec("uniform", name="raw")], device="cpu")
-        with Engine(device="cpu", progress=_Quiet()) as engine:
-            average_checkpoints([ckpt], raw, dst, engine=engine)
+        snapshot_checkpoint(ckpt, dst, progress=_Quiet())
 
     def _published_step(self, avg: Average) -> int | None:
         try:

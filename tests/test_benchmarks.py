@@ -78,6 +78,20 @@ def test_every_measurement_is_present(bench: dict) -> None:
 
 
 @pytest.mark.slow
+def test_the_sweep_is_measured_against_its_averages_one_by_one(bench: dict) -> None:
+    """The sweep row: K averages from one read, the same K one by one, the engine's read pass, each read once."""
+    rows = _rows(bench["summary"])
+    e = rows["sweep"]["extra"]
+    assert e["k_averages"] == len(e["grid"]) == len(e["each"]) >= 9 and e["read_ratio"] == 1.0
+    for key in ("sweep", "sweep-read", "sweep-each", "sweep-write", "sweep-each-write"):
+        assert rows[key]["warm_seconds"] > 0 and not rows[key]["skipped"], key
+    assert rows["sweep-each"]["bytes"] == e["k_averages"] * rows["sweep"]["bytes"]
+    targets = {t["target"]: t for t in bench["summary"]["targets"]}
+    assert any(name.startswith("sweep >= 4x faster") and t["pass"] in (True, False) for name, t in targets.items())
+    assert any(name.startswith("sweep <= read + K x") and t["pass"] in (True, False) for name, t in targets.items())
+
+
+@pytest.mark.slow
 def test_outputs_checked_against_float64(bench: dict) -> None:
     rows = _rows(bench["summary"])
     for key in ("cli", "oneshot", "fairseq-fp32"):

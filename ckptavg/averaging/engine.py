@@ -273,6 +273,12 @@ class Engine:
             self._pin_events = [torch.cuda.Event() for _ in range(2)]
             self._pin_next = 0
 
+    def bytes_read(self) -> dict[Any, int]:
+        """Bytes this engine has read, per file (the new checkpoints' reads and the re-reads of earlier ones)."""
+        total = self.files.bytes_read.copy()
+        total.update(self._old_files.bytes_read)
+        return dict(total)
+
     def close(self) -> None:
         self.files.close()
         self._old_files.close()
@@ -530,7 +536,23 @@ class Engine:
         read_bytes = [0] * len(ckpts)
         old_readers: dict[Hashable, CheckpointReader] = {}
 
+        # this tensor piece's value in the inputs a later fold of it reads again (LAWA's leaving member), kept
+        # from their one read: tensor-major reads a piece from every input in a row, so a window's members are
+        # in memory already; an entry beyond ``self.staging_bytes`` of them is read again instead
+        kept: dict[Hashable, tuple[torch.Tensor, Any]] = {}
+        kept_bytes = 0
+
+        def release_kept(ident: Hashable) -> None:
+            nonlocal kept_bytes
+            x_kept, buf = kept.pop(ident)
+            kept_bytes -= x_kept.numel() * x_kept.element_size()
+            if pool is not None and isinstance(buf, torch.Tensor):
+                pool.put(buf)
+
         def read_old(old_ident: Hashable, slot: Slot) -> torch.Tensor:
+            hit = kept.get(old_ident)
+            if hit is not None and (current.piece is not None or tuple(hit[0].shape) == slot.shape):
+                return self._to_device(hit[0])
             reader = old_readers.get(old_ident)
             if reader is None:
                 reader = old_readers[old_ident] = by_ident[old_ident].reader(self._old_files)
@@ -550,7 +572,7 @@ class Engine:
         pool = None
         if not self._cuda and any(r.piece is not None for r in requests):
             capacity = max(r.nbytes for r in requests if r.piece is not None)
-            pool = _BufferPool(capacity, keep=window // capacity + 2)
+            pool = _BufferPool(capacity, keep=(window + self.staging_bytes) // capacity + 2)  # + kept pieces
         spent = [0.0] * len(ckpts)  # each checkpoint's own read time (tensor-major reads them all together)
 
         def load(r: _Request) -> Any:
@@ -568,8 +590,17 @@ class Engine:
                 ckpt = ckpts[k]
                 ref = _piece_ref(ckpt.tensors[req.name], req.piece)
                 x = self._ready(staged)
-                self._fold_tensor(x, self._jobs(ref, averages, infos[k], ckpt.path), infos[k], read_old)
-                if pool is not None and isinstance(staged[1], torch.Tensor):
+                jobs = self._jobs(ref, averages, infos[k], ckpt.path)
+                self._fold_tensor(x, jobs, infos[k], read_old)
+                needed = _still_read(jobs)
+                for ident in [i for i in kept if i not in needed]:
+                    release_kept(ident)
+                if infos[k].ident in needed and ref.nbytes <= self.staging_bytes:
+                    kept[infos[k].ident] = staged  # no method modifies x: every one copies out of it
+                    kept_bytes += ref.nbytes
+                    while kept_bytes > self.staging_bytes:
+                        release_kept(next(iter(kept)))
+                elif pool is not None and isinstance(staged[1], torch.Tensor):
                     pool.put(staged[1])  # the fold kept no view of x: every method copies out of it
                 del x, staged
                 self.progress.advance(ref.nbytes)
@@ -580,9 +611,12 @@ class Engine:
                 key = (req.name, req.piece)
                 pending[key] -= 1
                 if pending[key] == 0:
+                    for ident in list(kept):
+                        release_kept(ident)
                     self.finish_tensor(req.name, ckpts, averages, emit)
         finally:
             stream.close()
+            kept.clear()
             for r in [*readers, *old_readers.values()]:
                 r.release()
 
@@ -610,6 +644,14 @@ class Engine:
                                               hint="drop this checkpoint, or pass --allow-nonfinite to average it anyway")
         return NonFiniteError(f"the {avg.name} average overflowed to Inf/NaN", tensor=name,
                               hint="use --accum-dtype float64")
+
+
+def _still_read(jobs: Sequence[_Job]) -> set:
+    """Idents of the inputs whose value of this tensor a later fold of it reads again (:meth:`Method.needs`)."""
+    out: set = set()
+    for j in jobs:
+        out.update(j.method.needs(j.slot))
+    return out
 
 
 def _all_finite(t: torch.Tensor) -> bool:

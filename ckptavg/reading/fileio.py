@@ -16,7 +16,7 @@ import errno
 import os
 import stat
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,6 +114,9 @@ class FileCache:
         self._max = max_open
         self._open: OrderedDict[Path, _Open] = OrderedDict()
         self._lock = threading.Lock()
+        # bytes read through this cache, per file: the read accounting (``ckptavg sweep`` reports, and its tests
+        # check, that each checkpoint byte is read once)
+        self.bytes_read: Counter[Path] = Counter()
 
     def read(
         self, path: Path, expected: FileIdentity, offset: int, n: int, *, out: torch.Tensor | None = None
@@ -124,6 +127,8 @@ class FileCache:
         except OSError as e:
             raise CheckpointChangedError(f"read failed: {os.strerror(e.errno or errno.EIO)}", path=path) from e
         self._check(path, fd, expected)
+        with self._lock:
+            self.bytes_read[path] += n
         return buf
 
     def _fd(self, path: Path, expected: FileIdentity) -> int:

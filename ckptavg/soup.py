@@ -87,6 +87,12 @@ class MemberResult:
             d["soup_error_when_tried"] = self.tried_error
         return d
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> MemberResult:
+        return cls(path=Path(d["path"]), step=d.get("step"), fingerprint=d.get("fingerprint", ""),
+                   metrics=d.get("metrics"), error=d.get("error"), added=bool(d.get("added")),
+                   tried=d.get("soup_metrics_when_tried"), tried_error=d.get("soup_error_when_tried"))
+
 
 @dataclass
 class SoupResult:
@@ -132,6 +138,15 @@ class SoupResult:
                         **({"output": str(self.uniform_output)} if self.uniform_output else {})},
             "summary": self.summary(),
         }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SoupResult:
+        """The record :meth:`to_json` wrote (``OUT/soup.json``), read back for ``ckptavg report``."""
+        uniform = d.get("uniform") or {}
+        return cls(metric=d["metric"], mode=d["mode"], members=[MemberResult.from_json(m) for m in d["members"]],
+                   greedy_metrics=d["greedy"]["metrics"], uniform_metrics=uniform.get("metrics"),
+                   uniform_error=uniform.get("error"), output=Path(d["greedy"]["output"]),
+                   uniform_output=Path(uniform["output"]) if uniform.get("output") else None)
 
     def summary(self) -> str:
         """One plain sentence (or two): the greedy soup against the best single member and the uniform soup."""

@@ -221,6 +221,10 @@ def test_greedy_soup_of_real_fine_tunes(zoo, tmp_path, ckptavg):
                                f"better), better than the best single model, {added[0]}")
     assert f"uniform soup of all 5 scores {'better still' if uniform < current else 'worse'} (val_loss {uniform:.6g})" \
         in sentence
+    # `ckptavg report` on the soup's output shows the same table and sentence, from soup.json
+    rep = ckptavg("report", out)
+    assert rep.code == 0, rep.err
+    assert rep.out.strip() == r.out.strip()
     # provenance: the soup's record in ckptavg.json, its inputs the added members; the model loads
     prov = json.loads((out / "ckptavg.json").read_text())
     assert [i["path"] for i in prov["inputs"]] == added and prov["soup"]["this"] == "greedy"

@@ -148,6 +148,11 @@ def test_sweep_folds_every_average_from_one_read_and_each_equals_the_average_alo
     # the daemon's metrics rows: `ckptavg report` reads them
     metrics = [json.loads(line) for line in (out / ".ckptavg" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 24
+    rep = ckptavg("report", out, "--json")
+    assert rep.code == 0, rep.err
+    reported = {c["name"]: c for c in json.loads(rep.out)["candidates"]}
+    assert reported.keys() >= {"raw", "ema-40", "lawa-8", "swa-320", "uniform-last4"}
+    assert reported[best["candidate"]]["best"]["value"] == pytest.approx(best["value"], rel=1e-9)
 
 
 @pytest.mark.parametrize("piece_elems", [1 << 20, 1000])

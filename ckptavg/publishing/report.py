@@ -161,7 +161,8 @@ def build_report(out_dir: str | Path, *, metric: str | None = None, mode: str | 
     cands: dict[str, CandidateSummary] = {}
     by_step: dict[str, dict[int, Point]] = {}
     for r in records:
-        name = r.candidate
+        # every raw checkpoint is one curve, "raw", whatever its row is called (`ckptavg sweep` names them raw-<step>)
+        name = "raw" if r.kind == "raw" else r.candidate
         if name not in cands:
             kind = r.kind or ("raw" if name == "raw" else "average")
             options = r.options

@@ -151,6 +151,9 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
         if "commit_success.txt" in names:
             return Readiness("ready", "Orbax commit_success.txt present")
         latest = path.parent / "latest"
+        if not latest.exists() and path.name.startswith("global_step") and any(
+                n.endswith("_model_states.pt") for n in names):
+            return Readiness("waiting", "DeepSpeed has not written 'latest' beside this tag yet (it writes it last)")
         if latest.is_file():  # DeepSpeed: the tag file is written after the tag folder
             tag = latest.read_text(errors="replace").strip()
             here, there = step_from_name(path.name), step_from_name(tag)

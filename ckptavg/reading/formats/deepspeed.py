@@ -128,8 +128,27 @@ class _Piece:
 
 
 def _load_meta(path: Path) -> Any:
-    """The file's objects with every tensor on the ``meta`` device (no tensor byte is read)."""
-    return _torch_load(path, "meta")
+    """The file's objects with every tensor on the ``meta`` device (no tensor byte is read). A rank file that
+    does not load and lacks its zip end record is still being written: DeepSpeed's rank 0 writes ``latest``
+    without waiting for the other ranks' files (``engine.save_checkpoint``), so this is a normal moment."""
+    try:
+        return _torch_load(path, "meta")
+    except UnknownFormatError:
+        if not _zip_ended(path):
+            raise IncompleteCheckpointError("is still being written (no zip end record yet)", path=path,
+                                            hint="a DeepSpeed rank is still saving; it is read once complete") from None
+        raise
+
+
+def _zip_ended(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 65_558))  # the end record (22 bytes) and the longest zip comment
+            return b"PK\x05\x06" in f.read()
+    except OSError:
+        return False
 
 
 def _piece(t: Any, path: Path, identity: FileIdentity, what: str) -> _Piece:

@@ -267,3 +267,35 @@ def test_row89_reads_slices_not_rank_files(trained):
         assert Counting.nbytes <= need + 64 and Counting.nbytes < rank_bytes / 2, (Counting.nbytes, need, rank_bytes)
         assert math.isclose(sum(r.numel for r in ckpt.tensors.values()), sum(v.numel() for k, v in want.items()
                                                                              if k != "head.weight"))
+
+
+def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(trained, tmp_path, ckptavg):
+    """docs/FAULTS.md row 90: the HF Trainer under DeepSpeed leaves ``checkpoint-N/`` holding its own
+    ``model.safetensors`` (bf16 module weights, ZeRO < 3) beside ``latest`` and ``global_stepN/``: discovery takes
+    ``checkpoint-N`` as the checkpoint (not its tag folder), and the fp32 master weights are what is averaged;
+    a ``checkpoint-N`` whose ``latest`` is not written yet is skipped as incomplete."""
+    from safetensors.torch import save_file
+
+    from ckptavg.reading.discover import find_candidates
+
+    r = trained(1)
+    out_dir = tmp_path / "output"
+    for step in (4, 6):
+        ck = out_dir / f"checkpoint-{step}"
+        shutil.copytree(r["run"] / f"global_step{step}", ck / f"global_step{step}")
+        (ck / "latest").write_text(f"global_step{step}")
+        shutil.copy(r["run"] / "zero_to_fp32.py", ck)
+        module = torch.load(r["ref"] / f"{step}.module.pt", weights_only=True)
+        save_file({k: v.contiguous() for k, v in module.items() if k != "head.weight"}, str(ck / "model.safetensors"))
+        (ck / "config.json").write_text(json.dumps({"model_type": "tiny", "step": step}))
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torn = out_dir / "checkpoint-8"
+    shutil.copytree(r["run"] / "global_step6", torn / "global_step8")  # 'latest' not written yet
+    assert [p.name for p in find_candidates(out_dir)] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    res = ckptavg("average", out_dir, "--last", "2", "--device", "cpu", "-o", tmp_path / "avg")
+    assert res.code == 0, res.err
+    assert "checkpoint-8" in res.err and "'latest'" in res.err  # skipped, saying why
+    refs = [reference(r["ref"], s) for s in (4, 6)]
+    expected = {k: (refs[0][k].double() + refs[1][k].double()) / 2 for k in refs[0]}
+    assert_matches(tmp_path / "avg", expected, refs[1])
+    assert json.loads((tmp_path / "avg" / "config.json").read_text())["step"] == 6

@@ -2,7 +2,7 @@
 
 ``python -m torch.distributed.run --nproc-per-node 2 tests/ds_train.py RUN REF --stage S --steps N --every K``
 trains a small model with a tied weight, a frozen parameter and a buffer under ZeRO stage S (bf16 module weights,
-fp32 master weights, torch AdamW as the client optimizer), saves ``RUN/global_step<N>/`` every K steps with
+fp32 master weights, torch AdamW with two parameter groups as the client optimizer), saves ``RUN/global_step<N>/`` every K steps with
 ``engine.save_checkpoint`` (DeepSpeed's default layout, ``latest`` and ``zero_to_fp32.py`` beside), and after each
 save writes, outside the run folder, the reference: ``REF/<step>.pt`` = the fp32 master weights as DeepSpeed's own
 ``get_fp32_state_dict_from_zero_checkpoint`` reconstructs them, and ``REF/<step>.module.pt`` = the module's bf16
@@ -66,7 +66,10 @@ def main() -> None:
     if not args.fp32:
         config["bf16"] = {"enabled": True}
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=0.05)
+    # two parameter groups (biases without weight decay), as most trainers set them: each group is its own flat run
+    groups = [{"params": [p for p in params if p.ndim > 1]},
+              {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=0.05)
     # the CPU accelerator would compile a shared-memory all-reduce op on first use (minutes, needs a compiler): gloo does
     deepspeed.comm.torch.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="gloo")

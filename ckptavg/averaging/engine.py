@@ -689,7 +689,8 @@ def _reject_placeholder(ref: TensorRef, path: Any) -> None:
     if ref.shape == (0,) and ref.dtype.is_floating_point:
         raise TensorMismatchError(
             "is empty (shape [0])", path=path, tensor=ref.name,
-            hint="a DeepSpeed ZeRO-3 partitioned placeholder? pass its DeepSpeed global_step folder instead, which ckptavg gathers",
+            hint="a DeepSpeed ZeRO-3 partitioned placeholder? pass its DeepSpeed global_step folder instead, "
+                 "which ckptavg gathers",
         )
 
 

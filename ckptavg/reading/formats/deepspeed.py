@@ -92,7 +92,7 @@ def holds_deepspeed(folder: Path) -> bool:
 
 def _subdirs(folder: Path) -> list[Path]:
     try:
-        return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("global_step"))
+        return sorted(p for p in folder.iterdir() if p.name.startswith("global_step") and p.is_dir())
     except OSError:
         return []
 

@@ -269,33 +269,43 @@ def test_row89_reads_slices_not_rank_files(trained):
                                                                              if k != "head.weight"))
 
 
-def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(trained, tmp_path, ckptavg):
-    """docs/FAULTS.md row 90: the HF Trainer under DeepSpeed leaves ``checkpoint-N/`` holding its own
-    ``model.safetensors`` (bf16 module weights, ZeRO < 3) beside ``latest`` and ``global_stepN/``: discovery takes
-    ``checkpoint-N`` as the checkpoint (not its tag folder), and the fp32 master weights are what is averaged;
-    a ``checkpoint-N`` whose ``latest`` is not written yet is skipped as incomplete."""
-    from safetensors.torch import save_file
+def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(tmp_path, ckptavg):
+    """docs/FAULTS.md row 90: a real HF Trainer run under DeepSpeed ZeRO-2 (2 ranks, CPU) leaves ``checkpoint-N/``
+    holding its own bf16 ``model.safetensors`` beside ``latest`` and ``global_stepN/``: discovery takes
+    ``checkpoint-N`` as the checkpoint, the fp32 master weights are averaged (as DeepSpeed's zero_to_fp32 rebuilds
+    them, not the bf16 file), ``config.json`` is copied and DeepSpeed's scripts are not; a ``checkpoint-N`` whose
+    ``latest`` is not written yet is skipped, saying so."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from ckptavg.reading.discover import find_candidates
 
-    r = trained(1)
     out_dir = tmp_path / "output"
-    for step in (4, 6):
-        ck = out_dir / f"checkpoint-{step}"
-        shutil.copytree(r["run"] / f"global_step{step}", ck / f"global_step{step}")
-        (ck / "latest").write_text(f"global_step{step}")
-        shutil.copy(r["run"] / "zero_to_fp32.py", ck)
-        module = torch.load(r["ref"] / f"{step}.module.pt", weights_only=True)
-        save_file({k: v.contiguous() for k, v in module.items() if k != "head.weight"}, str(ck / "model.safetensors"))
-        (ck / "config.json").write_text(json.dumps({"model_type": "tiny", "step": step}))
-        (ck / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    torn = out_dir / "checkpoint-8"
-    shutil.copytree(r["run"] / "global_step6", torn / "global_step8")  # 'latest' not written yet
-    assert [p.name for p in find_candidates(out_dir)] == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    trainer = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
+         "127.0.0.1", "--master-port", str(free_port()), str(TRAIN.with_name("hf_ds_train.py")), str(out_dir), "2"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=240)
+    assert trainer.returncode == 0, (trainer.stdout + trainer.stderr)[-4000:]
+    ck2, ck4 = out_dir / "checkpoint-2", out_dir / "checkpoint-4"
+    assert {"model.safetensors", "latest", "global_step4", "trainer_state.json"} <= {p.name for p in ck4.iterdir()}
+    torn = out_dir / "checkpoint-6"
+    shutil.copytree(ck4 / "global_step4", torn / "global_step6")  # 'latest' not written yet
+    assert [p.name for p in find_candidates(out_dir)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
     res = ckptavg("average", out_dir, "--last", "2", "--device", "cpu", "-o", tmp_path / "avg")
     assert res.code == 0, res.err
-    assert "checkpoint-8" in res.err and "'latest'" in res.err  # skipped, saying why
-    refs = [reference(r["ref"], s) for s in (4, 6)]
-    expected = {k: (refs[0][k].double() + refs[1][k].double()) / 2 for k in refs[0]}
-    assert_matches(tmp_path / "avg", expected, refs[1])
-    assert json.loads((tmp_path / "avg" / "config.json").read_text())["step"] == 6
+    assert "checkpoint-6" in res.err and "'latest'" in res.err  # skipped, saying why
+    with contextlib.redirect_stdout(io.StringIO()):
+        refs = [get_fp32_state_dict_from_zero_checkpoint(str(c)) for c in (ck2, ck4)]
+    tied = {"lm_head.weight": "transformer.wte.weight"}
+    got, meta = load_output(tmp_path / "avg")
+    assert json.loads(meta["ckptavg.tied"]) == tied and set(got) == set(refs[1]) - set(tied)
+    for name, t in got.items():
+        assert t.dtype == refs[1][name].dtype == torch.float32, name
+        exp = (refs[0][name].double() + refs[1][name].double()) / 2
+        assert torch.allclose(t.double(), exp, rtol=1e-6, atol=1e-7), name
+    names = {p.name for p in (tmp_path / "avg").iterdir()}
+    assert "config.json" in names and not names & {"zero_to_fp32.py", "zero_to_torch.py", "latest"}

@@ -269,9 +269,11 @@ def test_row89_reads_slices_not_rank_files(trained):
                                                                              if k != "head.weight"))
 
 
-def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(tmp_path, ckptavg):
-    """docs/FAULTS.md row 90: a real HF Trainer run under DeepSpeed ZeRO-2 (2 ranks, CPU) leaves ``checkpoint-N/``
-    holding its own bf16 ``model.safetensors`` beside ``latest`` and ``global_stepN/``: discovery takes
+@pytest.mark.parametrize("stage", [2, 3])
+def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(tmp_path, ckptavg, stage):
+    """docs/FAULTS.md row 90: a real HF Trainer run under DeepSpeed ZeRO-2/3 (2 ranks, CPU) leaves ``checkpoint-N/``
+    holding ``latest`` and ``global_stepN/`` (ZeRO-2: beside its own bf16 ``model.safetensors``; ZeRO-3: no weights
+    file of its own): discovery takes
     ``checkpoint-N`` as the checkpoint, the fp32 master weights are averaged (as DeepSpeed's zero_to_fp32 rebuilds
     them, not the bf16 file), ``config.json`` is copied and DeepSpeed's scripts are not; a ``checkpoint-N`` whose
     ``latest`` is not written yet is skipped, saying so."""
@@ -286,11 +288,12 @@ def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(tmp
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     trainer = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
-         "127.0.0.1", "--master-port", str(free_port()), str(TRAIN.with_name("hf_ds_train.py")), str(out_dir), "2"],
+         "127.0.0.1", "--master-port", str(free_port()), str(TRAIN.with_name("hf_ds_train.py")), str(out_dir), str(stage)],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=240)
     assert trainer.returncode == 0, (trainer.stdout + trainer.stderr)[-4000:]
     ck2, ck4 = out_dir / "checkpoint-2", out_dir / "checkpoint-4"
-    assert {"model.safetensors", "latest", "global_step4", "trainer_state.json"} <= {p.name for p in ck4.iterdir()}
+    names = {p.name for p in ck4.iterdir()}
+    assert {"latest", "global_step4", "trainer_state.json"} <= names and ("model.safetensors" in names) == (stage < 3)
     torn = out_dir / "checkpoint-6"
     shutil.copytree(ck4 / "global_step4", torn / "global_step6")  # 'latest' not written yet
     assert [p.name for p in find_candidates(out_dir)] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]

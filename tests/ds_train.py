@@ -89,7 +89,9 @@ def main() -> None:
             torch.distributed.barrier()
             if rank == 0:
                 tag = f"global_step{step}"
-                ref = get_fp32_state_dict_from_zero_checkpoint(str(args.run), tag=tag)
+                # without ZeRO, zero_to_fp32 has nothing to rebuild: the module's weights are what DeepSpeed keeps
+                ref = (engine.module.state_dict() if args.stage == 0
+                       else get_fp32_state_dict_from_zero_checkpoint(str(args.run), tag=tag))
                 torch.save({k: v.clone() for k, v in ref.items()}, args.ref / f"{step}.pt")
                 torch.save({k: v.clone() for k, v in engine.module.state_dict().items()}, args.ref / f"{step}.module.pt")
             torch.distributed.barrier()

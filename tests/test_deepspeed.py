@@ -37,12 +37,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_training(run: Path, ref: Path, stage: int) -> subprocess.Popen:
+def start_training(run: Path, ref: Path, stage: int, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
          "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(TRAIN), str(run), str(ref),
-         "--stage", str(stage), "--steps", str(max(STEPS)), "--every", "2", "--pause", "0.3"],
+         "--stage", str(stage), "--steps", str(max(STEPS)), "--every", "2", "--pause", "0.3", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 
@@ -312,3 +312,21 @@ def test_row90_hf_trainer_layout_reads_the_master_weights_not_its_model_file(tmp
         assert torch.allclose(t.double(), exp, rtol=1e-6, atol=1e-7), name
     names = {p.name for p in (tmp_path / "avg").iterdir()}
     assert "config.json" in names and not names & {"zero_to_fp32.py", "zero_to_torch.py", "latest"}
+
+
+def test_row91_without_zero_the_module_weights_are_read(tmp_path, ckptavg):
+    """docs/FAULTS.md row 91: DeepSpeed without ZeRO (stage 0, fp32, 2 ranks) saves only
+    ``mp_rank_00_model_states.pt`` (no ``param_shapes``, no rank files): its module weights are the master weights;
+    the save folder with several tags is a run folder for the one-shot."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    trainer = start_training(run, ref, 0, "--fp32")
+    log, _ = trainer.communicate(timeout=240)
+    assert trainer.returncode == 0, log[-4000:]
+    r = ckptavg("inspect", run / "global_step6", "--json")
+    info = json.loads(r.out)
+    assert (info["format"], info["complete"], info["deepspeed_weights"]) == ("deepspeed-zero0", True, "module")
+    r = ckptavg("average", run, "--device", "cpu", "-o", tmp_path / "avg")  # every tag of the save folder
+    assert r.code == 0, r.err
+    refs = [torch.load(ref / f"{s}.pt", weights_only=True) for s in STEPS]
+    expected = {k: sum(x[k].double() for x in refs) / len(refs) for k in refs[0]}
+    assert_matches(tmp_path / "avg", expected, refs[-1])

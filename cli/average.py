@@ -17,6 +17,7 @@ from ckptavg.cli.progressbar import make_progress
 from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
 from ckptavg.oneshot import average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.discover import find_candidates, latest_complete
 from ckptavg.reading.names import is_noise
 from ckptavg.units import format_bytes, parse_size
@@ -53,12 +54,13 @@ def _parse_list(text: str | None, option: str, kind: type) -> list | None:
 
 
 def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int] | None,
-                   state_key: str | None, strip_prefix: str | None) -> tuple[list[Checkpoint], list[Path]]:
+                   state_key: str | None, strip_prefix: str | None,
+                   deepspeed_weights: str = "fp32") -> tuple[list[Checkpoint], list[Path]]:
     """Checkpoints named on the command line, and the run folders they came from (never written to)."""
     paths = _expand(inputs)
     if not paths:
         raise UsageError("no checkpoints given (all inputs were staging or hidden names)")
-    opts = {"state_key": state_key, "strip_prefix": strip_prefix}
+    opts = {"state_key": state_key, "strip_prefix": strip_prefix, "deepspeed_weights": deepspeed_weights}
     run_folders: list[Path] = []
     if len(paths) == 1 and Path(paths[0]).is_dir() and (last is not None or _is_run_folder(Path(paths[0]))):
         root = Path(paths[0])
@@ -82,6 +84,8 @@ def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int
 
 
 def _is_run_folder(path: Path) -> bool:
+    if len(dsf.tag_folders(path)) > 1:  # a DeepSpeed save folder with several global_step tags
+        return True
     try:
         open_checkpoint(path)
         return False
@@ -117,6 +121,9 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--state-key", help="Pickles: the entry that holds the state dict (e.g. 'ema' or 'model/state').")
 @click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name ('none' to keep "
               "Lightning's module prefix; 'module.' and '_orig_mod.' are always removed).")
+@click.option("--deepspeed-weights", type=click.Choice(["fp32", "module"]), default="fp32", show_default=True,
+              help="DeepSpeed checkpoints: the fp32 master weights (gathered from the ZeRO partitions) or the "
+                   "module's bf16/fp16 weights (not under ZeRO-3).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for the arithmetic (default: all cores but one).")
 @click.option("--allow-nonfinite", is_flag=True, help="Average tensors holding NaN/Inf instead of stopping.")
@@ -128,8 +135,8 @@ def _is_run_folder(path: Path) -> bool:
 def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], weights: str | None,
             last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
-            state_key: str | None, strip_prefix: str | None, threads: int | None, allow_nonfinite: bool,
-            allow_mixed_models: bool, force: bool, progress: bool | None, output_format: str,
+            state_key: str | None, strip_prefix: str | None, deepspeed_weights: str, threads: int | None,
+            allow_nonfinite: bool, allow_mixed_models: bool, force: bool, progress: bool | None, output_format: str,
             **method_options: object) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
@@ -157,7 +164,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
     if scratch_dir is not None and scratch_dir.exists() and not scratch_dir.is_dir():
         raise UsageError(f"--scratch-dir {scratch_dir}: not a folder")
     ckpts, run_folders = resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key,
-                                        strip_prefix=strip)
+                                        strip_prefix=strip, deepspeed_weights=deepspeed_weights)
     if weight_list is not None and len(weight_list) != len(ckpts):
         raise UsageError(f"--weights has {len(weight_list)} values for {len(ckpts)} checkpoints")
     show_bar = sys.stderr.isatty() if progress is None else progress

@@ -12,6 +12,7 @@ from ckptavg.dtypes import short_name
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.discover import find_candidates
+from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.units import format_bytes
 
 
@@ -28,6 +29,8 @@ def describe(ckpt: Checkpoint) -> dict:
         "step_source": ckpt.step_source or None,
         "complete": ckpt.incomplete is None,
         "incomplete_reason": ckpt.incomplete,
+        **({"ranks": int(ckpt.metadata["deepspeed_ranks"]), "deepspeed_weights": ckpt.metadata["deepspeed_weights"]}
+           if "deepspeed_ranks" in ckpt.metadata else {}),
         "files": [str(f) for f in ckpt.files],
         "tensors": len(ckpt.tensors),
         "bytes": ckpt.nbytes,
@@ -43,7 +46,9 @@ def describe(ckpt: Checkpoint) -> dict:
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (name, dtype, shape, bytes, file).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--state-key", help="Pickles: the entry that holds the state dict.")
-def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None) -> None:
+@click.option("--deepspeed-weights", type=click.Choice(["fp32", "module"]), default="fp32", show_default=True,
+              help="DeepSpeed checkpoints: the fp32 master weights or the module's weights.")
+def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None, deepspeed_weights: str) -> None:
     """Show a checkpoint's format, step, tensors, dtypes, bytes, shards and completeness.
 
     Reads headers only (pickles: a data-free load). Given a run folder, lists its checkpoints.
@@ -54,8 +59,11 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
       ckptavg inspect runs/exp1/checkpoint-9000 --tensors
       ckptavg inspect runs/exp1            # every checkpoint of the run
     """
+    if path.is_dir() and len(dsf.tag_folders(path)) > 1:  # a DeepSpeed save folder: its global_step tags
+        _inspect_run(path, as_json)
+        return
     try:
-        ckpt = open_checkpoint(path, state_key=state_key)
+        ckpt = open_checkpoint(path, state_key=state_key, deepspeed_weights=deepspeed_weights)
     except (CheckpointNotFoundError, UnknownFormatError):
         if path.is_dir() and find_candidates(path):
             _inspect_run(path, as_json)
@@ -74,6 +82,8 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
     click.echo(f"format:      {info['format']}")
     click.echo(f"step:        {info['step']}" + (f" (from {info['step_source']})" if info["step_source"] else ""))
     click.echo(f"complete:    {'yes' if info['complete'] else 'no: ' + str(info['incomplete_reason'])}")
+    if "ranks" in info:
+        click.echo(f"ranks:       {info['ranks']} (DeepSpeed, {info['deepspeed_weights']} weights)")
     click.echo(f"tensors:     {info['tensors']} ({format_bytes(info['bytes'])})")
     for dt, d in info["dtypes"].items():
         click.echo(f"  {dt:<10} {d['tensors']:>6} tensors  {format_bytes(d['bytes']):>12}")

@@ -29,6 +29,8 @@ from ckptavg.errors import UsageError
               help="Per-tensor rule for every average, first match wins: GLOB=latest | GLOB=exclude | "
                    "GLOB=half-life:H (repeatable; replaces the config's rules).")
 @click.option("--threads", type=int, help="Torch CPU threads (default 1; at most 4 per CPU).")
+@click.option("--deepspeed-weights", type=click.Choice(["fp32", "module"]), default=None,
+              help="DeepSpeed checkpoints: the fp32 master weights (default) or the module's bf16/fp16 weights.")
 @click.option("--accum-dtype", metavar="float32|float64", help="Accumulator dtype (default float32).")
 @click.option("--memory-budget", metavar="SIZE",
               help="Host memory for accumulators (e.g. 8GiB); averages beyond it live in STATE/store on disk.")
@@ -46,7 +48,8 @@ from ckptavg.errors import UsageError
 @click.option("--hub-private", is_flag=True, default=None, help="Create the Hub repo private if it does not exist.")
 def watch(run: Path | None, output: Path | None, config_path: Path | None, state_dir: Path | None, device: str | None, poll: str | None,
           poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
-          persist_every: int | None, rules: tuple[str, ...], threads: int | None, accum_dtype: str | None,
+          persist_every: int | None, rules: tuple[str, ...], threads: int | None, deepspeed_weights: str | None,
+          accum_dtype: str | None,
           memory_budget: str | None, eval_command: str | None, eval_python: str | None,
           eval_hf_perplexity: str | None, metric: str | None, mode: str | None, eval_every: int | None,
           eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None,
@@ -63,7 +66,7 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, state
     options = {"state_dir": str(state_dir) if state_dir else None, "device": device, "poll": poll,
                "poll_interval": poll_interval, "settle": settle, "marker": marker, "publish_every": publish_every,
                "persist_every": persist_every, "memory_budget": memory_budget, "rules": list(rules) or None,
-               "threads": threads, "accum_dtype": accum_dtype}
+               "threads": threads, "accum_dtype": accum_dtype, "deepspeed_weights": deepspeed_weights}
     evaluators = {k: v for k, v in (("command", eval_command), ("function", eval_python),
                                     ("data", eval_hf_perplexity)) if v is not None}
     if len(evaluators) > 1:

@@ -75,6 +75,7 @@ class WatchConfig:
     rewind_too_far: str = "restart"  # restart | stop: no kept generation reaches back to the resume point
     keep_generations: int = 4  # state generations kept (each: the averages' accumulators on disk)
     keep_for_lawa: str = "auto"  # auto | link | copy
+    deepspeed_weights: str = "fp32"  # fp32 (the master weights) | module (the bf16/fp16 module weights)
     nice: int = 10
     ionice_idle: bool = True
     threads: int = 1  # torch CPU threads: folding is memory-bound, and idle OpenMP workers spin on the trainer's cores
@@ -93,6 +94,7 @@ class WatchConfig:
 _CHOICES = {
     "device": None, "accum_dtype": ("float32", "float64"), "poll": ("auto", "always", "never"),
     "on_shape_change": ("error", "reset"), "on_rewind": ("rollback", "ignore"), "rewind_too_far": ("restart", "stop"), "keep_for_lawa": ("auto", "link", "copy"),
+    "deepspeed_weights": ("fp32", "module"),
 }
 _TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source"} | {"average"}
 

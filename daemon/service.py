@@ -384,7 +384,7 @@ class Service:
         named = step_from_name(path.name)
         try:
             ready = check_ready(path, settle=self.cfg.settle, marker=self.cfg.marker, clock=self.clock,
-                                seen=self._ready_seen)
+                                seen=self._ready_seen, deepspeed_weights=self.cfg.deepspeed_weights)
         except OSError:  # it vanished between two looks (rotation): it is simply not there
             return None
         if not ready.ready:
@@ -394,7 +394,8 @@ class Service:
         if rewritten and (self._recently_modified(path) or self._trainer_state_older(path)):
             return None  # a checkpoint re-written in place: wait until the trainer is done with all of it
         try:
-            return ready.checkpoint or open_checkpoint(path)  # marker/DCP rules do not open it
+            # marker/DCP rules do not open it
+            return ready.checkpoint or open_checkpoint(path, deepspeed_weights=self.cfg.deepspeed_weights)
         except CkptavgError as e:
             self._warn_once(named or -1, "not folding %s: %s", path, e)
             return None
@@ -558,7 +559,8 @@ class Service:
         if self.trajectory.source_state(step) != "same":
             return False
         try:
-            ckpt = open_checkpoint(self.trajectory.sources[step]["path"], step=step)
+            ckpt = open_checkpoint(self.trajectory.sources[step]["path"], step=step,
+                                   deepspeed_weights=self.cfg.deepspeed_weights)
             kept = self.retainer.retain(ckpt, step)
         except (CkptavgError, OSError):
             return False
@@ -571,7 +573,7 @@ class Service:
         if not self._readable(step):
             raise CheckpointChangedError(f"the retained copy of step {step} changed after it was folded",
                                          path=self.retainer.path(step))
-        return open_checkpoint(self.retainer.path(step), step=step)
+        return open_checkpoint(self.retainer.path(step), step=step, deepspeed_weights=self.cfg.deepspeed_weights)
 
     def _repair(self, damaged: int) -> None:
         """The retained copy of ``damaged`` changed after its fold: rebuild what would read it again (LAWA's
@@ -622,7 +624,7 @@ class Service:
         self._write_status()
         started = time.perf_counter()
         try:
-            ckpt = open_checkpoint(path, step=step)
+            ckpt = open_checkpoint(path, step=step, deepspeed_weights=self.cfg.deepspeed_weights)
             if ckpt.fingerprint != fingerprint:
                 raise CkptavgError("changed after it was queued", path=path)
             hooks.point("fold.start", step=step, path=path, watch=self.cfg.watch)

@@ -19,7 +19,7 @@ def test_example_config_loads_with_every_key():
     assert cfg.state_path == Path("/srv/runs/exp1-avg/.ckptavg") and cfg.poll == "auto" and cfg.marker is None
     text = EXAMPLE.read_text()
     for key in ("watch", "output", "state_dir", "device", "accum_dtype", "publish_every", "persist_every", "poll",
-                "poll_interval", "settle", "marker", "on_shape_change", "keep_for_lawa", "nice",
+                "poll_interval", "settle", "marker", "on_shape_change", "keep_for_lawa", "deepspeed_weights", "nice",
                 "ionice_idle", "threads", "rules", "memory_budget"):
         assert f"\n{key} = " in text, key  # every top-level key is shown (and commented) in the example
     ev = cfg.evaluate

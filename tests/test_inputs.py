@@ -248,7 +248,7 @@ def test_row47_empty_tensors_are_averaged_and_placeholders_only_refused_under_de
     r = ckptavg("average", *paths, "-o", tmp_path / "out2")
     assert r.code == 1 and one_error_line(r) == (
         f"ckptavg: error: {paths[0]}: tensor 'e': is empty (shape [0]) (a DeepSpeed ZeRO-3 partitioned placeholder? "
-        "consolidate with zero_to_fp32.py first)")
+        "pass its DeepSpeed global_step folder instead, which ckptavg gathers)")
 
 
 # -- row 45: pickle bombs -------------------------------------------------------------------------------

@@ -122,7 +122,8 @@ class Average:
             return False
         if ref.numel == 0 and slot.numel > 0 and zero3:
             what = f"is empty (shape {list(ref.shape)}) where earlier checkpoints had {list(slot.shape)}"
-            hint = "a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first"
+            hint = ("a DeepSpeed ZeRO-3 partitioned placeholder? pass its DeepSpeed global_step folder instead, "
+                    "which ckptavg gathers")
         elif slot.shape != ref.shape:
             what = f"changed shape from {list(slot.shape)} to {list(ref.shape)}"
             hint = "use --on-shape-change reset to restart its average (progressive training)"

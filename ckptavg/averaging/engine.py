@@ -731,7 +731,8 @@ def _reject_placeholder(ref: TensorRef, path: Any) -> None:
     if ref.shape == (0,) and ref.dtype.is_floating_point:
         raise TensorMismatchError(
             "is empty (shape [0])", path=path, tensor=ref.name,
-            hint="a DeepSpeed ZeRO-3 partitioned placeholder? consolidate with zero_to_fp32.py first",
+            hint="a DeepSpeed ZeRO-3 partitioned placeholder? pass its DeepSpeed global_step folder instead, "
+                 "which ckptavg gathers",
         )
 
 
@@ -739,7 +740,7 @@ def _shape_change_hint(ref: TensorRef, before: Checkpoint, now: Checkpoint) -> s
     """What to do about a tensor that changed shape or dtype between ``before`` and ``now``: restarting
     its average fits one model that grew, never two different models."""
     if ref.numel == 0 and now.zero3:
-        return "a ZeRO-3 placeholder? consolidate first"
+        return "a ZeRO-3 placeholder? pass its DeepSpeed global_step folder instead"
     if before.model is not None and now.model is not None and before.model != now.model:
         return f"the checkpoints are of different models ({before.model}, {now.model}); average checkpoints of one model"
     return "use --on-shape-change reset to restart its average"

@@ -27,6 +27,7 @@ import torch
 from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError
 from ckptavg.reading.fileio import FileCache, open_regular
 from ckptavg.reading.formats import dcp
+from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
@@ -220,8 +221,12 @@ def _open_file(path: Path, *, state_key: str | None, strip_prefix: str | None, m
     )
 
 
-def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None) -> Checkpoint:
-
+def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | None,
+                 deepspeed_weights: str = "fp32") -> Checkpoint:
+    if (tag := dsf.locate_tag(folder)) is not None:  # global_stepN, its retained copy, a save dir / checkpoint-N
+        return _from_index(folder, dsf.index_deepspeed(tag, weights=deepspeed_weights, meta_dir=folder))
+    if (untagged := dsf.untagged(folder)) is not None:
+        raise untagged
     if (dcp_folder := dcp.find_dcp_folder(folder)) is not None:
         return _from_index(folder, dcp.index_dcp(dcp_folder, state_key=state_key, strip_prefix=strip_prefix, meta_dir=folder))
     entries = sorted(p.name for p in folder.iterdir() if not is_noise(p.name))
@@ -263,13 +268,17 @@ def open_checkpoint(
     step: int | None = None,
     state_key: str | None = None,
     strip_prefix: str | None = None,
+    deepspeed_weights: str = "fp32",
 ) -> Checkpoint:
-    """Index the checkpoint at ``path`` (a folder or a file) from headers only."""
+    """Index the checkpoint at ``path`` (a folder or a file) from headers only. ``deepspeed_weights``: read a
+    DeepSpeed checkpoint's fp32 master weights (``fp32``) or its module's (``module``)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError("no such file or folder", path=path)
+    if path.is_file() and dsf.is_rank_file(path.name):  # one file of a DeepSpeed tag: the tag is the checkpoint
+        path = path.parent
     if path.is_dir():
-        ckpt = _open_folder(path, state_key=state_key, strip_prefix=strip_prefix)
+        ckpt = _open_folder(path, state_key=state_key, strip_prefix=strip_prefix, deepspeed_weights=deepspeed_weights)
     else:
         meta_dir = path.parent if (path.parent / "config.json").is_file() and path.name.startswith(("model", "pytorch_model")) else None
         ckpt = _open_file(path, state_key=state_key, strip_prefix=strip_prefix, meta_dir=meta_dir)
@@ -287,7 +296,9 @@ def open_checkpoint(
     if path.is_dir():
         ckpt.incomplete = ckpt.incomplete or _trainer_incomplete(path)
     ckpt.model = _model_identity(ckpt.meta_dir)
-    ckpt.zero3 = _is_deepspeed(path if path.is_dir() else path.parent) or any(p.deepspeed for p in ckpt._pickles)
+    # saved by DeepSpeed but not read by its reader (e.g. weights saved beside it): empty tensors may be placeholders
+    ckpt.zero3 = not ckpt.format.startswith("deepspeed") and (
+        _is_deepspeed(path if path.is_dir() else path.parent) or any(p.deepspeed for p in ckpt._pickles))
     return ckpt
 
 

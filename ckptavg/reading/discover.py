@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.formats.deepspeed import holds_deepspeed
 from ckptavg.reading.names import DCP_MARKERS, WEIGHT_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.steps import step_from_name
 from ckptavg.redact import warn_once
@@ -124,8 +125,8 @@ def _weights_outside(folder: Path, inside: Callable[[Path], bool]) -> Path | Non
 
 
 def _holds_weights(folder: Path) -> bool:
-    try:
-        return bool(_weight_names(folder))
+    try:  # an HF Trainer checkpoint-N under ZeRO-3 may hold only latest and global_stepN/
+        return bool(_weight_names(folder)) or holds_deepspeed(folder)
     except OSError:
         return False
 

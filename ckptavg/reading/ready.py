@@ -8,7 +8,9 @@ and what they don't"):
   ``trainer_state.json`` (written last) exists and every indexed shard is present and whole.
 * **torch.distributed.checkpoint**: ``.metadata`` exists (``.metadata.tmp`` renamed is the commit).
 * **Orbax**: no ``.orbax-checkpoint-tmp`` in the name, or ``commit_success.txt`` present.
-* **DeepSpeed**: a non-empty ``latest`` tag file in the run folder names the tag.
+* **DeepSpeed**: a non-empty ``latest`` tag file in the run folder names the tag (or a later one), and every
+  rank's file the optimizer states' partition count calls for is there (a flat retained copy, with no
+  ``latest`` beside it, is judged by its rank files alone).
 * **a bare safetensors file or ``save_pretrained`` folder**: complete by header arithmetic
   (``8 + header_len + data_end == size``) and quiet for ``settle`` seconds.
 * **a pickle file** (``.pt``/``.ckpt``/``.bin``): its zip end-of-central-directory record is
@@ -122,7 +124,8 @@ def _zip_finished(path: Path) -> bool:
 
 
 def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
-                clock: Callable[[], float] = time.time, seen: dict | None = None) -> Readiness:
+                clock: Callable[[], float] = time.time, seen: dict | None = None,
+                deepspeed_weights: str = "fp32") -> Readiness:
     """Decide whether ``path`` (a checkpoint folder or file) is finished and can be folded.
 
     ``seen`` (kept by the caller between calls) lets a checkpoint whose mtime lies in the future count as
@@ -148,6 +151,9 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
         if "commit_success.txt" in names:
             return Readiness("ready", "Orbax commit_success.txt present")
         latest = path.parent / "latest"
+        if not latest.exists() and path.name.startswith("global_step") and any(
+                n.endswith("_model_states.pt") for n in names):
+            return Readiness("waiting", "DeepSpeed has not written 'latest' beside this tag yet (it writes it last)")
         if latest.is_file():  # DeepSpeed: the tag file is written after the tag folder
             tag = latest.read_text(errors="replace").strip()
             here, there = step_from_name(path.name), step_from_name(tag)
@@ -160,7 +166,7 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
     elif path.suffix in (".pt", ".pth", ".bin", ".ckpt") and not _zip_finished(path):
         return Readiness("waiting", "pickle still being written (no zip end record yet)")
     try:
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, deepspeed_weights=deepspeed_weights)
     except IncompleteCheckpointError as e:
         return Readiness("waiting", str(e))
     except UnsupportedCheckpointError as e:
@@ -168,6 +174,8 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
     except CheckpointError as e:
         # a header that does not parse may still be mid-write: wait for the settle window, then call it bad
         return Readiness("bad" if quiet else "waiting", str(e))
+    if ckpt.incomplete:  # e.g. a DeepSpeed rank file missing, named
+        return Readiness("waiting", ckpt.incomplete)
     if path.is_dir() and (path / "trainer_state.json").exists():
         return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard whole", ckpt)
     if not quiet:

@@ -70,7 +70,8 @@ WRITE_QUEUE_BYTES = 64 << 20  # finished bytes waiting for the writer thread, at
 
 # never copied from an input folder: weights, trainer state, pickles, our own outputs
 _SKIP_SUFFIXES = (".safetensors", ".distcp", ".index.json", ".tmp", *PICKLE_SUFFIXES)
-_SKIP_NAMES = {"trainer_state.json", "README.md", "ckptavg.json", ".metadata", "latest"}
+_SKIP_NAMES = {"trainer_state.json", "README.md", "ckptavg.json", ".metadata", "latest",
+               "zero_to_fp32.py", "zero_to_torch.py"}  # DeepSpeed's conversion scripts: not part of the model
 _SKIP_PREFIXES = ("rng_state", "optimizer", "scheduler", "training_args", ".")
 
 

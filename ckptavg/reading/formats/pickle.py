@@ -149,10 +149,19 @@ _HOSTILE_MODULES = frozenset({"builtins", "__builtin__", "os", "posix", "nt", "s
                               "commands", "copy_reg", "cPickle", "urllib2", "httplib", "exceptions"})
 
 
+# data classes whose names are not capitalised, known to be pickled beside weights
+_LOWERCASE_CLASSES = frozenset({
+    "deepspeed.utils.tensor_fragment.fragment_address",  # DeepSpeed's bf16/ZeRO optimizer states: (numel, start)
+})
+
+
 def _stand_in_for(name: str) -> bool:
     """Whether a pickled global may be read as an :class:`Inert`: a class by its name (``pathlib.PosixPath``,
-    ``argparse.Namespace``, ``my_pkg.Config``), outside the modules above. A function or method (``x.y.touch``,
-    ``eval``) is a call, not data: such a file stays refused."""
+    ``argparse.Namespace``, ``my_pkg.Config``), outside the modules above, or one of the few known data classes
+    named in lower case (:data:`_LOWERCASE_CLASSES`). A function or method (``x.y.touch``, ``eval``) is a call,
+    not data: such a file stays refused."""
+    if name in _LOWERCASE_CLASSES:
+        return True
     module, _, last = name.rpartition(".")
     root = module.split(".", 1)[0]
     return bool(module) and last[:1].isupper() and root not in _HOSTILE_MODULES and module not in _HOSTILE_MODULES
@@ -170,8 +179,9 @@ def _inert_load(path: Path, map_location: str, mmap: bool) -> Any:
     with _INERT_LOCK, torch.serialization.safe_globals(stand_ins), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    if names:
-        log.info("%s: read %s as inert stand-ins (no code of theirs runs)", path, ", ".join(sorted(names)))
+    if names:  # DeepSpeed's loss scaler, enums and fragment addresses are in every one of its rank files: expected
+        say = log.debug if all(n.startswith("deepspeed.") for n in names) else log.info
+        say("%s: read %s as inert stand-ins (no code of theirs runs)", path, ", ".join(sorted(names)))
     return obj
 
 

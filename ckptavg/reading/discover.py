@@ -22,7 +22,7 @@ from pathlib import Path
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.names import WEIGHT_SUFFIXES, is_noise, is_side_file
-from ckptavg.reading.steps import step_from_name
+from ckptavg.reading.steps import checkpoint_kind, order_key
 from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
         raise CheckpointNotFoundError("run folder not found", path=root)
     real_root = root.resolve()
     seen: set[tuple[int, int]] = set()
-    found: list[tuple[int, Path]] = []
+    found: list[tuple[tuple, Path]] = []
 
     def inside(p: Path) -> bool:
         try:
@@ -71,7 +71,7 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
                 st_e = entry.stat()
             except OSError:
                 continue
-            step = step_from_name(entry.name)
+            step = order_key(entry.name)
             if is_dir:
                 if step is not None and _holds_weights(path):
                     outside = _weights_outside(path, inside)
@@ -128,14 +128,22 @@ def _holds_weights(folder: Path) -> bool:
         return False
 
 
-def latest_complete(root: Path, n: int, **open_options: object) -> list[Checkpoint]:
+def latest_complete(root: Path, n: int, *, kind: str | None = None, **open_options: object) -> list[Checkpoint]:
     """The newest ``n`` complete checkpoints of a run folder, oldest first.
 
     Incomplete ones (still being written: a missing shard, a truncated file, no
-    ``trainer_state.json`` yet) are skipped with a warning.
+    ``trainer_state.json`` yet) are skipped with a warning. ``kind`` ``"epoch"`` or ``"update"`` keeps
+    only fairseq's epoch (``checkpoint<E>.pt``) or update (``checkpoint_<E>_<U>.pt``) checkpoints, like
+    fairseq's ``average_checkpoints.py --num-epoch-checkpoints`` / ``--num-update-checkpoints``.
     """
     chosen: list[Checkpoint] = []
-    for path in reversed(find_candidates(root)):
+    candidates = find_candidates(root)
+    if kind is not None:
+        candidates = [p for p in candidates if checkpoint_kind(p) == kind]
+        if not candidates:
+            raise CheckpointNotFoundError(f"holds no fairseq {kind} checkpoints", path=root,
+                                          hint="epoch: checkpoint<E>.pt; update: checkpoint_<E>_<U>.pt")
+    for path in reversed(candidates):
         try:
             ckpt = open_checkpoint(path, **open_options)  # type: ignore[arg-type]
         except IncompleteCheckpointError as e:

@@ -288,7 +288,7 @@ def test_lightning_model_checkpoint(tmp_path, ckptavg, save_last):
     assert names == sorted([f"epoch={(s - 1) // 10}-step={s}.ckpt" for s in (3, 6, 9, 12, 15)] + ["last.ckpt"]), names
     assert (ckdir / "last.ckpt").is_symlink() == (save_last == "link")
     st = status(out)
-    assert st["averages"]["ema-4"]["folded"] == 5 and st["skipped"] == [], st
+    assert st["averages"]["ema-4"]["folded"] == 5 and st["skipped"] == [], (st, err[-5000:])
     for s in (3, 6, 9, 12, 15):
         assert err.count(f"folded step {s}:") == 1, (s, err[-3000:])
 

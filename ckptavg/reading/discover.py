@@ -3,7 +3,10 @@
 A run folder (a Trainer's ``output_dir``, a Lightning ``checkpoints/`` folder, a
 plain loop's save folder) is walked a few levels deep. A candidate is a folder
 or weight file whose name carries a step (``checkpoint-500``, ``step_500.pt``,
-``epoch=1-step=500.ckpt``). Staging names that writers use before the final
+``epoch=1-step=500.ckpt``, fairseq's ``checkpoint_3_500.pt``) or is a fairseq epoch checkpoint
+(``checkpoint3.pt``, ordered after the update checkpoints of its epoch, see :func:`steps.order_key`).
+Aliases whose names carry no step (Lightning's ``last.ckpt``, a copy or a link; fairseq's
+``checkpoint_last.pt`` and ``checkpoint_best.pt``, copies) are never candidates. Staging names that writers use before the final
 rename are ignored (``tmp-checkpoint-*``, ``*.tmp``, ``*.orbax-checkpoint-tmp-*``,
 ``.metadata.tmp``, dotfiles). Symbolic links are followed only inside the root
 (a checkpoint folder whose weight file links out of the root is skipped),
@@ -30,7 +33,8 @@ log = logging.getLogger(__name__)
 __all__ = ["find_candidates", "latest_complete"]
 
 def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
-    """Every path under ``root`` that names a step and may hold a checkpoint, sorted by step."""
+    """Every path under ``root`` that names a step (or a fairseq epoch) and may hold a checkpoint, in training
+    order (:func:`ckptavg.reading.steps.order_key`)."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointNotFoundError("run folder not found", path=root)

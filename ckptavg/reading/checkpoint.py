@@ -7,6 +7,10 @@
   ``pytorch_model.bin`` / a single ``.pt``/``.pth``/``.ckpt``;
 * a file: ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt``, or an index.
 
+A fairseq file (weights under ``model`` beside ``optimizer_history``) is format ``fairseq`` and its step is
+the ``num_updates`` it records; an accelerate ``save_state`` folder is judged complete by accelerate's rule
+(:mod:`ckptavg.reading.formats.accelerate`) and its automatic ``checkpoint_<i>`` name gives a save number.
+
 Opening reads headers only (pickles: a data-free ``meta`` load). Tensor bytes are
 read later, one tensor at a time, by :class:`CheckpointReader`.
 """

@@ -50,8 +50,8 @@ def start_daemon(run: Path, out: Path, *averages: str) -> subprocess.Popen:
 def train(tmp_path: Path, script: str, *args: object) -> subprocess.CompletedProcess:
     path = tmp_path / "train.py"
     path.write_text(textwrap.dedent(script))
-    done = subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True, timeout=300, check=False,
-                          env=ENV)
+    done = subprocess.run([sys.executable, str(path), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, check=False, env=ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -479,6 +479,28 @@ def test_fairseq_epoch_and_update_checkpoints(tmp_path, ckptavg):
     assert all(x["format"] == "fairseq" and x["step_source"] == "num_updates in fairseq's optimizer_history"
                for x in rows), rows
     assert all(x["ready"] == "ready" for x in rows), rows
+
+
+def test_row94_fairseq_names_order_without_opening_the_files(tmp_path):
+    """docs/FAULTS.md row 94: discovery orders fairseq names on (epoch, updates): an epoch checkpoint after the
+    update checkpoints of its epoch, before the next epoch's; the aliases (``checkpoint_last.pt``,
+    ``checkpoint_best.pt``, ``checkpoint.best_loss_2.31.pt``) and a staging ``.tmp`` are not candidates."""
+    from ckptavg.reading.discover import find_candidates
+    from ckptavg.reading.steps import checkpoint_kind, epoch_from_name, step_from_name
+
+    run = tmp_path / "checkpoints"
+    run.mkdir()
+    names = ["checkpoint_2_9.pt", "checkpoint10.pt", "checkpoint1.pt", "checkpoint_1_4.pt", "checkpoint2.pt",
+             "checkpoint_10_100.pt", "checkpoint_last.pt", "checkpoint_best.pt", "checkpoint.best_loss_2.31.pt",
+             "checkpoint3.pt.tmp"]
+    for n in names:
+        (run / n).write_bytes(b"PK")
+    assert [p.name for p in find_candidates(run)] == ["checkpoint_1_4.pt", "checkpoint1.pt", "checkpoint_2_9.pt",
+                                                      "checkpoint2.pt", "checkpoint_10_100.pt", "checkpoint10.pt"]
+    assert step_from_name("checkpoint_2_9.pt") == 9 and step_from_name("checkpoint2.pt") is None
+    assert epoch_from_name("checkpoint2.pt") == 2 and epoch_from_name("checkpoint_last.pt") is None
+    assert [checkpoint_kind(n) for n in ("checkpoint2.pt", "checkpoint_2_9.pt", "checkpoint-9", "checkpoint_9")] == [
+        "epoch", "update", None, None]
 
 
 def test_row96_inspect_reports_each_writers_rule(tmp_path, ckptavg):

@@ -55,7 +55,7 @@ def _parse_list(text: str | None, option: str, kind: type) -> list | None:
 
 def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int] | None,
                    state_key: str | None, strip_prefix: str | None,
-                   deepspeed_weights: str = "fp32") -> tuple[list[Checkpoint], list[Path]]:
+                   deepspeed_weights: str = "fp32", kind: str | None = None) -> tuple[list[Checkpoint], list[Path]]:
     """Checkpoints named on the command line, and the run folders they came from (never written to)."""
     paths = _expand(inputs)
     if not paths:
@@ -66,9 +66,12 @@ def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int
         root = Path(paths[0])
         if steps is not None:
             raise UsageError("--steps cannot be used with a run folder; the steps come from the checkpoint names")
-        ckpts = latest_complete(root, last or sys.maxsize, **opts)
+        ckpts = latest_complete(root, last or sys.maxsize, kind=kind, **opts)
         log.info("%s: using %d checkpoint(s): %s", root, len(ckpts), ", ".join(c.path.name for c in ckpts))
         return ckpts, [root]
+    if kind is not None:
+        raise UsageError("--checkpoint-kind takes a single run folder (e.g. `ckptavg average runs/fairseq --last 5 "
+                         "--checkpoint-kind epoch`)")
     if last is not None:
         raise UsageError("--last N takes a single run folder (e.g. `ckptavg average runs/exp1 --last 5`)")
     if steps is not None and len(steps) != len(paths):
@@ -103,6 +106,10 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--weights", help="Comma-separated weights, one per input checkpoint (weighted mean).")
 @click.option("--last", type=int, help="With a run folder: its newest N complete checkpoints.")
 @click.option("--steps", help="Comma-separated training steps, one per input (when names carry none).")
+@click.option("--checkpoint-kind", type=click.Choice(["epoch", "update"]),
+              help="With a run folder: only fairseq epoch checkpoints (checkpoint<E>.pt) or update checkpoints "
+                   "(checkpoint_<E>_<U>.pt), like fairseq's average_checkpoints.py --num-epoch-checkpoints / "
+                   "--num-update-checkpoints (default: both, ordered by num_updates).")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda or cuda:N.")
 @click.option("--accum-dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True,
               help="Accumulator precision (outputs keep each tensor's source dtype).")
@@ -133,7 +140,7 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], weights: str | None,
-            last: int | None, steps: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
+            last: int | None, steps: str | None, checkpoint_kind: str | None, device: str, accum_dtype: str, rules: tuple[str, ...],
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
             state_key: str | None, strip_prefix: str | None, deepspeed_weights: str, threads: int | None,
             allow_nonfinite: bool, allow_mixed_models: bool, force: bool, progress: bool | None, output_format: str,
@@ -150,6 +157,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
       ckptavg average a.safetensors b.safetensors --weights 0.3,0.7 -o out/mix
       ckptavg average runs/exp1 --last 5 -o out/last5
       ckptavg average outputs/checkpoint --last 4 --method ema:200 --output-format dcp -o out/ema-dcp
+      ckptavg average runs/fairseq --last 5 --checkpoint-kind update -o out/last5-updates
     """
     weight_list = _parse_list(weights, "--weights", float)
     step_list = _parse_list(steps, "--steps", int)
@@ -164,7 +172,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
     if scratch_dir is not None and scratch_dir.exists() and not scratch_dir.is_dir():
         raise UsageError(f"--scratch-dir {scratch_dir}: not a folder")
     ckpts, run_folders = resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key,
-                                        strip_prefix=strip, deepspeed_weights=deepspeed_weights)
+                                        strip_prefix=strip, deepspeed_weights=deepspeed_weights, kind=checkpoint_kind)
     if weight_list is not None and len(weight_list) != len(ckpts):
         raise UsageError(f"--weights has {len(weight_list)} values for {len(ckpts)} checkpoints")
     show_bar = sys.stderr.isatty() if progress is None else progress

@@ -13,10 +13,19 @@ from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownForm
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.formats import deepspeed as dsf
+from ckptavg.reading.ready import Readiness, check_ready
 from ckptavg.units import format_bytes
 
 
-def describe(ckpt: Checkpoint) -> dict:
+def readiness(path: Path, settle: float, deepspeed_weights: str = "fp32") -> Readiness:
+    """The daemon's verdict on ``path`` now (ready.py's rule for its writer); never raises."""
+    try:
+        return check_ready(path, settle=settle, deepspeed_weights=deepspeed_weights)
+    except OSError as e:
+        return Readiness("waiting", f"changed while being looked at ({e.strerror or e})")
+
+
+def describe(ckpt: Checkpoint, ready: Readiness | None = None) -> dict:
     by_dtype: Counter = Counter()
     count: Counter = Counter()
     for ref in ckpt.tensors.values():
@@ -31,6 +40,8 @@ def describe(ckpt: Checkpoint) -> dict:
         "incomplete_reason": ckpt.incomplete,
         **({"ranks": int(ckpt.metadata["deepspeed_ranks"]), "deepspeed_weights": ckpt.metadata["deepspeed_weights"]}
            if "deepspeed_ranks" in ckpt.metadata else {}),
+        "ready": ready.state if ready else None,
+        "ready_reason": ready.reason if ready else None,
         "files": [str(f) for f in ckpt.files],
         "tensors": len(ckpt.tensors),
         "bytes": ckpt.nbytes,
@@ -48,8 +59,12 @@ def describe(ckpt: Checkpoint) -> dict:
 @click.option("--state-key", help="Pickles: the entry that holds the state dict.")
 @click.option("--deepspeed-weights", type=click.Choice(["fp32", "module"]), default="fp32", show_default=True,
               help="DeepSpeed checkpoints: the fp32 master weights or the module's weights.")
-def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None, deepspeed_weights: str) -> None:
-    """Show a checkpoint's format, step, tensors, dtypes, bytes, shards and completeness.
+@click.option("--settle", type=float, default=5.0, show_default=True,
+              help="Seconds a checkpoint must stay unmodified to count as ready (as `ckptavg watch --settle`).")
+def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None, deepspeed_weights: str,
+            settle: float) -> None:
+    """Show a checkpoint's format, step (and where it came from), tensors, dtypes, bytes, shards, completeness
+    and readiness (whether `ckptavg watch` would fold it now, by its writer's rule, and why).
 
     Reads headers only (pickles: a data-free load). Given a run folder, lists its checkpoints.
 
@@ -60,16 +75,19 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
       ckptavg inspect runs/exp1            # every checkpoint of the run
     """
     if path.is_dir() and len(dsf.tag_folders(path)) > 1:  # a DeepSpeed save folder: its global_step tags
-        _inspect_run(path, as_json)
+        _inspect_run(path, as_json, settle)
         return
-    try:
-        ckpt = open_checkpoint(path, state_key=state_key, deepspeed_weights=deepspeed_weights)
-    except (CheckpointNotFoundError, UnknownFormatError):
-        if path.is_dir() and find_candidates(path):
-            _inspect_run(path, as_json)
-            return
-        raise
-    info = describe(ckpt)
+    ready = readiness(path, settle, deepspeed_weights)
+    ckpt = ready.checkpoint if state_key is None else None
+    if ckpt is None:
+        try:
+            ckpt = open_checkpoint(path, state_key=state_key, deepspeed_weights=deepspeed_weights)
+        except (CheckpointNotFoundError, UnknownFormatError):
+            if path.is_dir() and find_candidates(path):
+                _inspect_run(path, as_json, settle)
+                return
+            raise
+    info = describe(ckpt, ready)
     if show_tensors:
         info["tensor_list"] = [
             {"name": r.name, "dtype": short_name(r.dtype), "shape": list(r.shape), "bytes": r.nbytes, "file": r.file.name}
@@ -82,6 +100,7 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
     click.echo(f"format:      {info['format']}")
     click.echo(f"step:        {info['step']}" + (f" (from {info['step_source']})" if info["step_source"] else ""))
     click.echo(f"complete:    {'yes' if info['complete'] else 'no: ' + str(info['incomplete_reason'])}")
+    click.echo(f"ready:       {info['ready']}: {info['ready_reason']}")
     if "ranks" in info:
         click.echo(f"ranks:       {info['ranks']} (DeepSpeed, {info['deepspeed_weights']} weights)")
     click.echo(f"tensors:     {info['tensors']} ({format_bytes(info['bytes'])})")
@@ -102,15 +121,19 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
             click.echo(f"{t['name']:<{width}}  {t['dtype']:<9} {str(t['shape']):<20} {format_bytes(t['bytes']):>10}  {t['file']}")
 
 
-def _inspect_run(root: Path, as_json: bool) -> None:
+def _inspect_run(root: Path, as_json: bool, settle: float) -> None:
     rows = []
     for p in find_candidates(root):
+        ready = readiness(p, settle)
+        row = {"path": str(p), "step": None, "step_source": None, "format": None, "bytes": None, "complete": False,
+               "note": None, "ready": ready.state, "ready_reason": ready.reason}
         try:
-            c = open_checkpoint(p)
-            rows.append({"path": str(p), "step": c.step, "format": c.format, "bytes": c.nbytes,
-                         "complete": c.incomplete is None, "note": c.incomplete})
+            c = ready.checkpoint or open_checkpoint(p)
+            row.update(step=c.step, step_source=c.step_source or None, format=c.format, bytes=c.nbytes,
+                       complete=c.incomplete is None, note=c.incomplete)
         except CheckpointError as e:
-            rows.append({"path": str(p), "step": None, "format": None, "bytes": None, "complete": False, "note": str(e)})
+            row["note"] = str(e)
+        rows.append(row)
     if as_json:
         click.echo(json.dumps({"run": str(root), "checkpoints": rows}, indent=2))
         return
@@ -119,3 +142,4 @@ def _inspect_run(root: Path, as_json: bool) -> None:
         size = format_bytes(r["bytes"]) if r["bytes"] is not None else "-"
         state = "complete" if r["complete"] else f"incomplete: {r['note']}"
         click.echo(f"  {Path(r['path']).name:<40} step {str(r['step']):>8}  {str(r['format']):<20} {size:>10}  {state}")
+        click.echo(f"  {'':<40} step from {r['step_source'] or '-'}; {r['ready']}: {r['ready_reason']}")

@@ -339,10 +339,13 @@ class Service:
         except CkptavgError:
             return
         rewinds: dict[int, tuple[str, Path]] = {}  # step -> (why, the checkpoint): where the trainer went back to
+        # one instant for the whole scan: judged one by one on a running clock, a checkpoint written after another
+        # could turn quiet while the scan still reads the earlier one, be taken first, and make it "late"
+        now = self.clock()
         for step in sorted(self.folded):  # a folded step whose files the trainer re-wrote
             if self.trajectory.source_state(step) == "changed":
                 src = Path(self.trajectory.sources[step]["path"])
-                if self._ready(src, rewritten=True) is not None:
+                if self._ready(src, rewritten=True, now=now) is not None:
                     rewinds[step] = (f"step {step} ({src}) was re-written after it was folded", src)
         for path in candidates:
             named = step_from_name(path.name)
@@ -350,7 +353,7 @@ class Service:
                 continue
             if named is not None and named in self.trajectory.abandoned and self._still_abandoned(named, path):
                 continue
-            ckpt = self._ready(path)
+            ckpt = self._ready(path, now=now)
             if ckpt is None:
                 continue
             if ckpt.step is None:
@@ -378,12 +381,13 @@ class Service:
             step = min(rewinds)
             self._rewind(step, *rewinds[step])
 
-    def _ready(self, path: Path, *, rewritten: bool = False) -> Checkpoint | None:
+    def _ready(self, path: Path, *, rewritten: bool = False, now: float | None = None) -> Checkpoint | None:
         """The indexed checkpoint at ``path`` once its writer has finished it (else None; problems said once).
         A ``rewritten`` checkpoint (re-written in place) must also be quiet for ``settle`` seconds."""
         named = step_from_name(path.name)
         try:
-            ready = check_ready(path, settle=self.cfg.settle, marker=self.cfg.marker, clock=self.clock,
+            ready = check_ready(path, settle=self.cfg.settle, marker=self.cfg.marker,
+                                clock=self.clock if now is None else (lambda: now),
                                 seen=self._ready_seen, deepspeed_weights=self.cfg.deepspeed_weights)
         except OSError:  # it vanished between two looks (rotation): it is simply not there
             return None

@@ -8,6 +8,10 @@
   folder (``.metadata`` + ``*.distcp``, or accelerate's ``pytorch_model_fsdp_0/`` inside it);
 * a file: ``.safetensors``, ``.pt``/``.pth``/``.bin``, Lightning ``.ckpt``, or an index.
 
+A fairseq file (weights under ``model`` beside ``optimizer_history``) is format ``fairseq`` and its step is
+the ``num_updates`` it records; an accelerate ``save_state`` folder is judged complete by accelerate's rule
+(:mod:`ckptavg.reading.formats.accelerate`) and its automatic ``checkpoint_<i>`` name gives a save number.
+
 Opening reads headers only (pickles: a data-free ``meta`` load). Tensor bytes are
 read later, one tensor at a time, by :class:`CheckpointReader`.
 """
@@ -26,13 +30,15 @@ import torch
 
 from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError
 from ckptavg.reading.fileio import FileCache, open_regular
+from ckptavg.reading.formats import accelerate as acc
 from ckptavg.reading.formats import dcp
 from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise, is_side_file
-from ckptavg.reading.steps import step_from_name
+from ckptavg.reading.steps import epoch_from_name, step_from_name
+from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +184,10 @@ def _from_pickles(path: Path, kind: str, indexes: list[pkl.PickleIndex], meta_di
     )
     if kind == "lightning" and indexes[0].global_step is not None:
         ckpt.step, ckpt.step_source = indexes[0].global_step, "global_step in the .ckpt"
+    if len(indexes) == 1 and indexes[0].fairseq:
+        ckpt.format = "fairseq"
+        if indexes[0].num_updates is not None:
+            ckpt.step, ckpt.step_source = indexes[0].num_updates, "num_updates in fairseq's optimizer_history"
     return ckpt
 
 
@@ -284,17 +294,27 @@ def open_checkpoint(
         ckpt = _open_file(path, state_key=state_key, strip_prefix=strip_prefix, meta_dir=meta_dir)
     if not ckpt.tensors:
         raise CheckpointNotFoundError("holds no tensors", path=path)
+    accelerate = path.is_dir() and acc.is_accelerate(os.listdir(path))
     if step is not None:
         ckpt.step, ckpt.step_source = step, "given"
+    elif ckpt.format == "fairseq" and ckpt.step is not None:
+        pass  # num_updates: epoch and update checkpoints on one axis
     else:
         named = step_from_name(path)
         folder = path if path.is_dir() else path.parent
-        if named is not None:
+        if accelerate and (saved := acc.save_number(path)) is not None:
+            ckpt.step, ckpt.step_source = saved, acc.SAVE_NUMBER_NOTE
+            warn_once(log, ("accelerate-save-number", str(path.parent)),
+                      "%s: accelerate names its checkpoints by save number (checkpoint_<i>), not by training step; "
+                      "the steps used here are save numbers", path.parent)
+        elif named is not None:
             ckpt.step, ckpt.step_source = named, "name"
         elif ckpt.step is None and (s := _trainer_step(folder)) is not None:
             ckpt.step, ckpt.step_source = s, "trainer_state.json"
+        elif ckpt.step is None and (e := epoch_from_name(path)) is not None:
+            ckpt.step, ckpt.step_source = e, "epoch in the name (the file records no num_updates)"
     if path.is_dir():
-        ckpt.incomplete = ckpt.incomplete or _trainer_incomplete(path)
+        ckpt.incomplete = ckpt.incomplete or (acc.pending(path) if accelerate else _trainer_incomplete(path))
     ckpt.model = _model_identity(ckpt.meta_dir)
     # saved by DeepSpeed but not read by its reader (e.g. weights saved beside it): empty tensors may be placeholders
     ckpt.zero3 = not ckpt.format.startswith("deepspeed") and (

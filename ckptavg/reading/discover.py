@@ -3,7 +3,10 @@
 A run folder (a Trainer's ``output_dir``, a Lightning ``checkpoints/`` folder, a
 plain loop's save folder) is walked a few levels deep. A candidate is a folder
 or weight file whose name carries a step (``checkpoint-500``, ``step_500.pt``,
-``epoch=1-step=500.ckpt``). Staging names that writers use before the final
+``epoch=1-step=500.ckpt``, fairseq's ``checkpoint_3_500.pt``) or is a fairseq epoch checkpoint
+(``checkpoint3.pt``, ordered after the update checkpoints of its epoch, see :func:`steps.order_key`).
+Aliases whose names carry no step (Lightning's ``last.ckpt``, a copy or a link; fairseq's
+``checkpoint_last.pt`` and ``checkpoint_best.pt``, copies) are never candidates. Staging names that writers use before the final
 rename are ignored (``tmp-checkpoint-*``, ``*.tmp``, ``*.orbax-checkpoint-tmp-*``,
 ``.metadata.tmp``, dotfiles). Symbolic links are followed only inside the root
 (a checkpoint folder whose weight file links out of the root is skipped),
@@ -23,7 +26,7 @@ from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteC
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.formats.deepspeed import holds_deepspeed
 from ckptavg.reading.names import DCP_MARKERS, WEIGHT_SUFFIXES, is_noise, is_side_file
-from ckptavg.reading.steps import step_from_name
+from ckptavg.reading.steps import checkpoint_kind, order_key
 from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
@@ -31,13 +34,14 @@ log = logging.getLogger(__name__)
 __all__ = ["find_candidates", "latest_complete"]
 
 def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
-    """Every path under ``root`` that names a step and may hold a checkpoint, sorted by step."""
+    """Every path under ``root`` that names a step (or a fairseq epoch) and may hold a checkpoint, in training
+    order (:func:`ckptavg.reading.steps.order_key`)."""
     root = Path(root)
     if not root.is_dir():
         raise CheckpointNotFoundError("run folder not found", path=root)
     real_root = root.resolve()
     seen: set[tuple[int, int]] = set()
-    found: list[tuple[int, Path]] = []
+    found: list[tuple[tuple, Path]] = []
 
     def inside(p: Path) -> bool:
         try:
@@ -72,7 +76,7 @@ def find_candidates(root: Path, *, max_depth: int = 4) -> list[Path]:
                 st_e = entry.stat()
             except OSError:
                 continue
-            step = step_from_name(entry.name)
+            step = order_key(entry.name)
             if is_dir:
                 if step is not None and _holds_weights(path):
                     outside = _weights_outside(path, inside)
@@ -131,14 +135,22 @@ def _holds_weights(folder: Path) -> bool:
         return False
 
 
-def latest_complete(root: Path, n: int, **open_options: object) -> list[Checkpoint]:
+def latest_complete(root: Path, n: int, *, kind: str | None = None, **open_options: object) -> list[Checkpoint]:
     """The newest ``n`` complete checkpoints of a run folder, oldest first.
 
     Incomplete ones (still being written: a missing shard, a truncated file, no
-    ``trainer_state.json`` yet) are skipped with a warning.
+    ``trainer_state.json`` yet) are skipped with a warning. ``kind`` ``"epoch"`` or ``"update"`` keeps
+    only fairseq's epoch (``checkpoint<E>.pt``) or update (``checkpoint_<E>_<U>.pt``) checkpoints, like
+    fairseq's ``average_checkpoints.py --num-epoch-checkpoints`` / ``--num-update-checkpoints``.
     """
     chosen: list[Checkpoint] = []
-    for path in reversed(find_candidates(root)):
+    candidates = find_candidates(root)
+    if kind is not None:
+        candidates = [p for p in candidates if checkpoint_kind(p) == kind]
+        if not candidates:
+            raise CheckpointNotFoundError(f"holds no fairseq {kind} checkpoints", path=root,
+                                          hint="epoch: checkpoint<E>.pt; update: checkpoint_<E>_<U>.pt")
+    for path in reversed(candidates):
         try:
             ckpt = open_checkpoint(path, **open_options)  # type: ignore[arg-type]
         except IncompleteCheckpointError as e:

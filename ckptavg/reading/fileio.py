@@ -24,7 +24,7 @@ import torch
 
 from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, SpecialFileError, TruncatedFileError
 
-__all__ = ["FileCache", "FileIdentity", "identify", "open_regular", "read_exact", "require_regular"]
+__all__ = ["FileCache", "FileIdentity", "identify", "open_regular", "read_exact", "require_regular", "zip_finished"]
 
 
 def open_regular(path: Path) -> int:
@@ -41,6 +41,15 @@ def open_regular(path: Path) -> int:
         raise SpecialFileError(f"is {what}, not a weight file; it is not read", path=path,
                                hint="checkpoint files must be regular files")
     return fd
+
+
+def zip_finished(path: Path) -> bool:
+    """Whether a zip (a ``torch.save`` file) has its end-of-central-directory record: a torch zip written in
+    place lacks it until the writer is done. Reads the last 64 KiB only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65_558))  # EOCD (22 bytes) + the longest zip comment
+        return b"PK\x05\x06" in f.read()
 
 
 def require_regular(path: Path) -> None:

@@ -8,6 +8,9 @@ and what they don't"):
   ``trainer_state.json`` (written last) exists and every indexed shard is present and whole.
 * **torch.distributed.checkpoint**: ``.metadata`` exists (``.metadata.tmp`` renamed is the commit).
 * **Orbax**: no ``.orbax-checkpoint-tmp`` in the name, or ``commit_success.txt`` present.
+* **accelerate** ``save_state`` folder (``random_states_<n>.pkl``, ``optimizer.bin`` ... and no
+  ``trainer_state.json``): ``random_states_0.pkl`` (written last) has its zip end record, the weights are
+  whole, and the folder is quiet for ``settle`` seconds (registered custom objects are saved after it).
 * **DeepSpeed**: a non-empty ``latest`` tag file in the run folder names the tag (or a later one), and every
   rank's file the optimizer states' partition count calls for is there (a flat retained copy, with no
   ``latest`` beside it, is judged by its rank files alone).
@@ -37,12 +40,13 @@ from typing import Callable, Literal
 
 from ckptavg.errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.fileio import zip_finished
+from ckptavg.reading.formats import accelerate as acc
 from ckptavg.reading.names import is_noise
 from ckptavg.reading.steps import step_from_name
 
 __all__ = ["Readiness", "check_ready"]
 
-_EOCD = b"PK\x05\x06"
 _SKEW = 2.0  # seconds of clock difference tolerated before an mtime counts as "in the future"
 
 log = logging.getLogger(__name__)
@@ -116,13 +120,6 @@ def _special(path: Path) -> Path | None:
     return None
 
 
-def _zip_finished(path: Path) -> bool:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        f.seek(max(0, size - 65_558))  # EOCD (22 bytes) + the longest zip comment
-        return _EOCD in f.read()
-
-
 def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
                 clock: Callable[[], float] = time.time, seen: dict | None = None,
                 deepspeed_weights: str = "fp32") -> Readiness:
@@ -159,11 +156,14 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
             here, there = step_from_name(path.name), step_from_name(tag)
             if not tag or (tag != path.name and (here is None or there is None or there < here)):
                 return Readiness("waiting", f"DeepSpeed 'latest' names {tag or 'nothing'!s}, not this tag yet")
-        trainer = bool(names & {"optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "scaler.pt"}) or any(
-            n.startswith("rng_state") for n in names)
+        accelerate = acc.is_accelerate(names)
+        if accelerate and (why := acc.pending(path)) is not None:
+            return Readiness("waiting", why)
+        trainer = not accelerate and (bool(names & {"optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin",
+                                                   "scaler.pt"}) or any(n.startswith("rng_state") for n in names))
         if trainer and "trainer_state.json" not in names:
             return Readiness("waiting", "trainer_state.json not written yet (the HF Trainer writes it last)")
-    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt") and not _zip_finished(path):
+    elif path.suffix in (".pt", ".pth", ".bin", ".ckpt") and not zip_finished(path):
         return Readiness("waiting", "pickle still being written (no zip end record yet)")
     try:
         ckpt = open_checkpoint(path, deepspeed_weights=deepspeed_weights)
@@ -180,4 +180,7 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
         return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard whole", ckpt)
     if not quiet:
         return Readiness("waiting", f"whole, but modified less than {settle:g} s ago")
+    if path.is_dir() and acc.is_accelerate(os.listdir(path)):
+        return Readiness("ready", f"accelerate save_state: {acc.LAST_FILE} (written last) and the weights whole, "
+                                  f"quiet for {settle:g} s", ckpt)
     return Readiness("ready", f"{ckpt.format}: whole and quiet for {settle:g} s", ckpt)

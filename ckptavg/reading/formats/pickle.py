@@ -316,6 +316,14 @@ def _index_load(path: Path) -> Any:
     return _torch_load(path, "meta")
 
 
+def _fairseq_updates(obj: Mapping[str, Any]) -> int | None:
+    """The update count fairseq's ``Trainer.state_dict`` records: ``optimizer_history[-1]["num_updates"]``."""
+    history = obj.get("optimizer_history")
+    last = history[-1] if isinstance(history, list) and history else None
+    updates = last.get("num_updates") if isinstance(last, Mapping) else None
+    return updates if isinstance(updates, int) and not isinstance(updates, bool) else None
+
+
 class PickleIndex:
     """Tensors of one pickle file, from a data-free (meta) load."""
 
@@ -327,6 +335,8 @@ class PickleIndex:
         self.lightning = lightning
         self.deepspeed = isinstance(obj, Mapping) and "ds_version" in obj  # DeepSpeed's model_states files
         self.global_step = obj.get("global_step") if isinstance(obj, Mapping) and isinstance(obj.get("global_step"), int) else None
+        self.fairseq = isinstance(obj, Mapping) and self.state_key == "model" and "optimizer_history" in obj
+        self.num_updates = _fairseq_updates(obj) if self.fairseq else None
         names = _strip(list(state), lightning=lightning and self.state_key == "state_dict", strip_prefix=strip_prefix)
         self.key_of = {v: k for k, v in names.items()}
         if len(self.key_of) != len(names):

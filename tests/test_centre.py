@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_daemon import ckptavg_command, wait_for
+from test_daemon import ckptavg_command, stop, wait_for
 
 from ckptavg.averaging.average import Average
 from ckptavg.averaging.engine import Engine
@@ -66,12 +66,6 @@ def cstatus(out: Path) -> dict:
 def folds_reach(out: Path, proc: subprocess.Popen, n: int):
     return lambda: (cstatus(out).get("pid") == proc.pid and cstatus(out).get("folds") == n
                     and cstatus(out).get("state") == "watching")
-
-
-def stop(proc: subprocess.Popen) -> tuple[int, str]:
-    proc.terminate()
-    _, err = proc.communicate(timeout=30)
-    return proc.returncode, err
 
 
 def resolve_order(out: Path, archive: dict[Path, Path]) -> list[Path]:

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_daemon import status, stop, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -51,28 +51,6 @@ def start_daemon(run: Path, out: Path, *extra: str) -> subprocess.Popen:
         [sys.executable, "-m", "ckptavg.cli.main", "watch", str(run), "-o", str(out), "--ema", str(HALF_LIFE),
          "--lawa", "2", "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu", *extra],
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def status(out: Path) -> dict:
-    try:
-        return json.loads((out / ".ckptavg" / "status.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
-def wait_for(cond, timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
-def stop(proc: subprocess.Popen) -> tuple[int, str]:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    return proc.returncode, err
 
 
 _RUNS: dict[int, dict] = {}

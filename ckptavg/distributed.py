@@ -51,7 +51,15 @@ from ckptavg.averaging.average import Average
 from ckptavg.averaging.compat import check_inputs
 from ckptavg.averaging.engine import Engine, expected_outputs, output_order, validate_sequence
 from ckptavg.errors import CkptavgError, OutputError, UsageError
-from ckptavg.oneshot import AverageSpec, Result, _input_paths, _protect, build_averages, final_members, order_checkpoints
+from ckptavg.oneshot import (
+    AverageSpec,
+    Result,
+    _input_paths,
+    _protect,
+    build_averages,
+    final_members,
+    order_checkpoints,
+)
 from ckptavg.reading.checkpoint import Checkpoint
 from ckptavg.reading.formats.refs import TensorRef
 from ckptavg.units import format_bytes
@@ -175,7 +183,7 @@ class Ranks:
         error: Exception | None = None
         try:
             yield
-        except Exception as e:  # noqa: BLE001 - told to every rank, raised below
+        except Exception as e:
             error = e
             failure = _describe(e)
             log.debug("rank %d failed while %s", self.rank, phase, exc_info=True)
@@ -452,4 +460,9 @@ def _average_on_ranks(
             engine.close()
         ranks.close()
     seconds = time.perf_counter() - started
+    if launch.rank == 0:
+        total = sum(b for _, b in sizes)
+        log.info("averaged %d checkpoints (%s) on %d ranks into %s in %.2f s (%.2f GB/s)", len(ckpts),
+                 format_bytes(total), launch.world_size, ", ".join(str(t) for t in targets.values()), seconds,
+                 total / seconds / 1e9 if seconds else 0.0)
     return Result(outputs=targets, bytes_read=my_bytes, seconds=seconds, schedule="tensor-major")

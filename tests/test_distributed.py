@@ -226,3 +226,23 @@ def test_row115_a_rank_killed_leaves_nothing_published(tmp_path):
     assert r.returncode != 0
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # rank 0 removed its staging folder
+
+
+@pytest.mark.slow
+def test_row116_ranks_that_indexed_different_inputs_stop_before_reading(tmp_path):
+    """docs/FAULTS.md row 116: rank 1 indexes other inputs than rank 0 (here: its own --last; in life, a run
+    folder that gained a checkpoint between the ranks' scans, or nodes that see different files): every
+    rank stops before any tensor is read, with one line saying so; nothing is written."""
+    run = make_run(tmp_path, steps=(100, 200, 300))
+    script = tmp_path / "skewed.py"
+    script.write_text(
+        "import os, sys\n"
+        "from ckptavg.cli.main import main\n"
+        "last = '2' if os.environ['RANK'] == '1' else '3'\n"
+        f"main(['average', {str(run)!r}, '--last', last, '-o', {str(tmp_path / 'out')!r}])\n")
+    r = torchrun(2, script=[str(script)])
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if "ckptavg: error:" in ln]
+    assert len(lines) == 2 and all("rank 1 indexed other inputs than rank 0" in ln for ln in lines), r.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

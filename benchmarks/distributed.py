@@ -47,7 +47,9 @@ def child(argv: list[str]) -> None:
         main(argv)
     finally:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(f"{RSS_MARK}{json.dumps({'rank': int(os.environ.get('RANK', 0)), 'rss': rss})}", flush=True)
+        sys.stdout.flush()
+        # one write() of the whole line: the ranks share torchrun's stdout
+        os.write(1, f"\n{RSS_MARK}{json.dumps({'rank': int(os.environ.get('RANK', 0)), 'rss': rss})}\n".encode())
 
 
 def parse_size(text: str) -> int:
@@ -91,10 +93,9 @@ def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], thread
     if r.returncode != 0:
         raise SystemExit(f"{n} rank(s) failed:\n{r.stderr[-3000:]}")
     rss = {}
-    for line in r.stdout.splitlines():
-        if line.startswith(RSS_MARK):
-            d = json.loads(line[len(RSS_MARK):])
-            rss[d["rank"]] = d["rss"]
+    for m in re.finditer(re.escape(RSS_MARK) + r"(\{[^}]*\})", r.stdout):
+        d = json.loads(m.group(1))
+        rss[d["rank"]] = d["rss"]
     m = re.search(r"averaged .* in ([\d.]+) s", r.stderr)
     inner = float(m.group(1)) if m else wall
     shares = [m.group(1) for m in re.finditer(r"rank \d+ of \d+: \d+ of \d+ tensors, ([\d.]+ [KMG]?B) of", r.stderr)]

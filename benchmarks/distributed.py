@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import drop_cache  # noqa: E402
+from common import drop_cache
 
 RSS_MARK = "BENCH-RSS "
 
@@ -49,7 +49,7 @@ def child(argv: list[str]) -> None:
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         sys.stdout.flush()
         # one write() of the whole line: the ranks share torchrun's stdout
-        os.write(1, f"\n{RSS_MARK}{json.dumps({'rank': int(os.environ.get('RANK', 0)), 'rss': rss})}\n".encode())
+        os.write(1, f"\n{RSS_MARK}{json.dumps({'rank': int(os.environ.get('RANK', '0')), 'rss': rss})}\n".encode())
 
 
 def parse_size(text: str) -> int:

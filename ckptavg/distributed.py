@@ -113,11 +113,29 @@ class Launch:
     local_world_size: int
 
 
+def _parent_is_torchrun() -> bool | None:
+    """Whether the parent process is torchrun (its command line, from /proc); None where it cannot be told."""
+    try:
+        text = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return any(mark in text for mark in ("torchrun", "torch.distributed.run", "torch/distributed/run.py"))
+
+
 def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
     """The launch torchrun describes in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or
-    None for a plain run."""
+    None for a plain run.
+
+    Those variables are inherited: a ``ckptavg average`` that a torchrun-launched trainer starts as a
+    subprocess has them too, and joining the trainer's process group would hang. So they count only in
+    a direct child of torchrun (or with ``CKPTAVG_TORCHRUN=1``, for a launcher that sets the same
+    variables); otherwise the run is plain, with one warning."""
     env = os.environ if env is None else env
     if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    if env.get("CKPTAVG_TORCHRUN") != "1" and _parent_is_torchrun() is False:
+        log.warning("WORLD_SIZE and RANK are set but this process was not started by torchrun (inherited from "
+                    "a training job?): averaging in this one process; set CKPTAVG_TORCHRUN=1 to run as a rank")
         return None
     try:
         world = int(env["WORLD_SIZE"])

@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_model
 
+from ckptavg import distributed
 from ckptavg.distributed import assign_ranks, launch_from_env, shard_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,10 +104,28 @@ def assert_same(a: Path, b: Path) -> None:
     assert (b / "README.md").exists()
 
 
-def test_launch_is_read_from_torchrun_environment():
+def test_launch_is_read_from_torchrun_environment(monkeypatch):
     assert launch_from_env({}) is None
-    got = launch_from_env({"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    env = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    monkeypatch.setattr(distributed, "_parent_is_torchrun", lambda: True)
+    got = launch_from_env(env)
     assert (got.rank, got.world_size, got.local_rank, got.local_world_size) == (3, 4, 1, 2)
+    monkeypatch.setattr(distributed, "_parent_is_torchrun", lambda: False)  # inherited from a trainer
+    assert launch_from_env(env) is None
+    assert launch_from_env({**env, "CKPTAVG_TORCHRUN": "1"}).rank == 3
+
+
+@pytest.mark.slow
+def test_a_subprocess_of_a_torchrun_trainer_averages_plainly(tmp_path):
+    """``ckptavg average`` started by a torchrun-launched trainer inherits WORLD_SIZE/RANK: it must not
+    join the trainer's process group (it would hang) but average on its own, saying why once."""
+    run = make_run(tmp_path, steps=(100, 200))
+    env = {**env_plain(), "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": "1"}
+    r = plain("average", run, "--last", "2", "-o", tmp_path / "out", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("was not started by torchrun") == 1
+    assert "ranks" not in json.loads((tmp_path / "out" / "ckptavg.json").read_text())
 
 
 def test_assignment_is_contiguous_and_balanced_by_bytes():

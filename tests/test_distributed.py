@@ -265,3 +265,21 @@ def test_row116_ranks_that_indexed_different_inputs_stop_before_reading(tmp_path
     assert len(lines) == 2 and all("rank 1 indexed other inputs than rank 0" in ln for ln in lines), r.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_more_ranks_than_tensors(tmp_path):
+    """3 ranks, one tensor: ranks 0 and 2 read and write nothing; rank 0 still publishes, and the one file is
+    the single-process file byte for byte."""
+    from safetensors.torch import save_file
+
+    for i, step in enumerate((10, 20)):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({"w": torch.randn(100, generator=torch.Generator().manual_seed(i))},
+                  str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
+    r = torchrun(3, "average", tmp_path / "run", "--last", "2", "-o", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    assert "rank 0 of 3: 0 of 1 tensors" in r.stderr
+    p = plain("average", tmp_path / "run", "--last", "2", "-o", tmp_path / "plain")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()

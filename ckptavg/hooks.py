@@ -17,6 +17,8 @@ Points (``context`` keyword arguments in brackets):
     a generation's accumulators are durable, its manifest (the commit) is not written yet;
 ``publish.before-rename`` [target]
     a published average is complete in its version folder; ``OUT/<name>`` is not swapped to it yet.
+``rank.write`` [rank, world_size, tensor]
+    a rank of a distributed one-shot (torchrun) has averaged one of its tensors and is about to write it.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 __all__ = ["POINTS", "clear", "install", "point"]
 
-POINTS = ("fold.start", "state.before-persist", "state.before-manifest", "publish.before-rename")
+POINTS = ("fold.start", "state.before-persist", "state.before-manifest", "publish.before-rename", "rank.write")
 
 _installed: dict[str, Callable[..., None]] = {}
 

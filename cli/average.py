@@ -14,6 +14,7 @@ from ckptavg.averaging.engine import Engine
 from ckptavg.averaging.rules import parse_rules
 from ckptavg.cli.methodflags import DerivedOptionsCommand, average_flags, parse_methods
 from ckptavg.cli.progressbar import make_progress
+from ckptavg.distributed import average_on_ranks, launch_from_env
 from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
 from ckptavg.oneshot import average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
@@ -171,6 +172,23 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
     budget = None if memory_budget is None else parse_size(memory_budget, option="--memory-budget")
     if scratch_dir is not None and scratch_dir.exists() and not scratch_dir.is_dir():
         raise UsageError(f"--scratch-dir {scratch_dir}: not a folder")
+    launch = launch_from_env()
+    if launch is not None:  # started by torchrun: this rank's part (README "Beyond one machine")
+        if launch.rank != 0:  # rank 0 tells the story; every rank still prints its error line
+            logging.getLogger("ckptavg").setLevel(max(logging.WARNING, logging.getLogger("ckptavg").level))
+        if output_format != "safetensors" or budget is not None or scratch_dir is not None:
+            raise UsageError("under torchrun, --output-format dcp, --memory-budget and --scratch-dir are not "
+                             "available yet", hint="run without torchrun")
+        result = average_on_ranks(
+            launch, lambda: resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key, strip_prefix=strip),
+            specs, output, weights=weight_list, device=device, threads=threads, check_finite=not allow_nonfinite,
+            build=lambda dev: build_averages(specs, rules=parse_rules(rules), accum_dtype=getattr(torch, accum_dtype),
+                                             on_shape_change=on_shape_change, device=dev),
+            max_shard_bytes=max_shard, force=force, allow_mixed_models=allow_mixed_models)
+        if launch.rank == 0:
+            for name, path in result.outputs.items():
+                click.echo(f"{name}: {path}")
+        return
     ckpts, run_folders = resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key,
                                         strip_prefix=strip, deepspeed_weights=deepspeed_weights, kind=checkpoint_kind)
     if weight_list is not None and len(weight_list) != len(ckpts):

@@ -9,6 +9,8 @@ faults named in ``CKPTAVG_FAULT`` installed at the named points of :mod:`ckptavg
 ``crash-before-manifest``        exit 137 after a generation's accumulators, before its manifest
 ``crash-before-publish-rename``  exit 137 after a published average is complete, before it is renamed in
 ``poison-step=STEP``             the fold of STEP fails with an unexpected RuntimeError (an engine bug)
+``fail-rank=R``                  rank R of a distributed one-shot fails (OSError) writing its first tensor
+``kill-rank=R``                  rank R of a distributed one-shot exits 137 writing its first tensor
 
 Only the tests use this; shipped code merely names the points.
 """
@@ -45,6 +47,15 @@ def install_from_env(spec: str) -> None:
                 if step == poisoned:
                     raise RuntimeError("poisoned by the test")
             hooks.install("fold.start", poison)
+        elif name in ("fail-rank", "kill-rank"):
+            target, kill = int(value), name == "kill-rank"
+
+            def fail(rank: int, tensor: str, kill: bool = kill, target: int = target, **_: object) -> None:
+                if rank == target:
+                    if kill:
+                        os._exit(137)
+                    raise OSError(f"injected I/O error writing {tensor!r}")
+            hooks.install("rank.write", fail)
         elif name == "crash-before-persist":
             hooks.install("state.before-persist", _crash)
         elif name == "crash-before-manifest":

@@ -63,7 +63,7 @@ from ckptavg.writing.atomic import AtomicDir, fsync_dir, is_orphan, remove_orpha
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PUBLISH_GRACE", "DEFAULT_SHARD_BYTES", "ModelWriter", "copy_meta_files", "expire_versions",
-           "plan_shards", "publish_average", "remove_publish_orphans", "versions_dir"]
+           "plan_shards", "publish_average", "remove_publish_orphans", "versions_dir", "write_index"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 WRITE_QUEUE_BYTES = 64 << 20  # finished bytes waiting for the writer thread, at most
@@ -113,6 +113,7 @@ class ModelWriter:
         weights_name: str = "model",
         aliases: dict[str, str] | None = None,
         background: bool = True,
+        files: Sequence[str] | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.aliases = {a: t for a, t in (aliases or {}).items() if t in {r.name for r in refs}}
@@ -126,7 +127,9 @@ class ModelWriter:
         self.files = [
             f"{weights_name}.safetensors" if n == 1 else f"{weights_name}-{i + 1:05d}-of-{n:05d}.safetensors"
             for i in range(n)
-        ]
+        ] if files is None else list(files)  # given: one rank's shards of a distributed run
+        if len(self.files) != n:
+            raise OutputError(f"internal: {len(self.files)} file names for {n} shards", path=self.folder)
         self.weights_name = weights_name
         self._shards = shards
         self._metadata = metadata
@@ -212,7 +215,8 @@ class ModelWriter:
             self._current = None
             self._index += 1
 
-    def finish(self) -> None:
+    def finish(self, *, index: bool = True) -> None:
+        """Check that every planned byte was written; with ``index``, write the shard index (several files)."""
         self._join()
         if self._error is not None:
             self.abort()
@@ -223,9 +227,8 @@ class ModelWriter:
         if self._current is not None or self._index != len(self._shards):
             self.abort()
             raise OutputError("internal: output ended before every planned tensor was written", path=self.folder)
-        if len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": self.weight_map}
-            (self.folder / f"{self.weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if index and len(self.files) > 1:
+            write_index(self.folder, self.weights_name, self.weight_map, self.total_bytes)
 
     def abort(self) -> None:
         self._aborted = True
@@ -233,6 +236,12 @@ class ModelWriter:
         if self._current is not None:
             self._current.f.close()
             self._current = None
+
+
+def write_index(folder: Path, weights_name: str, weight_map: dict[str, str], total_bytes: int) -> None:
+    """``<weights_name>.safetensors.index.json``: which shard file holds each tensor."""
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+    (folder / f"{weights_name}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def copy_meta_files(src: Path | None, dst: Path) -> list[str]:

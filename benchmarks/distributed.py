@@ -1,0 +1,169 @@
+"""Benchmark of the one-shot average across ranks (``torchrun -m ckptavg average``) on this machine.
+
+    python benchmarks/distributed.py [--size 200MB] [--count 5] [--ranks 1,2] [--workdir DIR]
+
+Generates ``--count`` synthetic Llama-layout bf16 checkpoints of ``--size`` each (``gen.py``; kept in
+``--workdir`` for reuse), then prints a markdown table:
+
+* the read bandwidth alone (one process, ``pread`` of every input byte into a reused buffer), with the
+  page cache cold (dropped with ``posix_fadvise``) and warm;
+* for each rank count: the wall time of the whole ``torchrun`` command, the time from the process
+  group's start to the publish (rank 0's ``averaged ... in`` line), GB/s of input folded, that rate as
+  a fraction of linear scaling from 1 rank, and each rank's peak RSS beside the fp32 accumulators of the
+  whole model divided by the rank count (what a rank would hold if it kept its part of them all at once;
+  the tensor-major schedule holds far less: one piece per average at a time).
+
+The averages run with a warm page cache (the inputs are read once before each run). Every rank runs
+``--threads`` arithmetic threads (default 1). The machine, its core count and the load from others are
+printed with the table: on a small shared machine two ranks compete for the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import drop_cache
+
+RSS_MARK = "BENCH-RSS "
+
+
+def child(argv: list[str]) -> None:
+    """One rank: the ckptavg CLI, then its peak RSS on stdout."""
+    from ckptavg.cli.main import main
+
+    try:
+        main(argv)
+    finally:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        sys.stdout.flush()
+        # one write() of the whole line: the ranks share torchrun's stdout
+        os.write(1, f"\n{RSS_MARK}{json.dumps({'rank': int(os.environ.get('RANK', '0')), 'rss': rss})}\n".encode())
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMG]?B)", text.strip().upper())
+    if not m:
+        raise SystemExit(f"--size {text!r}: expected e.g. 200MB")
+    return int(float(m.group(1)) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m.group(2)])
+
+
+def input_files(folders: list[Path]) -> list[Path]:
+    return sorted(f for d in folders for f in d.glob("*.safetensors"))
+
+
+def read_all(files: list[Path]) -> tuple[int, float]:
+    buf = bytearray(16 << 20)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            off = 0
+            while True:
+                n = os.preadv(fd, [view], off)
+                if n == 0:
+                    break
+                off += n
+            total += off
+        finally:
+            os.close(fd)
+    return total, time.perf_counter() - t0
+
+
+def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], threads: int) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(Path(__file__)),
+           "--child", "average", *map(str, folders), *methods, "--threads", str(threads), "-o", str(out), "--force"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=1800)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"{n} rank(s) failed:\n{r.stderr[-3000:]}")
+    rss = {}
+    for m in re.finditer(re.escape(RSS_MARK) + r"(\{[^}]*\})", r.stdout):
+        d = json.loads(m.group(1))
+        rss[d["rank"]] = d["rss"]
+    m = re.search(r"averaged .* in ([\d.]+) s", r.stderr)
+    inner = float(m.group(1)) if m else wall
+    shares = [m.group(1) for m in re.finditer(r"rank \d+ of \d+: \d+ of \d+ tensors, ([\d.]+ [KMG]?B) of", r.stderr)]
+    return {"wall": wall, "inner": inner, "rss": [rss[k] for k in sorted(rss)], "shares": shares}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        child(argv[1:])
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", default="200MB", help="bytes per checkpoint")
+    p.add_argument("--count", type=int, default=5, help="checkpoints")
+    p.add_argument("--ranks", default="1,2", help="rank counts to run")
+    p.add_argument("--threads", type=int, default=1, help="arithmetic threads per rank")
+    p.add_argument("--methods", default="ema:2000", help="comma-separated --method values, all in one read")
+    p.add_argument("--repeat", type=int, default=2, help="runs per rank count (the best is reported)")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ckptavg-bench-dist")
+    opts = p.parse_args(argv)
+
+    from gen import generate
+
+    size = parse_size(opts.size)
+    inputs = opts.workdir / f"run-{opts.size}-{opts.count}"
+    folders = sorted(inputs.glob("checkpoint-*"), key=lambda f: int(f.name.split("-")[1]))
+    if len(folders) != opts.count:
+        t0 = time.perf_counter()
+        folders = generate(inputs, size, opts.count)
+        print(f"generated {opts.count} x {opts.size} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    files = input_files(folders)
+    drop_cache(files)
+    total, cold = read_all(files)
+    _, warm = read_all(files)
+    model_bytes = total // opts.count  # bf16 bytes of one checkpoint
+    methods = [x for m in opts.methods.split(",") for x in ("--method", m)]
+    n_avg = len(opts.methods.split(","))
+    accum = model_bytes * 2 * n_avg  # fp32 accumulators of every average, whole model
+
+    rows = []
+    base = None
+    for n in [int(x) for x in opts.ranks.split(",")]:
+        best = None
+        for _ in range(opts.repeat):
+            read_all(files)  # warm
+            got = run_ranks(n, folders, opts.workdir / "out", methods, opts.threads)
+            if best is None or got["inner"] < best["inner"]:
+                best = got
+        assert best is not None
+        rate = total / best["inner"] / 1e9
+        base = base or rate / n
+        rows.append((n, best, rate, rate / (base * n)))
+
+    load = os.getloadavg()
+    print(f"Inputs: {opts.count} x {model_bytes / 1e6:.0f} MB bf16 ({total / 1e9:.2f} GB), methods {opts.methods}, "
+          f"{opts.threads} arithmetic thread(s) per rank; {os.cpu_count()} CPU cores, load average "
+          f"{load[0]:.1f} at the end.\n")
+    print(f"Read alone (1 process, pread, 16 MiB buffer): cold page cache {total / cold / 1e9:.2f} GB/s, "
+          f"warm {total / warm / 1e9:.2f} GB/s.\n")
+    print("| ranks | input bytes per rank | wall (torchrun) | rank 0: start → publish | GB/s folded "
+          "| fraction of linear | peak RSS per rank | fp32 accumulators / ranks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, best, rate, frac in rows:
+        rss = ", ".join(f"{r / 2**20:.0f} MiB" for r in best["rss"])
+        print(f"| {n} | {', '.join(best['shares'])} | {best['wall']:.1f} s | {best['inner']:.1f} s | {rate:.2f} | {frac:.2f} | {rss} "
+              f"| {accum / n / 2**20:.0f} MiB |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

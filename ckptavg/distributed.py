@@ -1,0 +1,486 @@
+"""The one-shot average across ranks: ``torchrun --nproc-per-node N -m ckptavg average ...``.
+
+torchrun starts the same command on every rank and sets ``WORLD_SIZE``, ``RANK`` and ``LOCAL_RANK``;
+:func:`launch_from_env` reads them and :func:`average_on_ranks` runs the rank's part:
+
+1. **index** — every rank indexes the inputs itself (headers only, the single-process code path: the
+   refs carry this machine's file identities, and a header is a few KiB), and validates them as the
+   single-process run does; the ranks then compare a digest of what they indexed and of the plan, so a
+   rank that saw other inputs (a run folder that gained a checkpoint meanwhile, a node with another
+   copy) stops every rank before anything is read;
+2. **split** — the output tensors, in output order, are cut into ``WORLD_SIZE`` contiguous runs balanced
+   by the bytes read for them (:func:`assign_ranks`): a tensor goes to the rank whose share holds the
+   middle of its bytes, so a rank reads at most its share plus one tensor, and it reads consecutive
+   byte ranges of every input. Whole tensors only: one tensor larger than a share leaves that rank
+   with more (said in the README);
+3. **average** — each rank folds only its tensors with the one-shot :class:`Engine` (every average in
+   one read; per tensor exactly the single-process arithmetic, so every output tensor is bit-identical)
+   and streams them into its own shard files, named for their place in the whole output
+   (``model-0000i-of-0000N.safetensors``), inside the staging folder rank 0 created;
+4. **publish** — after every rank reports success, rank 0 writes the shard index, the config/tokenizer
+   files, the model card and ``ckptavg.json`` and renames the staging folder into place
+   (:class:`AtomicDir`): one rename publishes the whole output.
+
+Every phase ends with an exchange of each rank's status (:meth:`Ranks.agree`): a rank that fails makes
+every rank fail with the same line naming it, and nothing is published (rank 0 removes the staging
+folder). The ranks exchange only small status objects, never tensor data, so the process group is gloo
+on CPU and on CUDA alike. Every rank must see the inputs and ``-o`` at the same paths (one machine, or a
+shared filesystem).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptavg import hooks
+from ckptavg.averaging.average import Average
+from ckptavg.averaging.compat import check_inputs
+from ckptavg.averaging.engine import Engine, expected_outputs, output_order, validate_sequence
+from ckptavg.errors import CkptavgError, OutputError, UsageError
+from ckptavg.oneshot import (
+    AverageSpec,
+    Result,
+    _input_paths,
+    _protect,
+    build_averages,
+    final_members,
+    order_checkpoints,
+)
+from ckptavg.reading.checkpoint import Checkpoint
+from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.units import format_bytes
+from ckptavg.writing.atomic import AtomicDir
+from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder, plan_shards, write_index
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Launch", "RankError", "Ranks", "assign_ranks", "average_on_ranks", "launch_from_env", "shard_names"]
+
+DEFAULT_TIMEOUT = timedelta(minutes=30)  # the longest a rank waits for the others at an exchange
+
+
+class _Stopped(BaseException):
+    """torchrun stopped this rank (SIGTERM, after another rank failed): unwind, removing the staging folder."""
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM (what torchrun sends the other ranks when one fails) raises
+    :class:`_Stopped` instead of ending the process at once, so the staging folder is removed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stopped
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+class RankError(CkptavgError):
+    """A rank of a distributed run failed: raised on every rank, with the failing rank's own line."""
+
+    def __init__(self, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a torchrun launch."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+
+
+def _parent_is_torchrun() -> bool | None:
+    """Whether the parent process is torchrun (its command line, from /proc); None where it cannot be told."""
+    try:
+        text = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    return any(mark in text for mark in ("torchrun", "torch.distributed.run", "torch/distributed/run.py"))
+
+
+def launch_from_env(env: Mapping[str, str] | None = None) -> Launch | None:
+    """The launch torchrun describes in the environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``), or
+    None for a plain run.
+
+    Those variables are inherited: a ``ckptavg average`` that a torchrun-launched trainer starts as a
+    subprocess has them too, and joining the trainer's process group would hang. So they count only in
+    a direct child of torchrun (or with ``CKPTAVG_TORCHRUN=1``, for a launcher that sets the same
+    variables); otherwise the run is plain, with one warning."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" not in env or "RANK" not in env:
+        return None
+    if env.get("CKPTAVG_TORCHRUN") != "1" and _parent_is_torchrun() is False:
+        log.warning("WORLD_SIZE and RANK are set but this process was not started by torchrun (inherited from "
+                    "a training job?): averaging in this one process; set CKPTAVG_TORCHRUN=1 to run as a rank")
+        return None
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env["RANK"])
+        local = int(env.get("LOCAL_RANK", rank))
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+    except ValueError:
+        raise UsageError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (set by torchrun)") from None
+    if not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return Launch(rank=rank, world_size=world, local_rank=local, local_world_size=max(1, local_world))
+
+
+def rank_device(spec: str, launch: Launch) -> torch.device:
+    """``auto``/``cuda`` give each rank ``cuda:LOCAL_RANK`` where CUDA is present; ``cuda:N`` and ``cpu`` stay."""
+    if spec in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", launch.local_rank % torch.cuda.device_count())
+    if spec == "auto":
+        return torch.device("cpu")
+    return torch.device(spec)
+
+
+def _describe(e: BaseException) -> tuple[str, int]:
+    if isinstance(e, CkptavgError):
+        return str(e), e.exit_code
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:300]}", 1
+
+
+class Ranks:
+    """The process group of one distributed run and its status exchanges (gloo: small objects only)."""
+
+    def __init__(self, launch: Launch, *, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        import torch.distributed as dist
+
+        self.launch = launch
+        self._dist = dist
+        if not dist.is_available():
+            raise UsageError("this torch was built without torch.distributed; run without torchrun")
+        self._own = not dist.is_initialized()
+        if self._own:
+            dist.init_process_group(backend="gloo", timeout=timeout)
+
+    @property
+    def rank(self) -> int:
+        return self.launch.rank
+
+    def gather(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.launch.world_size
+        self._dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    @contextlib.contextmanager
+    def agree(self, phase: str) -> Iterator[None]:
+        """Run the block on every rank, then exchange how it went: if it failed on any rank, raise
+        :class:`RankError` on every rank, naming the first failing rank and its error."""
+        failure: tuple[str, int] | None = None
+        error: Exception | None = None
+        try:
+            yield
+        except Exception as e:
+            error = e
+            failure = _describe(e)
+            log.debug("rank %d failed while %s", self.rank, phase, exc_info=True)
+        statuses = self.gather(failure)
+        for r, status in enumerate(statuses):
+            if status is not None:
+                text, code = status
+                raise RankError(f"rank {r} of {self.launch.world_size} failed while {phase}: {text}; "
+                                "nothing was written", exit_code=code) from error
+
+    def close(self) -> None:
+        if self._own and self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+def assign_ranks(sizes: Sequence[tuple[str, int]], world_size: int) -> dict[str, int]:
+    """Tensors (name, bytes), in output order, to ranks: ``world_size`` contiguous runs balanced by bytes.
+    A tensor goes to the rank whose equal share of the total holds the middle of its bytes; a rank's load
+    is at most its share plus half of each of its two boundary tensors. Deterministic."""
+    total = sum(b for _, b in sizes)
+    out: dict[str, int] = {}
+    before = 0
+    for name, nbytes in sizes:
+        if total == 0:
+            out[name] = min(world_size - 1, len(out) * world_size // max(1, len(sizes)))
+        else:
+            out[name] = min(world_size - 1, (2 * before + nbytes) * world_size // (2 * total))
+        before += nbytes
+    return out
+
+
+def shard_names(per_rank: Sequence[int], weights_name: str = "model") -> list[list[str]]:
+    """File names of each rank's shards, numbered in rank order across the whole output (a single file
+    overall is ``model.safetensors``, as in a single-process run)."""
+    n = sum(per_rank)
+    names: list[list[str]] = []
+    first = 0
+    for count in per_rank:
+        names.append([f"{weights_name}.safetensors" if n == 1 else f"{weights_name}-{first + i + 1:05d}-of-{n:05d}.safetensors"
+                      for i in range(count)])
+        first += count
+    return names
+
+
+@dataclass
+class _Layout:
+    """One average's output across ranks: every rank's refs and file names, and the whole weight map."""
+
+    refs: list[list[TensorRef]]  # per rank
+    files: list[list[str]]  # per rank
+    weight_map: dict[str, str]  # in output order
+    total_bytes: int
+
+
+def _layout(plan: Sequence[TensorRef], owner: Mapping[str, int], world: int, max_shard_bytes: int,
+            weights_name: str) -> _Layout:
+    refs: list[list[TensorRef]] = [[] for _ in range(world)]
+    for ref in plan:
+        refs[owner[ref.name]].append(ref)
+    shards = [plan_shards(r, max_shard_bytes) for r in refs]
+    files = shard_names([len(s) for s in shards], weights_name)
+    weight_map: dict[str, str] = {}
+    for r in range(world):
+        for i, shard in enumerate(shards[r]):
+            for spec in shard:
+                weight_map[spec.name] = files[r][i]
+    ordered = {ref.name: weight_map[ref.name] for ref in plan}
+    return _Layout(refs, files, ordered, sum(ref.nbytes for ref in plan))
+
+
+class _Assembled:
+    """What :func:`finish_folder` needs from a writer, for the whole output of all ranks (rank 0)."""
+
+    def __init__(self, folder: Path, layout: _Layout, weights_name: str, aliases: dict[str, str]) -> None:
+        self.folder = folder
+        self.layout = layout
+        self.weights_name = weights_name
+        self.weight_map = layout.weight_map
+        self.total_bytes = layout.total_bytes
+        self.aliases = {a: t for a, t in aliases.items() if t in layout.weight_map}
+
+    def finish(self) -> None:
+        missing = [f for files in self.layout.files for f in files if not (self.folder / f).is_file()]
+        if missing:
+            raise OutputError(f"the shard {missing[0]} of another rank is missing from the staging folder",
+                              path=self.folder, hint="every rank must see -o at the same path (a shared filesystem)")
+        if sum(len(f) for f in self.layout.files) > 1:
+            write_index(self.folder, self.weights_name, self.weight_map, self.total_bytes)
+
+
+def _view(c: Checkpoint, names: set[str]) -> Checkpoint:
+    """``c`` with only the tensors ``names``: what this rank reads of it."""
+    return replace(c, tensors={n: r for n, r in c.tensors.items() if n in names})
+
+
+def _digest(ckpts: Sequence[Checkpoint], owner: Mapping[str, int], layouts: Mapping[str, _Layout],
+            targets: Mapping[str, Path], weights: Sequence[float] | None) -> str:
+    doc = {
+        "inputs": [[str(c.path), c.step, c.fingerprint] for c in ckpts],
+        "owner": sorted(owner.items()),
+        "files": {k: v.weight_map for k, v in sorted(layouts.items())},
+        "targets": {k: str(v.resolve()) for k, v in sorted(targets.items())},
+        "weights": None if weights is None else list(weights),
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def default_threads(launch: Launch) -> int:
+    """CPU threads per rank: this machine's cores shared among its ranks, one left for reading and writing."""
+    return max(1, (os.cpu_count() or 1) // launch.local_world_size - 1)
+
+
+def average_on_ranks(
+    launch: Launch,
+    index: Callable[[], tuple[list[Checkpoint], list[Path]]],
+    specs: Sequence[AverageSpec],
+    out: Path,
+    *,
+    weights: Sequence[float] | None = None,
+    device: str = "auto",
+    threads: int | None = None,
+    check_finite: bool = True,
+    build: Callable[[torch.device], list[Average]] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    subfolders: bool | None = None,
+    allow_mixed_models: bool = False,
+    timeout: timedelta = DEFAULT_TIMEOUT,
+) -> Result:
+    """This rank's part of a one-shot average (see the module docstring); every rank calls it with the
+    same arguments. ``index()`` returns the inputs and the run folders never written to (the CLI's
+    :func:`resolve_inputs`); ``build(device)`` the averages (default: ``build_averages(specs)``)."""
+    with _sigterm_unwinds():
+        try:
+            return _average_on_ranks(launch, index, specs, out, weights=weights, device=device, threads=threads,
+                                     check_finite=check_finite, build=build, max_shard_bytes=max_shard_bytes,
+                                     force=force, subfolders=subfolders, allow_mixed_models=allow_mixed_models,
+                                     timeout=timeout)
+        except _Stopped:
+            raise RankError(f"rank {launch.rank} of {launch.world_size} was stopped by torchrun (another rank "
+                            "ended); nothing was written") from None
+
+
+def _average_on_ranks(
+    launch: Launch,
+    index: Callable[[], tuple[list[Checkpoint], list[Path]]],
+    specs: Sequence[AverageSpec],
+    out: Path,
+    *,
+    weights: Sequence[float] | None,
+    device: str,
+    threads: int | None,
+    check_finite: bool,
+    build: Callable[[torch.device], list[Average]] | None,
+    max_shard_bytes: int,
+    force: bool,
+    subfolders: bool | None,
+    allow_mixed_models: bool,
+    timeout: timedelta,
+) -> Result:
+    started = time.perf_counter()
+    ranks = Ranks(launch, timeout=timeout)
+    engine: Engine | None = None
+    folders: dict[str, Path] = {}
+    stack = contextlib.ExitStack()  # rank 0: the staging folders, removed unless published
+    try:
+        with ranks.agree("indexing the inputs"):
+            ckpts, protected = index()
+            if not ckpts:
+                raise UsageError("no checkpoints to average")
+            dev = rank_device(device, launch)
+            engine = Engine(device=dev, check_finite=check_finite,
+                            threads=threads if threads is not None else default_threads(launch))
+            averages = build(engine.device) if build is not None else build_averages(specs, device=engine.device)
+            if not averages:
+                raise UsageError("no averaging method requested")
+            ckpts, weights = order_checkpoints(ckpts, weights)
+            check_inputs(ckpts, allow_mixed=allow_mixed_models)
+            if not all(c.format.startswith("safetensors") or c.format == "dcp" for c in ckpts):
+                raise UsageError("under torchrun, inputs must be safetensors or DCP checkpoints (each tensor is read "
+                                 "on its own); pickles are read whole",
+                                 hint="run without torchrun, or convert the checkpoints to safetensors")
+            validate_sequence(ckpts, averages)
+            out = Path(out)
+            if subfolders is None:
+                subfolders = len(averages) > 1
+            targets = {a.name: (out / a.name if subfolders else out) for a in averages}
+            protect = [*protected, *_input_paths(ckpts)]
+            for target in targets.values():
+                _protect(target, protect)
+            plans = {a.name: expected_outputs(ckpts, a) for a in averages}
+            for a in averages:
+                if not plans[a.name]:
+                    raise UsageError(f"the {a.name} average would hold no tensor (it accepts no input, or --rule "
+                                     "excludes every tensor)")
+                warning = a.method.inputs_warning(len(ckpts))
+                if warning is not None and launch.rank == 0:
+                    log.warning("%s: %s", a.name, warning)
+                a.final_members = final_members(ckpts, a)
+            aliases: dict[str, str] = {}
+            for c in ckpts:
+                aliases.update(c.aliases)
+            sizes = [(name, sum(c.tensors[name].nbytes for c in ckpts if name in c.tensors))
+                     for name in output_order(ckpts)]
+            owner = assign_ranks(sizes, launch.world_size)
+            weights_name = ckpts[-1].weights_name
+            layouts = {a.name: _layout(plans[a.name], owner, launch.world_size, max_shard_bytes, weights_name)
+                       for a in averages}
+            digest = _digest(ckpts, owner, layouts, targets, weights)
+        digests = ranks.gather(digest)
+        if len(set(digests)) > 1:
+            other = next(r for r, d in enumerate(digests) if d != digests[0])
+            raise RankError(f"rank {other} indexed other inputs than rank 0 (a checkpoint appeared or changed while "
+                            "the ranks were indexing, or the nodes see different files); nothing was written")
+        mine = {name for name, r in owner.items() if r == launch.rank}
+        my_bytes = sum(b for name, b in sizes if name in mine)
+        if launch.rank == 0:
+            for r in range(launch.world_size):
+                log.info("rank %d of %d: %d of %d tensors, %s of %s to read", r, launch.world_size,
+                         sum(1 for o in owner.values() if o == r), len(owner),
+                         format_bytes(sum(b for name, b in sizes if owner[name] == r)),
+                         format_bytes(sum(b for _, b in sizes)))
+
+        with ranks.agree("creating the output folder"):
+            if launch.rank == 0:
+                for name, t in targets.items():
+                    folders[name] = stack.enter_context(AtomicDir(t, replace=force))
+        folders = ranks.broadcast({k: str(v) for k, v in folders.items()})
+        folders = {k: Path(v) for k, v in folders.items()}
+
+        with ranks.agree("averaging its tensors"):
+            for name, folder in folders.items():
+                if not folder.is_dir():
+                    raise OutputError("the staging folder rank 0 created is not visible here", path=folder,
+                                      hint="every rank must see -o at the same path (a shared filesystem)")
+            writers: dict[str, ModelWriter] = {}
+            for a in averages:
+                layout = layouts[a.name]
+                if layout.refs[launch.rank]:
+                    writers[a.name] = ModelWriter(folders[a.name], layout.refs[launch.rank],
+                                                  max_shard_bytes=max_shard_bytes, weights_name=weights_name,
+                                                  aliases=aliases, files=layout.files[launch.rank])
+
+            def emit(avg: Average, name: str, t: torch.Tensor) -> None:
+                hooks.point("rank.write", rank=launch.rank, world_size=launch.world_size, tensor=name)
+                writers[avg.name].write(name, t)
+
+            views = [_view(c, mine) for c in ckpts]
+            engine.progress.start(my_bytes, len(ckpts))
+            try:
+                engine.average(views, averages, emit, weights=weights)
+                for w in writers.values():
+                    w.finish(index=False)  # rank 0 writes the index of every rank's shards
+            except BaseException:
+                for w in writers.values():
+                    w.abort()
+                raise
+            finally:
+                engine.progress.finish()
+
+        with ranks.agree("publishing the output"):
+            if launch.rank == 0:
+                for a in averages:
+                    assembled = _Assembled(folders[a.name], layouts[a.name], weights_name, aliases)
+                    finish_folder(folders[a.name], a, assembled, newest=ckpts[-1],  # type: ignore[arg-type]
+                                  formats=[c.format for c in ckpts],
+                                  extra={"schedule": "tensor-major", "ranks": launch.world_size})
+                stack.close()  # fsync every rank's files, rename each staging folder into place
+    except BaseException:
+        stack.__exit__(RuntimeError, RuntimeError("not published"), None)  # rank 0: remove the staging folders
+        raise
+    finally:
+        if engine is not None:
+            engine.close()
+        ranks.close()
+    seconds = time.perf_counter() - started
+    if launch.rank == 0:
+        total = sum(b for _, b in sizes)
+        log.info("averaged %d checkpoints (%s) on %d ranks into %s in %.2f s (%.2f GB/s)", len(ckpts),
+                 format_bytes(total), launch.world_size, ", ".join(str(t) for t in targets.values()), seconds,
+                 total / seconds / 1e9 if seconds else 0.0)
+    return Result(outputs=targets, bytes_read=my_bytes, seconds=seconds, schedule="tensor-major")

@@ -380,9 +380,10 @@ def _average_on_ranks(
                 raise UsageError("no averaging method requested")
             ckpts, weights = order_checkpoints(ckpts, weights)
             check_inputs(ckpts, allow_mixed=allow_mixed_models)
-            if not all(c.format.startswith("safetensors") or c.format == "dcp" for c in ckpts):
-                raise UsageError("under torchrun, inputs must be safetensors or DCP checkpoints (each tensor is read "
-                                 "on its own); pickles are read whole",
+            # each rank reads only its tensors: byte ranges (safetensors) or a per-tensor source (DCP, DeepSpeed)
+            if not all(c.source is not None or all(r.offset is not None for r in c.tensors.values()) for c in ckpts):
+                raise UsageError("under torchrun, inputs must be safetensors, DCP or DeepSpeed checkpoints (each tensor "
+                                 "is read on its own); pickles (.pt/.bin/.ckpt) are read whole",
                                  hint="run without torchrun, or convert the checkpoints to safetensors")
             validate_sequence(ckpts, averages)
             out = Path(out)

@@ -308,3 +308,19 @@ def test_row91_without_zero_the_module_weights_are_read(tmp_path, ckptavg):
     refs = [torch.load(ref / f"{s}.pt", weights_only=True) for s in STEPS]
     expected = {k: sum(x[k].double() for x in refs) / len(refs) for k in refs[0]}
     assert_matches(tmp_path / "avg", expected, refs[-1])
+
+
+@pytest.mark.slow
+def test_row86_under_torchrun_each_rank_gathers_its_own_tensors(trained, tmp_path):
+    """A ZeRO-3 run averaged by `torchrun --nproc-per-node 2 -m ckptavg average`: each rank reads its tensors'
+    slices from the rank files; every output tensor equals the single-process run's bit for bit."""
+    from test_distributed import load_folder, plain, torchrun
+
+    run = trained(3)["run"]
+    r = plain("average", run, "--last", "3", "--method", f"ema:{HALF_LIFE}", "-o", tmp_path / "plain")
+    assert r.returncode == 0, r.stderr
+    r = torchrun(2, "average", run, "--last", "3", "--method", f"ema:{HALF_LIFE}", "-o", tmp_path / "ranks")
+    assert r.returncode == 0, r.stderr[-4000:]
+    one, _ = load_folder(tmp_path / "plain")
+    two, _ = load_folder(tmp_path / "ranks")
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

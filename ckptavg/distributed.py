@@ -54,11 +54,10 @@ from ckptavg.errors import CkptavgError, OutputError, UsageError
 from ckptavg.oneshot import (
     AverageSpec,
     Result,
-    _input_paths,
-    _protect,
     build_averages,
     final_members,
     order_checkpoints,
+    output_targets,
 )
 from ckptavg.reading.checkpoint import Checkpoint
 from ckptavg.reading.formats.refs import TensorRef
@@ -387,12 +386,7 @@ def _average_on_ranks(
                                  hint="run without torchrun, or convert the checkpoints to safetensors")
             validate_sequence(ckpts, averages)
             out = Path(out)
-            if subfolders is None:
-                subfolders = len(averages) > 1
-            targets = {a.name: (out / a.name if subfolders else out) for a in averages}
-            protect = [*protected, *_input_paths(ckpts)]
-            for target in targets.values():
-                _protect(target, protect)
+            targets = output_targets(ckpts, averages, out, subfolders, protected)
             plans = {a.name: expected_outputs(ckpts, a) for a in averages}
             for a in averages:
                 if not plans[a.name]:

@@ -146,6 +146,19 @@ def _union_refs(ckpts: Sequence[Checkpoint]) -> list[TensorRef]:
     return list(refs.values())
 
 
+
+def output_targets(ckpts: Sequence[Checkpoint], averages: Sequence[Average], out: Path, subfolders: bool | None,
+                   protected: Sequence[Path]) -> dict[str, Path]:
+    """Each average's output folder (``out/<name>`` when there are several, or ``subfolders``), each refused
+    when it would land on or inside an input or a protected path."""
+    if subfolders is None:
+        subfolders = len(averages) > 1
+    targets = {a.name: (out / a.name if subfolders else out) for a in averages}
+    protect = [*protected, *_input_paths(ckpts)]
+    for target in targets.values():
+        _protect(target, protect)
+    return targets
+
 def _protect(out: Path, protected: Sequence[Path]) -> None:
     """Refuse an output inside an input (it would write into the trainer's folder) or holding one
     (``--force`` would replace it, deleting the checkpoints)."""
@@ -225,13 +238,7 @@ def average_checkpoints(
         raise UsageError("no averaging method requested")
     ckpts, weights = order_checkpoints(ckpts, weights)
     check_inputs(ckpts, allow_mixed=allow_mixed_models)
-    out = Path(out)
-    if subfolders is None:
-        subfolders = len(averages) > 1
-    targets = {a.name: (out / a.name if subfolders else out) for a in averages}
-    protected = [*protected, *_input_paths(ckpts)]
-    for target in targets.values():
-        _protect(target, protected)
+    targets = output_targets(ckpts, averages, Path(out), subfolders, protected)
     plans = {a.name: expected_outputs(ckpts, a) for a in averages}
     for a in averages:
         warning = a.method.inputs_warning(len(ckpts))

@@ -27,6 +27,8 @@ from ckptavg.evaluators.base import Candidate, EvaluationError
 from ckptavg.evaluators.bn import update_bn, with_bn_recalibration
 from ckptavg.evaluators.hf_perplexity import HFPerplexity
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one CPU thread
+
 HAS_CUDA = torch.cuda.is_available()
 
 # -- builders: a tiny causal LM and its tokenizer, saved as a trainer saves them --------------------
@@ -68,14 +70,6 @@ def save_candidate(folder: Path, seed: int, tokenizer: PreTrainedTokenizerFast |
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only adds synchronisation (and spins on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

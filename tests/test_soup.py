@@ -36,6 +36,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny matrices, one CPU thread
+
 STEP = 40
 ADJ = ["big", "small", "red", "blue", "old"]
 NOUN = ["cat", "dog", "mat", "rug", "hat"]
@@ -123,14 +125,6 @@ def assert_mean_of(folder: Path, members: list[Path]) -> None:
         bound = n * eps * sum(s[k].double().abs() for s in states) / n + eps * ref.abs()
         err = (t.double() - ref).abs()
         assert bool((err <= bound).all()), f"tensor {k}: off by {float((err - bound).max()):.3g} beyond fp32 rounding"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 FINE_TUNES = [  # (seed, optimizer, learning rate): four good fine-tunes, SGD at a high learning rate (the iterates

@@ -3,7 +3,9 @@
 ``Type=notify`` units read ``READY=1``, ``STATUS=…``, ``WATCHDOG=1`` and
 ``STOPPING=1`` from a datagram on the AF_UNIX socket named by ``NOTIFY_SOCKET``
 (a leading ``@`` is an abstract socket). Failures to send are logged once and
-never stop the daemon.
+never stop the daemon. A receiver that stops reading (its queue of datagrams is
+full, ``net.unix.max_dgram_qlen``) never blocks the daemon either: a send waits
+at most ``SEND_TIMEOUT`` seconds and the message is dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import socket
 log = logging.getLogger(__name__)
 
 __all__ = ["Notifier"]
+
+SEND_TIMEOUT = 0.25
 
 
 class Notifier:
@@ -36,6 +40,7 @@ class Notifier:
         message = "\n".join(f"{k}={str(v).replace(chr(10), ' ')}" for k, v in fields.items()).encode()
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+                s.settimeout(SEND_TIMEOUT)
                 s.connect(self.address)
                 s.sendall(message)
             return True

@@ -33,3 +33,23 @@ def test_abstract_socket_and_no_op(monkeypatch, caplog):
     gone = Notifier("/nonexistent/socket")
     assert not gone.watchdog() and not gone.watchdog()
     assert caplog.text.count("cannot notify systemd") == 1
+
+
+def test_a_receiver_that_stops_reading_never_blocks_the_daemon(tmp_path, caplog):
+    """docs/FAULTS.md row 35: the datagram queue of an AF_UNIX socket is short (``net.unix.max_dgram_qlen``,
+    10 by default) and a blocking send waits for room forever. A notify socket nobody drains must cost each
+    send at most ``SEND_TIMEOUT``, never hang the loop or its stop (a CI run hung 30 s on exactly this)."""
+    import time
+
+    from ckptavg.daemon import notify
+
+    path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as server:
+        server.bind(str(path))
+        n = Notifier(str(path))
+        t0 = time.monotonic()
+        sent = [n.watchdog() for _ in range(40)]
+        took = time.monotonic() - t0
+    assert sent[0] is True and sent[-1] is False  # the first ones queue, the rest are dropped once it is full
+    assert took < 40 * notify.SEND_TIMEOUT + 2
+    assert caplog.text.count("cannot notify systemd") == 1

@@ -10,6 +10,9 @@ checkpoints". Every average of the grid is folded in one pass of the one-shot
 read once and folded into all of them; LAWA's leaving members come from the engine's kept copy of
 the tensor piece (tensor-major) instead of a second read; averages that accept only later
 checkpoints (SWA's start, the newest-``N`` means) simply skip the earlier ones of the same read.
+The averages of a tensor piece are independent, so the engine's fold workers (``--threads``, default
+every core) each fold their share of them while the piece is in cache, with the same operations as
+one thread (the bits do not change).
 Pickle inputs fold checkpoint-major into long-lived accumulators, through the memory budget and the
 disk store when they do not fit.
 
@@ -25,6 +28,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +48,7 @@ from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LAST", "NOT_HELPED", "Entry", "GridPoint", "SweepFold", "SweepReport", "average_entries", "fold_grid",
+__all__ = ["LAST", "NOT_HELPED", "Entry", "GridPoint", "SweepFold", "SweepReport", "available_cpus", "average_entries", "fold_grid",
            "grid_averages", "parse_grid", "rank", "raw_entries"]
 
 LAST = "last"  # the option swept by a method without a main option: the newest N checkpoints
@@ -125,6 +129,14 @@ def grid_averages(points: Sequence[GridPoint], ckpts: Sequence[Checkpoint], **kw
         if p.option == LAST:
             _newest_only(avg, ckpts, int(p.horizon))
     return averages
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, as a container or ``taskset`` sets it)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 PIECE_CACHE_BYTES = 8 << 20  # a piece's accumulators of every average together: about a core's share of L2 + L3

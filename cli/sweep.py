@@ -27,7 +27,17 @@ from ckptavg.daemon.evaluation import BEST_LINK, Evaluation, snapshot_checkpoint
 from ckptavg.errors import OutputError, UsageError
 from ckptavg.evaluators import Candidate
 from ckptavg.oneshot import _input_paths, _protect, order_checkpoints
-from ckptavg.sweep import LAST, Entry, SweepReport, average_entries, fold_grid, parse_grid, rank, raw_entries
+from ckptavg.sweep import (
+    LAST,
+    Entry,
+    SweepReport,
+    available_cpus,
+    average_entries,
+    fold_grid,
+    parse_grid,
+    rank,
+    raw_entries,
+)
 from ckptavg.units import parse_size
 
 log = logging.getLogger("ckptavg.cli")
@@ -171,7 +181,8 @@ def _print_table(rep: SweepReport, n_raw: int) -> None:
 @click.option("--memory-budget", help="Host memory for long-lived accumulators (pickle inputs), e.g. 8GiB; averages "
               "beyond it fold through an fp32 disk store.")
 @click.option("--scratch-dir", type=click.Path(path_type=Path), help="Folder for that disk store.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the arithmetic.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads folding the averages, each taking its share of them (default: every core).")
 @click.option("--state-key", help="Pickles: the entry that holds the state dict.")
 @click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name.")
 @click.option("--force", is_flag=True, help="Replace an earlier sweep's results in OUT.")
@@ -216,7 +227,7 @@ def sweep(inputs: tuple[str, ...], output: Path, grids: tuple[str, ...], last: s
     evaluation = Evaluation(cfg, output=output, state_path=state)
     started = time.perf_counter()
     try:
-        with Engine(device=device, threads=threads) as engine, \
+        with Engine(device=device, threads=threads, fold_workers=threads or available_cpus()) as engine, \
                 make_progress(sys.stderr.isatty() if progress is None else progress) as bar:
             fold = fold_grid(ckpts, points, folder, engine=engine, accum_dtype=getattr(torch, accum_dtype),
                              memory_budget=budget, scratch_dir=scratch_dir, protected=run_folders, progress=bar)

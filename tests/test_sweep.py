@@ -169,6 +169,42 @@ def test_each_checkpoint_byte_is_read_once(run, tmp_path, piece_elems):
     assert fold.read_ratio == 1.0
 
 
+@pytest.mark.parametrize("piece_elems", [1 << 20, 1000])
+def test_fold_workers_split_the_averages_and_change_no_bit(run, tmp_path, piece_elems):
+    """The sweep's fold workers: every average of the grid (power-EMA and a weighted mean too) folded by 3
+    threads, in pieces and in several chunks per piece, is bit-identical to the one-thread fold; the work is
+    really split (each worker thread folded some of it)."""
+    import threading
+
+    ckpts = latest_complete(run, 100)
+    points = parse_grid(["lawa:2,3,5", "ema:40,160", "swa:200", "uniform:4,8", "power-ema:0.1"])
+    outs, seen = {}, set()
+    apply = {c: vars(c)["apply"] for cls in METHODS.values() for c in cls.__mro__ if "apply" in vars(c)}
+
+    def spy(orig):
+        def wrapped(self, *a, **kw):
+            seen.add(threading.current_thread().name)
+            return orig(self, *a, **kw)
+        return wrapped
+
+    for workers in (1, 3):
+        for cls, fn in apply.items():
+            cls.apply = spy(fn)
+        try:
+            with Engine(device="cpu", piece_elems=piece_elems, chunk_elems=300, fold_workers=workers) as engine:
+                fold = fold_grid(ckpts, points, tmp_path / f"w{workers}", engine=engine)
+        finally:
+            for cls, fn in apply.items():
+                cls.apply = fn
+        outs[workers] = {name: load_file(str(path / "model.safetensors")) for name, path in fold.outputs.items()}
+        assert fold.read_ratio == 1.0
+    assert any(n.startswith("ckptavg-fold") for n in seen) and len(seen) >= 2, seen
+    assert outs[1].keys() == outs[3].keys() and len(outs[1]) == len(points)
+    for name, want in outs[1].items():
+        for k, v in want.items():
+            assert torch.equal(outs[3][name][k], v), (name, k)
+
+
 def test_averaging_that_does_not_help_is_said_plainly(run, tmp_path, ckptavg, monkeypatch):
     """docs/FAULTS.md row 104: no average beats the best raw checkpoint (a metric the newest checkpoint wins
     outright): one plain sentence, exit 0, the JSON says so, and the best average is still published."""

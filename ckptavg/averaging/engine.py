@@ -33,6 +33,7 @@ copy.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import logging
@@ -253,12 +254,17 @@ class Engine:
         check_finite: bool = True,
         progress: Progress | None = None,
         threads: int | None = None,
+        fold_workers: int = 1,
     ) -> None:
         self.device = resolve_device(device)
         self.chunk_elems = int(chunk_elems)
         self.piece_elems = max(1, int(piece_elems))
         # CPU threads for the arithmetic of :meth:`average` (one-shot); :meth:`fold` uses the caller's setting
         self.threads = threads if threads is not None else max(1, (os.cpu_count() or 1) - 1)
+        # threads folding different averages of one tensor at once (CPU; each with one intra-op thread):
+        # worth it when many averages share each read (``ckptavg sweep``); 1 = the calling thread alone
+        self.fold_workers = max(1, int(fold_workers))
+        self._fold_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.staging_bytes = int(staging_bytes)
         self.check_finite = check_finite
         self.progress = progress or Progress()
@@ -280,6 +286,9 @@ class Engine:
         return dict(total)
 
     def close(self) -> None:
+        if self._fold_pool is not None:
+            self._fold_pool.shutdown(wait=True)
+            self._fold_pool = None
         self.files.close()
         self._old_files.close()
 
@@ -290,9 +299,11 @@ class Engine:
         self.close()
 
     # -- staging ------------------------------------------------------------------------
-    def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int, *, host: bool = False) -> torch.Tensor:
-        """Reused scratch on the engine's device; ``host``: on the CPU, for averages spilled off the GPU."""
-        key = (dtype, slot, host)
+    def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int, *, host: bool = False,
+                       worker: int = 0) -> torch.Tensor:
+        """Reused scratch on the engine's device; ``host``: on the CPU, for averages spilled off the GPU;
+        ``worker``: each fold worker thread has its own."""
+        key = (dtype, slot, host, worker)
         buf = self._scratch.get(key)
         if buf is None or buf.numel() < n:
             buf = torch.empty(max(n, min(self.chunk_elems, 1 << 16)), dtype=dtype,
@@ -385,30 +396,65 @@ class Engine:
         floats = [j for j in jobs if not isinstance(j.method, Latest)]
         acc_dtypes = {j.average.accum_dtype for j in floats}
         on_host = {id(j) for j in floats if flat.is_cuda and j.average.device.type == "cpu"}
+        groups = self._job_groups(jobs)
         for lo in range(0, n, self.chunk_elems):
             hi = min(lo + self.chunk_elems, n)
             raw = flat[lo:hi]
             cast = {dt: self._scratch_chunk(0, dt, hi - lo).copy_(raw) for dt in acc_dtypes}
-            cast_h: dict[torch.dtype, torch.Tensor] = {}
-            for j in jobs:
-                if isinstance(j.method, Latest):
-                    j.method.apply(j.slot, j.plan, raw, None, lo, hi, raw)  # copy_ crosses devices
-                    continue
-                dt = j.average.accum_dtype
-                if id(j) in on_host:  # a spilled average: fold on the CPU
-                    if dt not in cast_h:
-                        cast_h[dt] = self._scratch_chunk(0, dt, hi - lo, host=True).copy_(cast[dt])
-                    old = None
-                    if j.plan.old is not None:
-                        old = self._scratch_chunk(2, dt, hi - lo, host=True).copy_(olds[id(j)][lo:hi])
-                    j.method.apply(j.slot, j.plan, cast_h[dt], old, lo, hi, self._scratch_chunk(1, dt, hi - lo, host=True))
-                    continue
-                old = None
-                if j.plan.old is not None:
-                    old = self._scratch_chunk(2, dt, hi - lo).copy_(olds[id(j)][lo:hi])
-                j.method.apply(j.slot, j.plan, cast[dt], old, lo, hi, self._scratch_chunk(1, dt, hi - lo))
+            if len(groups) == 1:
+                self._apply_jobs(groups[0], raw, cast, olds, on_host, lo, hi, 0)
+                continue
+            # the averages are independent: each worker folds its own, on its own scratch, into its own
+            # accumulators, with the same operations as one thread would (the bits do not depend on it)
+            futures = [self._pool().submit(self._apply_jobs, g, raw, cast, olds, on_host, lo, hi, w)
+                       for w, g in enumerate(groups[1:], 1)]
+            try:
+                self._apply_jobs(groups[0], raw, cast, olds, on_host, lo, hi, 0)
+            finally:
+                for f in futures:
+                    f.result()
         for j in jobs:
             j.method.commit(j.slot, j.plan, info)
+
+    def _apply_jobs(self, jobs: Sequence[_Job], raw: torch.Tensor, cast: Mapping[torch.dtype, torch.Tensor],
+                    olds: Mapping[int, torch.Tensor], on_host: set[int], lo: int, hi: int, worker: int) -> None:
+        """One chunk ``[lo, hi)`` of the new value into ``jobs``' accumulators (``cast``: the chunk in each
+        accumulator dtype)."""
+        cast_h: dict[torch.dtype, torch.Tensor] = {}
+        for j in jobs:
+            if isinstance(j.method, Latest):
+                j.method.apply(j.slot, j.plan, raw, None, lo, hi, raw)  # copy_ crosses devices
+                continue
+            dt = j.average.accum_dtype
+            host = id(j) in on_host  # a spilled average: fold on the CPU
+            if host and dt not in cast_h:
+                cast_h[dt] = self._scratch_chunk(0, dt, hi - lo, host=True).copy_(cast[dt])
+            old = None
+            if j.plan.old is not None:
+                old = self._scratch_chunk(2, dt, hi - lo, host=host, worker=worker).copy_(olds[id(j)][lo:hi])
+            j.method.apply(j.slot, j.plan, cast_h[dt] if host else cast[dt], old, lo, hi,
+                           self._scratch_chunk(1, dt, hi - lo, host=host, worker=worker))
+
+    def _job_groups(self, jobs: Sequence[_Job]) -> list[list[_Job]]:
+        """``jobs`` split among up to ``fold_workers`` threads, balanced by the passes each makes over the
+        chunk (longest first, each to the least loaded worker). One group on CUDA (one stream) or with one
+        worker."""
+        workers = min(self.fold_workers, len(jobs))
+        if workers <= 1 or self._cuda:
+            return [list(jobs)]
+        loads = [0] * workers
+        groups: list[list[_Job]] = [[] for _ in range(workers)]
+        for j in sorted(jobs, key=_passes, reverse=True):
+            w = loads.index(min(loads))
+            groups[w].append(j)
+            loads[w] += _passes(j)
+        return [g for g in groups if g]
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._fold_pool is None:
+            self._fold_pool = concurrent.futures.ThreadPoolExecutor(max(1, self.fold_workers - 1),
+                                                                   thread_name_prefix="ckptavg-fold")
+        return self._fold_pool
 
     # -- checkpoint-major -----------------------------------------------------------------
     def fold(
@@ -517,7 +563,7 @@ class Engine:
                 requests += [_Request(k, name, _piece_ref(r, piece).nbytes, piece) for k, r in held]
         if not self._cuda:
             _keep_freed_memory()
-        with _torch_threads(self.threads if not self._cuda else None):
+        with _torch_threads(None if self._cuda else 1 if self.fold_workers > 1 else self.threads):
             self._average(ckpts, averages, emit, infos, requests, pending, by_ident)
         for avg in averages:
             for c, info in zip(ckpts, infos):
@@ -644,6 +690,11 @@ class Engine:
                                               hint="drop this checkpoint, or pass --allow-nonfinite to average it anyway")
         return NonFiniteError(f"the {avg.name} average overflowed to Inf/NaN", tensor=name,
                               hint="use --accum-dtype float64")
+
+
+def _passes(job: _Job) -> int:
+    """About how many passes over a chunk folding ``job`` makes: the cost :meth:`Engine._job_groups` balances."""
+    return 1 + len(job.method.buffers) + (job.plan.old is not None)
 
 
 def _still_read(jobs: Sequence[_Job]) -> set:

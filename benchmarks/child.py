@@ -394,7 +394,7 @@ def task_sweep(args: dict) -> dict:
     from ckptavg.averaging.engine import Engine
     from ckptavg.oneshot import average_checkpoints, final_members
     from ckptavg.reading.checkpoint import open_checkpoint
-    from ckptavg.sweep import fold_grid, grid_averages, parse_grid, piece_elems_for
+    from ckptavg.sweep import available_cpus, fold_grid, grid_averages, parse_grid, piece_elems_for
 
     folders = [Path(f) for f in args["folders"]]
     repeat = int(args.get("repeat", 1))
@@ -417,15 +417,22 @@ def task_sweep(args: dict) -> dict:
             engine.piece_elems = default
 
     out: dict[str, Any] = {"k_averages": len(points), "grid": [p.name for p in points], "bytes": sum(c.nbytes for c in ckpts)}
-    with Engine(device=args.get("device", "cpu")) as engine:
+    device = args.get("device", "cpu")
+    workers = available_cpus()  # as ckptavg sweep runs: its fold workers share the averages of each piece
+    out["fold_workers"] = workers
+    with Engine(device=device) as engine, Engine(device=device, fold_workers=workers) as swe:
         fold(engine, [])  # warm-up: allocator, threads
-        read, sweep, each = [], [], []
-        before = sum(engine.bytes_read().values())
+        fold(swe, points)
+        read, sweep, sweep1, each = [], [], [], []
+        before = sum(engine.bytes_read().values()) + sum(swe.bytes_read().values())
         for _ in range(repeat):
             read.append(fold(engine, []))
-            sweep.append(fold(engine, points))
-            each.append([fold(engine, [p]) for p in points])
-        out["read_ratio"] = (sum(engine.bytes_read().values()) - before) / out["bytes"] / (repeat * (2 + len(points)))
+            sweep.append(fold(swe, points))
+            sweep1.append(fold(engine, points))  # the same sweep on the calling thread alone
+            each.append([fold(engine, [p]) for p in points])  # each average alone, as ckptavg average runs it
+        done = sum(engine.bytes_read().values()) + sum(swe.bytes_read().values()) - before
+        out["read_ratio"] = done / out["bytes"] / (repeat * (3 + len(points)))
+    out["sweep_one_thread"] = statistics.median(sweep1)
     out["read"], out["sweep"] = statistics.median(read), statistics.median(sweep)
     out["each"] = [statistics.median(col) for col in zip(*each)]
     out["each_total"] = sum(out["each"])
@@ -434,10 +441,11 @@ def task_sweep(args: dict) -> dict:
         sw, ew = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            fold_grid(ckpts, points, root / "sweep", force=True)
+            with Engine(device=device, fold_workers=workers) as swe:
+                fold_grid(ckpts, points, root / "sweep", engine=swe, force=True)
             sw.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            with Engine(device=args.get("device", "cpu")) as engine:
+            with Engine(device=device) as engine:
                 for p in points:
                     a = grid_averages([p], ckpts, device=engine.device)
                     average_checkpoints(ckpts, a, root / "each" / p.name, engine=engine, force=True)

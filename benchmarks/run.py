@@ -424,10 +424,13 @@ class Bench:
                                "device": self.o.device, "write": write, "out": str(self.work / "out" / "sweep")},
                      logdir=self.logs)
         e, total, n = r.result, files_bytes(self.files), r.result["k_averages"]
-        row.label = f"ckptavg sweep: {n} averages from one read (fold)"
+        row.label = f"ckptavg sweep: {n} averages from one read (fold, {e['fold_workers']} fold threads)"
         row.warm.append(e["sweep"])
         row.rss = r.rss
         row.extra.update(e)
+        one = self.row("sweep-1", f"ckptavg sweep: {n} averages from one read (fold, one thread)", "ckptavg",
+                       bytes=total, floor_bytes=total)
+        one.warm.append(e["sweep_one_thread"])
         read = self.row("sweep-read", "ckptavg engine read pass alone (no average)", "ckptavg", bytes=total,
                         floor_bytes=total)
         read.warm.append(e["read"])
@@ -556,7 +559,9 @@ class Bench:
                 e["sweep"] <= bound, "in one process, page cache warm; outputs discarded")
             add(f"sweep >= 4x faster than the {n} averages one by one", f"warm {e['each_total'] / e['sweep']:.2f}x"
                 + (f"; written: {e['each_write'] / e['sweep_write']:.2f}x" if e.get("sweep_write") else ""),
-                e["each_total"] / e["sweep"] >= 4, f"each checkpoint byte read {e['read_ratio']:.2f}x in every pass")
+                e["each_total"] / e["sweep"] >= 4, f"{e['fold_workers']} fold threads (one thread: "
+                f"{e['each_total'] / e['sweep_one_thread']:.2f}x); each checkpoint byte read {e['read_ratio']:.2f}x "
+                "in every pass")
         return out
 
     def summary(self) -> dict:

@@ -177,6 +177,8 @@ def test_row73_one_shot_lines_carry_each_checkpoints_own_read_time(tmp_path):
     each = [float(s) for s in re.findall(r"read checkpoint-\d+ \(step \d+\): .* in ([\d.]+) s", r.stderr)]
     total = float(re.search(r"averaged 4 checkpoints \(.*\) into .* in ([\d.]+) s", r.stderr).group(1))
     assert len(each) == 4, r.stderr
-    # before: each line repeated the time elapsed when the read ended (nearly the whole run); now each is one
-    # checkpoint's share of the reading
-    assert max(each) < 0.5 * total, (each, total)
+    # before: each line repeated the time elapsed when the read ended (nearly the whole run, so the four summed
+    # to about 4x the total); now each is one checkpoint's share of the reading, and together they fit in the
+    # total (each printed to 0.01 s: up to 0.005 s of rounding apiece). A share is not compared with the total:
+    # with warm inputs one read can stall on a busy machine and take most of a short run.
+    assert sum(each) <= total + 4 * 0.005 + 1e-9, (each, total)

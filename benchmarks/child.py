@@ -418,7 +418,7 @@ def task_sweep(args: dict) -> dict:
 
     out: dict[str, Any] = {"k_averages": len(points), "grid": [p.name for p in points], "bytes": sum(c.nbytes for c in ckpts)}
     device = args.get("device", "cpu")
-    workers = available_cpus()  # as ckptavg sweep runs: its fold workers share the averages of each piece
+    workers = max(1, available_cpus() - 1)  # as ckptavg sweep runs: fold workers share the averages of a piece
     out["fold_workers"] = workers
     with Engine(device=device) as engine, Engine(device=device, fold_workers=workers) as swe:
         fold(engine, [])  # warm-up: allocator, threads

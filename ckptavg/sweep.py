@@ -11,7 +11,7 @@ read once and folded into all of them; LAWA's leaving members come from the engi
 the tensor piece (tensor-major) instead of a second read; averages that accept only later
 checkpoints (SWA's start, the newest-``N`` means) simply skip the earlier ones of the same read.
 The averages of a tensor piece are independent, so the engine's fold workers (``--threads``, default
-every core) each fold their share of them while the piece is in cache, with the same operations as
+all cores but one) each fold their share of them while the piece is in cache, with the same operations as
 one thread (the bits do not change).
 Pickle inputs fold checkpoint-major into long-lived accumulators, through the memory budget and the
 disk store when they do not fit.

@@ -182,7 +182,8 @@ def _print_table(rep: SweepReport, n_raw: int) -> None:
               "beyond it fold through an fp32 disk store.")
 @click.option("--scratch-dir", type=click.Path(path_type=Path), help="Folder for that disk store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads folding the averages, each taking its share of them (default: every core).")
+              help="CPU threads folding the averages, each taking its share of them (default: all cores but one, "
+                   "which the reader needs).")
 @click.option("--state-key", help="Pickles: the entry that holds the state dict.")
 @click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name.")
 @click.option("--force", is_flag=True, help="Replace an earlier sweep's results in OUT.")
@@ -227,7 +228,7 @@ def sweep(inputs: tuple[str, ...], output: Path, grids: tuple[str, ...], last: s
     evaluation = Evaluation(cfg, output=output, state_path=state)
     started = time.perf_counter()
     try:
-        with Engine(device=device, threads=threads, fold_workers=threads or available_cpus()) as engine, \
+        with Engine(device=device, threads=threads, fold_workers=threads or max(1, available_cpus() - 1)) as engine, \
                 make_progress(sys.stderr.isatty() if progress is None else progress) as bar:
             fold = fold_grid(ckpts, points, folder, engine=engine, accum_dtype=getattr(torch, accum_dtype),
                              memory_budget=budget, scratch_dir=scratch_dir, protected=run_folders, progress=bar)

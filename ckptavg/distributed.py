@@ -9,14 +9,16 @@ torchrun starts the same command on every rank and sets ``WORLD_SIZE``, ``RANK``
    rank that saw other inputs (a run folder that gained a checkpoint meanwhile, a node with another
    copy) stops every rank before anything is read;
 2. **split** — the output tensors, in output order, are cut into ``WORLD_SIZE`` contiguous runs balanced
-   by the bytes read for them (:func:`assign_ranks`): a tensor goes to the rank whose share holds the
-   middle of its bytes, so a rank reads at most its share plus one tensor, and it reads consecutive
-   byte ranges of every input. Whole tensors only: one tensor larger than a share leaves that rank
-   with more (said in the README);
-3. **average** — each rank folds only its tensors with the one-shot :class:`Engine` (every average in
-   one read; per tensor exactly the single-process arithmetic, so every output tensor is bit-identical)
-   and streams them into its own shard files, named for their place in the whole output
-   (``model-0000i-of-0000N.safetensors``), inside the staging folder rank 0 created;
+   by the bytes read for them (:func:`assign_parts`): a tensor goes to the rank whose share holds the
+   middle of its bytes, and a tensor larger than a quarter of a share is itself cut where the shares'
+   boundaries fall inside it (flat element ranges), so every rank reads about its share even when one
+   tensor is most of the model, and it reads consecutive byte ranges of every input;
+3. **average** — each rank folds only its tensors and parts with the one-shot :class:`Engine` (every
+   average in one read; per element exactly the single-process arithmetic, so every output tensor is
+   bit-identical) and streams its whole tensors into its own shard files, named for their place in the
+   whole output (``model-0000i-of-0000N.safetensors``), inside the staging folder rank 0 created; a cut
+   tensor has a file of its own, laid out by rank 0 (header, full size) before any rank reads, into
+   which each rank writes its part's bytes at their offset (:class:`_CutFiles`);
 4. **publish** — after every rank reports success, rank 0 writes the shard index, the config/tokenizer
    files, the model card and ``ckptavg.json`` and renames the staging folder into place
    (:class:`AtomicDir`): one rename publishes the whole output.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -60,14 +63,15 @@ from ckptavg.oneshot import (
     output_targets,
 )
 from ckptavg.reading.checkpoint import Checkpoint
-from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.formats.refs import TensorRef, TensorSpec
+from ckptavg.reading.formats.safetensors_writer import encode_header
 from ckptavg.units import format_bytes
 from ckptavg.writing.atomic import AtomicDir
 from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder, plan_shards, write_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Launch", "RankError", "Ranks", "assign_ranks", "average_on_ranks", "launch_from_env", "shard_names"]
+__all__ = ["Launch", "Part", "RankError", "Ranks", "assign_parts", "assign_ranks", "average_on_ranks", "launch_from_env", "shard_names"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # the longest a rank waits for the others at an exchange
 
@@ -232,6 +236,47 @@ def assign_ranks(sizes: Sequence[tuple[str, int]], world_size: int) -> dict[str,
     return out
 
 
+@dataclass(frozen=True)
+class Part:
+    """A rank's part of one output tensor: its flat elements ``[lo, hi)``."""
+
+    rank: int
+    lo: int
+    hi: int
+
+
+def assign_parts(tensors: Sequence[tuple[str, int, int, bool]], world_size: int) -> dict[str, list[Part]]:
+    """Tensors ``(name, bytes read, numel, cuttable)``, in output order, to ranks: the whole tensor to the rank
+    whose equal share holds the middle of its bytes (:func:`assign_ranks`), except that a cuttable tensor (byte
+    ranges, one shape and dtype in every input) larger than a quarter of a share is cut where the shares'
+    boundaries fall inside it, each part going to the rank whose share holds its middle. A part smaller than an
+    eighth of a share stays with its neighbour. So a rank reads its share give or take that, even when one
+    tensor (an embedding) is most of the model. Integer arithmetic only: every rank computes the same parts."""
+    total = sum(t[1] for t in tensors)
+    out: dict[str, list[Part]] = {}
+    before = 0
+    w = world_size
+    for i, (name, nbytes, numel, cuttable) in enumerate(tensors):
+        if total == 0:
+            out[name] = [Part(min(w - 1, i * w // max(1, len(tensors))), 0, numel)]
+            continue
+        cuts = [0]
+        if cuttable and w > 1 and numel > 1 and 4 * nbytes * w > total:
+            for r in range(1, w):
+                edge = total * r - before * w  # share boundary r, from this tensor's start, in bytes x w
+                if 0 < edge < nbytes * w:
+                    e = edge * numel // (nbytes * w)
+                    if 8 * (e - cuts[-1]) * nbytes * w >= total * numel:  # the part before is >= share / 8
+                        cuts.append(e)
+            while len(cuts) > 1 and 8 * (numel - cuts[-1]) * nbytes * w < total * numel:
+                cuts.pop()  # the last part would be tiny: it stays with the part before
+        cuts.append(numel)
+        out[name] = [Part(min(w - 1, (2 * before * numel + (lo + hi) * nbytes) * w // (2 * total * numel)), lo, hi)
+                     for lo, hi in itertools.pairwise(cuts)]
+        before += nbytes
+    return out
+
+
 def shard_names(per_rank: Sequence[int], weights_name: str = "model") -> list[list[str]]:
     """File names of each rank's shards, numbered in rank order across the whole output (a single file
     overall is ``model.safetensors``, as in a single-process run)."""
@@ -247,28 +292,105 @@ def shard_names(per_rank: Sequence[int], weights_name: str = "model") -> list[li
 
 @dataclass
 class _Layout:
-    """One average's output across ranks: every rank's refs and file names, and the whole weight map."""
+    """One average's output across ranks: every rank's whole tensors and their file names, the file of each
+    tensor cut across ranks (its own file, which each part's rank writes into), and the whole weight map."""
 
-    refs: list[list[TensorRef]]  # per rank
-    files: list[list[str]]  # per rank
+    refs: list[list[TensorRef]]  # per rank: its whole tensors
+    files: list[list[str]]  # per rank: the files of its whole tensors
+    cut: dict[str, tuple[str, TensorRef]]  # a tensor cut across ranks: its file and its output ref
     weight_map: dict[str, str]  # in output order
     total_bytes: int
 
+    def all_files(self) -> list[str]:
+        return [*(f for files in self.files for f in files), *(f for f, _ in self.cut.values())]
 
-def _layout(plan: Sequence[TensorRef], owner: Mapping[str, int], world: int, max_shard_bytes: int,
+
+def _layout(plan: Sequence[TensorRef], parts: Mapping[str, Sequence[Part]], world: int, max_shard_bytes: int,
             weights_name: str) -> _Layout:
     refs: list[list[TensorRef]] = [[] for _ in range(world)]
+    cut_after: list[list[TensorRef]] = [[] for _ in range(world)]  # numbered after the files of their first rank
     for ref in plan:
-        refs[owner[ref.name]].append(ref)
+        p = parts[ref.name]
+        (refs if len(p) == 1 else cut_after)[p[0].rank].append(ref)
     shards = [plan_shards(r, max_shard_bytes) for r in refs]
-    files = shard_names([len(s) for s in shards], weights_name)
-    weight_map: dict[str, str] = {}
+    counts = [len(shards[r]) + len(cut_after[r]) for r in range(world)]
+    names = shard_names(counts, weights_name)
+    files = [names[r][:len(shards[r])] for r in range(world)]
+    cut = {ref.name: (names[r][len(shards[r]) + i], ref) for r in range(world) for i, ref in enumerate(cut_after[r])}
+    weight_map: dict[str, str] = {name: f for name, (f, _) in cut.items()}
     for r in range(world):
         for i, shard in enumerate(shards[r]):
             for spec in shard:
                 weight_map[spec.name] = files[r][i]
     ordered = {ref.name: weight_map[ref.name] for ref in plan}
-    return _Layout(refs, files, ordered, sum(ref.nbytes for ref in plan))
+    return _Layout(refs, files, cut, ordered, sum(ref.nbytes for ref in plan))
+
+
+class _CutFiles:
+    """The files of tensors cut across ranks, for one average: rank 0 creates each (its header, and the file at
+    its full size) before any rank folds; each rank then writes its part's bytes at their place (``pwrite``:
+    the parts are disjoint byte ranges of one file) and fsyncs before it reports success."""
+
+    def __init__(self, folder: Path, layout: _Layout, metadata: dict[str, str]) -> None:
+        self.folder = folder
+        self.layout = layout
+        self.metadata = metadata
+        self._fds: dict[str, int] = {}
+        self._next: dict[str, int] = {}  # tensor -> the file offset its next bytes go to
+
+    def create(self) -> None:
+        for (file, ref) in self.layout.cut.values():
+            head, _ = encode_header([TensorSpec(ref.name, ref.dtype, tuple(ref.shape))], self.metadata)
+            with open(self.folder / file, "wb") as f:
+                f.write(head)
+                f.truncate(len(head) + ref.nbytes)
+
+    def start(self, name: str, lo: int) -> None:
+        """This rank's part of ``name`` starts at element ``lo``."""
+        file, ref = self.layout.cut[name]
+        path = self.folder / file
+        try:
+            fd = os.open(path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise OutputError("the file rank 0 created for a tensor cut across ranks is not visible here", path=path,
+                              hint="every rank must see -o at the same path (a shared filesystem)") from None
+        with open(path, "rb") as f:
+            head = 8 + int.from_bytes(f.read(8), "little")
+        self._fds[name] = fd
+        self._next[name] = head + lo * ref.dtype.itemsize
+
+    def write(self, name: str, t: torch.Tensor) -> None:
+        fd, at = self._fds[name], self._next[name]
+        _, ref = self.layout.cut[name]
+        if t.dtype != ref.dtype:
+            raise OutputError(f"internal: {name} came out as {t.dtype}, its file holds {ref.dtype}",
+                              path=self.folder / self.layout.cut[name][0])
+        view = memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], at + done)
+        self._next[name] = at + done
+
+    def finish(self) -> None:
+        for fd in self._fds.values():
+            os.fsync(fd)
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+def _shard_metadata(aliases: Mapping[str, str], layout: _Layout) -> dict[str, str]:
+    """The header metadata of the file of a cut tensor, as :class:`ModelWriter` writes a shard's (the tied names
+    whose tensor the average holds ride in the header)."""
+    metadata = {"format": "pt"}
+    tied = {a: t for a, t in aliases.items() if t in layout.weight_map}
+    if tied:
+        metadata["ckptavg.tied"] = json.dumps(tied, sort_keys=True)
+    return metadata
 
 
 class _Assembled:
@@ -283,24 +405,33 @@ class _Assembled:
         self.aliases = {a: t for a, t in aliases.items() if t in layout.weight_map}
 
     def finish(self) -> None:
-        missing = [f for files in self.layout.files for f in files if not (self.folder / f).is_file()]
+        missing = [f for f in self.layout.all_files() if not (self.folder / f).is_file()]
         if missing:
             raise OutputError(f"the shard {missing[0]} of another rank is missing from the staging folder",
                               path=self.folder, hint="every rank must see -o at the same path (a shared filesystem)")
-        if sum(len(f) for f in self.layout.files) > 1:
+        if len(self.layout.all_files()) > 1:
             write_index(self.folder, self.weights_name, self.weight_map, self.total_bytes)
 
 
-def _view(c: Checkpoint, names: set[str]) -> Checkpoint:
-    """``c`` with only the tensors ``names``: what this rank reads of it."""
-    return replace(c, tensors={n: r for n, r in c.tensors.items() if n in names})
+def _view(c: Checkpoint, names: set[str], cut: Mapping[str, Part]) -> Checkpoint:
+    """``c`` with only the tensors ``names`` and this rank's ``cut`` parts (flat element ranges): what this rank
+    reads of it."""
+    return replace(c, tensors={n: (r.narrow(cut[n].lo, cut[n].hi) if n in cut else r)
+                               for n, r in c.tensors.items() if n in names or n in cut})
 
 
-def _digest(ckpts: Sequence[Checkpoint], owner: Mapping[str, int], layouts: Mapping[str, _Layout],
+def _cuttable(refs: Sequence[TensorRef]) -> bool:
+    """A tensor can be cut across ranks where each rank can read its elements alone: byte ranges, one shape and
+    one dtype in every input (as the engine's pieces)."""
+    first = refs[0]
+    return all(r.offset is not None and r.shape == first.shape and r.dtype == first.dtype for r in refs)
+
+
+def _digest(ckpts: Sequence[Checkpoint], owner: Mapping[str, list[Part]], layouts: Mapping[str, _Layout],
             targets: Mapping[str, Path], weights: Sequence[float] | None) -> str:
     doc = {
         "inputs": [[str(c.path), c.step, c.fingerprint] for c in ckpts],
-        "owner": sorted(owner.items()),
+        "owner": sorted((n, [[p.rank, p.lo, p.hi] for p in ps]) for n, ps in owner.items()),
         "files": {k: v.weight_map for k, v in sorted(layouts.items())},
         "targets": {k: str(v.resolve()) for k, v in sorted(targets.items())},
         "weights": None if weights is None else list(weights),
@@ -399,9 +530,10 @@ def _average_on_ranks(
             aliases: dict[str, str] = {}
             for c in ckpts:
                 aliases.update(c.aliases)
-            sizes = [(name, sum(c.tensors[name].nbytes for c in ckpts if name in c.tensors))
-                     for name in output_order(ckpts)]
-            owner = assign_ranks(sizes, launch.world_size)
+            held = {name: [c.tensors[name] for c in ckpts if name in c.tensors] for name in output_order(ckpts)}
+            sizes = [(name, sum(r.nbytes for r in refs)) for name, refs in held.items()]
+            owner = assign_parts([(name, nbytes, held[name][0].numel, _cuttable(held[name])) for name, nbytes in sizes],
+                                 launch.world_size)
             weights_name = ckpts[-1].weights_name
             layouts = {a.name: _layout(plans[a.name], owner, launch.world_size, max_shard_bytes, weights_name)
                        for a in averages}
@@ -411,19 +543,29 @@ def _average_on_ranks(
             other = next(r for r, d in enumerate(digests) if d != digests[0])
             raise RankError(f"rank {other} indexed other inputs than rank 0 (a checkpoint appeared or changed while "
                             "the ranks were indexing, or the nodes see different files); nothing was written")
-        mine = {name for name, r in owner.items() if r == launch.rank}
-        my_bytes = sum(b for name, b in sizes if name in mine)
+        mine = {name for name, ps in owner.items() if len(ps) == 1 and ps[0].rank == launch.rank}
+        my_cut = {name: p for name, ps in owner.items() if len(ps) > 1 for p in ps if p.rank == launch.rank}
+        per_elem = {name: b / max(1, held[name][0].numel) for name, b in sizes}
+
+        def load(r: int) -> tuple[int, int, float]:
+            whole = [n for n, ps in owner.items() if len(ps) == 1 and ps[0].rank == r]
+            parts = [(n, p) for n, ps in owner.items() if len(ps) > 1 for p in ps if p.rank == r]
+            return len(whole), len(parts), sum(b for n, b in sizes if n in set(whole)) + \
+                sum((p.hi - p.lo) * per_elem[n] for n, p in parts)
+
+        my_bytes = int(load(launch.rank)[2])
         if launch.rank == 0:
             for r in range(launch.world_size):
-                log.info("rank %d of %d: %d of %d tensors, %s of %s to read", r, launch.world_size,
-                         sum(1 for o in owner.values() if o == r), len(owner),
-                         format_bytes(sum(b for name, b in sizes if owner[name] == r)),
-                         format_bytes(sum(b for _, b in sizes)))
+                whole, parts, nbytes = load(r)
+                log.info("rank %d of %d: %d of %d tensors%s, %s of %s to read", r, launch.world_size, whole,
+                         len(owner), f" and a part of {parts} cut across ranks" if parts else "",
+                         format_bytes(int(nbytes)), format_bytes(sum(b for _, b in sizes)))
 
         with ranks.agree("creating the output folder"):
             if launch.rank == 0:
                 for name, t in targets.items():
                     folders[name] = stack.enter_context(AtomicDir(t, replace=force))
+                    _CutFiles(folders[name], layouts[name], _shard_metadata(aliases, layouts[name])).create()
         folders = ranks.broadcast({k: str(v) for k, v in folders.items()})
         folders = {k: Path(v) for k, v in folders.items()}
 
@@ -433,26 +575,38 @@ def _average_on_ranks(
                     raise OutputError("the staging folder rank 0 created is not visible here", path=folder,
                                       hint="every rank must see -o at the same path (a shared filesystem)")
             writers: dict[str, ModelWriter] = {}
+            cut_files: dict[str, _CutFiles] = {}
             for a in averages:
                 layout = layouts[a.name]
                 if layout.refs[launch.rank]:
                     writers[a.name] = ModelWriter(folders[a.name], layout.refs[launch.rank],
                                                   max_shard_bytes=max_shard_bytes, weights_name=weights_name,
                                                   aliases=aliases, files=layout.files[launch.rank])
+                cut_files[a.name] = _CutFiles(folders[a.name], layout, _shard_metadata(aliases, layout))
+                for name in layout.cut:
+                    if name in my_cut:
+                        cut_files[a.name].start(name, my_cut[name].lo)
 
             def emit(avg: Average, name: str, t: torch.Tensor) -> None:
                 hooks.point("rank.write", rank=launch.rank, world_size=launch.world_size, tensor=name)
-                writers[avg.name].write(name, t)
+                if name in my_cut:
+                    cut_files[avg.name].write(name, t)
+                else:
+                    writers[avg.name].write(name, t)
 
-            views = [_view(c, mine) for c in ckpts]
+            views = [_view(c, mine, my_cut) for c in ckpts]
             engine.progress.start(my_bytes, len(ckpts))
             try:
                 engine.average(views, averages, emit, weights=weights)
                 for w in writers.values():
                     w.finish(index=False)  # rank 0 writes the index of every rank's shards
+                for f in cut_files.values():
+                    f.finish()
             except BaseException:
                 for w in writers.values():
                     w.abort()
+                for f in cut_files.values():
+                    f.close()
                 raise
             finally:
                 engine.progress.finish()

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from ckptavg import distributed
-from ckptavg.distributed import assign_ranks, launch_from_env, shard_names
+from ckptavg.distributed import Part, assign_parts, assign_ranks, launch_from_env, shard_names
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["--method", "ema:150", "--method", "lawa:3", "--method", "swa:200", "--method", "uniform",
@@ -143,6 +143,36 @@ def test_assignment_is_contiguous_and_balanced_by_bytes():
     assert shard_names([1, 0]) == [["model.safetensors"], []]
 
 
+def test_a_tensor_larger_than_a_share_is_cut_where_the_shares_end():
+    """An embedding that is most of the model: whole-tensor assignment would give one rank nearly all of it; cut at
+    the shares' boundaries, every rank reads its share to the element. Parts are contiguous and in rank order, a
+    tiny leftover stays with its neighbour, and a tensor that cannot be read in parts (another dtype in some
+    input, a DCP/DeepSpeed source) stays whole."""
+    tensors = [("embed", 8_000_000, 2_000_000, True), ("norm", 4000, 1000, True), ("block", 400_000, 100_000, True),
+               ("head", 1_600_000, 400_000, True)]
+    total = sum(t[1] for t in tensors)
+    for world in (2, 3, 4, 7):
+        parts = assign_parts(tensors, world)
+        flat = [(name, p) for name, *_ in tensors for p in parts[name]]
+        assert [p.rank for _, p in flat] == sorted(p.rank for _, p in flat)  # contiguous runs in output order
+        for name, numel in ((t[0], t[2]) for t in tensors):  # each tensor's parts cover it exactly once
+            ps = parts[name]
+            assert ps[0].lo == 0 and ps[-1].hi == numel and all(a.hi == b.lo for a, b in zip(ps, ps[1:]))
+        per = {t[0]: t[1] / t[2] for t in tensors}
+        loads = [sum((p.hi - p.lo) * per[n] for n, p in flat if p.rank == r) for r in range(world)]
+        assert max(loads) <= total / world + 400_000 + 4, (world, loads)  # a share, give or take the block tensor
+    assert [p.rank for p in assign_parts(tensors, 2)["embed"]] == [0, 1]
+    before = assign_ranks([(t[0], t[1]) for t in tensors], 2)
+    assert before["embed"] == 0 and before["head"] == 1  # whole tensors: rank 0 would read 80% of the bytes
+    # a tensor that cannot be cut stays whole with the rank holding its middle
+    assert assign_parts([("embed", 8_000_000, 2_000_000, False), *tensors[1:]], 2)["embed"] == [Part(0, 0, 2_000_000)]
+    # small tensors (under a quarter of a share) are never cut; a sliver (under an eighth of a share) is not a part
+    assert all(len(p) == 1 for p in assign_parts([(f"l{i}", 100, 25, True) for i in range(40)], 4).values())
+    sliver = assign_parts([("a", 1000, 1000, True), ("b", 60, 60, True)], 2)
+    assert sliver["a"] == [Part(0, 0, 530), Part(1, 530, 1000)] and sliver["b"] == [Part(1, 0, 60)]
+    assert assign_parts([("w", 0, 0, True)], 2) == {"w": [Part(0, 0, 0)]}
+
+
 @pytest.mark.slow
 def test_two_ranks_are_bit_identical_to_one_process(tmp_path):
     """Every method in one read on 2 ranks (gloo, CPU) against the single-process run; then the same split
@@ -153,13 +183,17 @@ def test_two_ranks_are_bit_identical_to_one_process(tmp_path):
     assert single.returncode == 0, single.stderr
     two = torchrun(2, "average", *ckpts, *METHODS, "-o", tmp_path / "two")
     assert two.returncode == 0, two.stderr
+    # the embedding is 90% of the model: it is cut, and each rank reads exactly half of the bytes
+    shares = re.findall(r"rank (\d) of 2: \d of 7 tensors and a part of 1 cut across ranks, ([\d.]+ [KM]B) of", two.stderr)
+    assert len(shares) == 2 and shares[0][1] == shares[1][1], two.stderr
     names = sorted(p.name for p in (tmp_path / "single").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(names) == 5
     for name in names:
         assert_same(tmp_path / "single" / name, tmp_path / "two" / name)
         _, index = load_folder(tmp_path / "two" / name)
         assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors",
-                                                     "model-00002-of-00002.safetensors"}  # one file per rank
+                                                     "model-00002-of-00002.safetensors"}
+        assert index["weight_map"]["embed.weight"] == "model-00001-of-00002.safetensors"  # both ranks wrote it
         assert json.loads((tmp_path / "two" / name / "ckptavg.json").read_text())["ranks"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left
 
@@ -269,8 +303,9 @@ def test_row116_ranks_that_indexed_different_inputs_stop_before_reading(tmp_path
 
 @pytest.mark.slow
 def test_more_ranks_than_tensors(tmp_path):
-    """3 ranks, one tensor: ranks 0 and 2 read and write nothing; rank 0 still publishes, and the one file is
-    the single-process file byte for byte."""
+    """3 ranks, one tensor: it is cut in three, each rank reads its third and writes it at its place in the one
+    file rank 0 laid out; that file is the single-process file byte for byte. Then a tensor of another dtype in
+    one input (it cannot be read in parts): ranks 0 and 2 read and write nothing, rank 0 still publishes."""
     from safetensors.torch import save_file
 
     for i, step in enumerate((10, 20)):
@@ -279,7 +314,19 @@ def test_more_ranks_than_tensors(tmp_path):
                   str(tmp_path / "run" / f"checkpoint-{step}" / "model.safetensors"))
     r = torchrun(3, "average", tmp_path / "run", "--last", "2", "-o", tmp_path / "out")
     assert r.returncode == 0, r.stderr
-    assert "rank 0 of 3: 0 of 1 tensors" in r.stderr
+    for rank in range(3):
+        assert f"rank {rank} of 3: 0 of 1 tensors and a part of 1 cut across ranks" in r.stderr, r.stderr
     p = plain("average", tmp_path / "run", "--last", "2", "-o", tmp_path / "plain")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+
+    (tmp_path / "run" / "checkpoint-30").mkdir()
+    save_file({"w": torch.randn(100, generator=torch.Generator().manual_seed(5)).half()},
+              str(tmp_path / "run" / "checkpoint-30" / "model.safetensors"))
+    reset = ("--on-shape-change", "reset")
+    r = torchrun(3, "average", tmp_path / "run", "--last", "3", *reset, "-o", tmp_path / "out2")
+    assert r.returncode == 0, r.stderr
+    assert "rank 0 of 3: 0 of 1 tensors," in r.stderr and "rank 1 of 3: 1 of 1 tensors," in r.stderr
+    p = plain("average", tmp_path / "run", "--last", "3", *reset, "-o", tmp_path / "plain2")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out2" / "model.safetensors").read_bytes() == (tmp_path / "plain2" / "model.safetensors").read_bytes()

@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,12 +106,7 @@ class _Request:
 
 def _piece_ref(ref: TensorRef, piece: tuple[int, int] | None) -> TensorRef:
     """``ref`` narrowed to the flat element range ``piece`` (a 1-D tensor at its byte range)."""
-    if piece is None:
-        return ref
-    lo, hi = piece
-    size = ref.nbytes // ref.numel
-    assert ref.offset is not None
-    return replace(ref, shape=(hi - lo,), offset=ref.offset + lo * size, nbytes=(hi - lo) * size)
+    return ref if piece is None else ref.narrow(*piece)
 
 
 def _pieces(refs: Sequence[TensorRef], piece_elems: int) -> list[tuple[int, int] | None]:

@@ -6,9 +6,10 @@ is not one byte range)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -48,6 +49,12 @@ class TensorRef:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    def narrow(self, lo: int, hi: int) -> TensorRef:
+        """This tensor's flat elements ``[lo, hi)``: a 1-D tensor at its byte range (byte-range tensors only)."""
+        assert self.offset is not None and 0 <= lo <= hi <= self.numel
+        size = self.nbytes // self.numel if self.numel else self.dtype.itemsize
+        return replace(self, shape=(hi - lo,), offset=self.offset + lo * size, nbytes=(hi - lo) * size)
 
 
 class TensorSource(Protocol):

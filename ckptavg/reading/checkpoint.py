@@ -24,7 +24,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -37,6 +37,7 @@ from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise, is_side_file
+from ckptavg.reading.remote import is_url, open_remote_checkpoint
 from ckptavg.reading.steps import epoch_from_name, step_from_name
 from ckptavg.redact import warn_once
 
@@ -279,9 +280,13 @@ def open_checkpoint(
     state_key: str | None = None,
     strip_prefix: str | None = None,
     deepspeed_weights: str = "fp32",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Index the checkpoint at ``path`` (a folder or a file) from headers only. ``deepspeed_weights``: read a
-    DeepSpeed checkpoint's fp32 master weights (``fp32``) or its module's (``module``)."""
+    DeepSpeed checkpoint's fp32 master weights (``fp32``) or its module's (``module``). A URL (``s3://...``)
+    is read from object storage (:mod:`ckptavg.reading.remote`, with ``storage_options``)."""
+    if is_url(path):
+        return open_remote_checkpoint(str(path), step=step, storage_options=storage_options)
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError("no such file or folder", path=path)

@@ -1,0 +1,608 @@
+"""Checkpoints in object storage: ``s3://``, ``gs://``, ``memory://`` — any URL fsspec knows.
+
+Bytes are read through the fsspec implementation of the store (s3fs for S3 and S3-compatible servers, gcsfs
+for GCS), never a hand-written client, and only the bytes that are needed: every safetensors file's 8-byte
+length and header first (ranged reads, all shards at once), then, as the engine asks, each tensor's byte
+range (:meth:`ObjectStore.read`, called by :class:`~ckptavg.reading.fileio.FileCache` for an
+:class:`~ckptavg.reading.fileio.ObjectIdentity`). A read larger than ``part_bytes`` is fetched as parts in
+parallel (``fs.cat_ranges``: s3fs issues them concurrently on its event loop). A part that fails with a
+transient error (a dropped connection, a short body, a timeout, a 5xx) is fetched again whole, up to
+``retries`` times with exponential backoff; the caller only ever gets complete ranges, so the fold never
+sees half a tensor and never folds one twice. A vanished object (the trainer rotated it) is
+:class:`CheckpointVanishedError`, never retried.
+
+Credentials come from the store's own chain (for S3: botocore's environment variables, ``~/.aws``, instance
+roles; ``AWS_ENDPOINT_URL`` for an S3-compatible server); ``storage_options`` (``--storage-option KEY=VALUE``,
+the config's ``[storage]`` table) go to the fsspec filesystem as keyword arguments. Their secret values are
+remembered by :mod:`ckptavg.redact`, so no log line or error carries them.
+
+Read here: safetensors checkpoints (``model.safetensors``, sharded with ``*.safetensors.index.json``; HF Trainer
+``checkpoint-N/`` folders and ``save_pretrained`` folders) and run folders of them. Pickles and DCP/DeepSpeed
+folders are refused with a clear error by the one-shot (copy them locally); the daemon mirrors them
+(:mod:`ckptavg.daemon.remote`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+import time
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import PurePosixPath
+from typing import Any
+
+import torch
+
+from ckptavg.errors import (
+    CheckpointChangedError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointVanishedError,
+    IncompleteCheckpointError,
+    MissingShardError,
+    TruncatedFileError,
+    UnknownFormatError,
+    UnsafePathError,
+    UnsupportedCheckpointError,
+    UsageError,
+)
+from ckptavg.reading.fileio import ObjectIdentity
+from ckptavg.reading.formats import safetensors as st
+from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise
+from ckptavg.reading.steps import order_key, step_from_name
+from ckptavg.redact import remember_secret, scrub
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ObjectPath", "ObjectStore", "is_url", "list_run", "open_remote_checkpoint", "parse_storage_options",
+           "redact_url", "remote_latest_complete", "remote_ready", "store_for"]
+
+DEFAULT_PART_BYTES = 16 << 20  # a read larger than this is fetched as parallel parts
+DEFAULT_RETRIES = 5  # per part, after the first try
+DEFAULT_BACKOFF = 0.2  # seconds before the first retry; doubled each time, at most MAX_BACKOFF
+MAX_BACKOFF = 5.0
+SIDE_FILE_BYTES = 16 << 20  # config/tokenizer files fetched beside the weights (for the output's config.json)
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "signature")
+# written by the HF Trainer beside the weights; their presence means trainer_state.json marks completion
+TRAINER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "scaler.pt")
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+_PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+
+
+def is_url(text: object) -> bool:
+    """Whether ``text`` names object storage (``scheme://...``; ``file://`` is a local path)."""
+    if not isinstance(text, str):
+        return False
+    m = _SCHEME.match(text)
+    return m is not None and m.group(1).lower() != "file"
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any ``user:password@`` part, and without any secret ckptavg knows."""
+    return scrub(_USERINFO.sub(r"\1***@", url))
+
+
+class ObjectPath(PurePosixPath):
+    """A location in object storage, printed as its URL (``s3://bucket/run/checkpoint-500``).
+
+    Only pure path operations apply (``name``, ``parent``, ``/``): it is never opened as a local file, and
+    code that must tell it from a local path checks ``isinstance(p, pathlib.Path)``."""
+
+    def __str__(self) -> str:
+        head, *rest = self.parts
+        return redact_url(f"{head}//{'/'.join(rest)}")
+
+    @property
+    def url(self) -> str:
+        head, *rest = self.parts
+        return f"{head}//{'/'.join(rest)}"
+
+
+def parse_storage_options(pairs: Iterable[str], *, option: str = "--storage-option") -> dict[str, Any]:
+    """``KEY=VALUE`` strings into fsspec keyword arguments; a value that parses as JSON (``true``, ``3``,
+    ``{"region_name": "eu-west-1"}``) is taken as such, any other as a string. Secret values are
+    remembered by :mod:`ckptavg.redact` so that no message shows them."""
+    out: dict[str, Any] = {}
+    for text in pairs:
+        key, sep, value = text.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"{option} {text.split('=')[0]!r}...: expected KEY=VALUE (e.g. endpoint_url=http://host:9000)")
+        out[key.strip()] = _typed_value(value)
+    remember_option_secrets(out)
+    return out
+
+
+def _typed_value(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def remember_option_secrets(options: Mapping[str, Any]) -> None:
+    """Register every secret-looking value (keys naming a secret, token, password or key) with the redactor."""
+    for key, value in options.items():
+        if isinstance(value, Mapping):
+            remember_option_secrets(value)
+        elif isinstance(value, str) and any(w in key.lower() for w in _SECRET_WORDS):
+            remember_secret(value)
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "GOOGLE_APPLICATION_CREDENTIALS_JSON"):
+        remember_secret(os.environ.get(var))
+
+
+def _filesystem(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
+    scheme = _SCHEME.match(url).group(1).lower()  # type: ignore[union-attr]
+    try:
+        import fsspec
+    except ImportError:
+        raise UsageError(f"reading {scheme}:// needs fsspec and its {_PACKAGES.get(scheme, scheme)} implementation",
+                         hint=f"pip install 'ckptavg[{EXTRAS.get(scheme, 's3')}]'") from None
+    remember_option_secrets(options)
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **dict(options))
+    except ImportError:
+        extra = EXTRAS.get(scheme)
+        raise UsageError(f"reading {scheme}:// needs the {_PACKAGES.get(scheme, 'fsspec implementation')} package",
+                         hint=f"pip install 'ckptavg[{extra}]'" if extra else f"install fsspec's {scheme} implementation"
+                         ) from None
+    except ValueError as e:
+        raise UsageError(f"{redact_url(url)}: {scrub(str(e))}", hint="a storage URL fsspec knows: s3://, gs://, ...") from None
+    except TypeError as e:  # an unknown storage option
+        raise UsageError(f"storage options for {scheme}://: {scrub(str(e))}",
+                         hint="check the --storage-option / [storage] keys against the fsspec implementation") from None
+    return fs, path
+
+
+def store_for(url: str, storage_options: Mapping[str, Any] | None = None, **tuning: Any) -> tuple[ObjectStore, str]:
+    """The store serving ``url`` and the path inside it (no protocol)."""
+    fs, path = _filesystem(url, storage_options or {})
+    scheme = _SCHEME.match(url).group(1)  # type: ignore[union-attr]
+    return ObjectStore(fs, scheme=scheme, **tuning), path.rstrip("/")
+
+
+def _transient(error: BaseException) -> bool:
+    """Whether a failed ranged read is worth another try (not: gone, forbidden, a bad request)."""
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    return isinstance(error, Exception)
+
+
+class ObjectStore:
+    """One fsspec filesystem and how its bytes are fetched: ranged reads, in parallel parts, retried."""
+
+    def __init__(self, fs: Any, *, scheme: str, part_bytes: int = DEFAULT_PART_BYTES, retries: int = DEFAULT_RETRIES,
+                 backoff: float = DEFAULT_BACKOFF) -> None:
+        self.fs = fs
+        self.scheme = scheme
+        self.part_bytes = max(1, int(part_bytes))
+        self.retries = max(0, int(retries))
+        self.backoff = backoff
+        self.retried = 0  # parts fetched again after a failure (tests and the benchmark read it)
+
+    def location(self, path: str) -> ObjectPath:
+        return ObjectPath(f"{self.scheme}://{path}")
+
+    # -- bytes ---------------------------------------------------------------------------------------------
+    def fetch(self, path: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The bytes of each ``[start, end)`` of object ``path``, every range whole. Failed ranges are fetched
+        again (backoff doubling from ``backoff``), at most ``retries`` times."""
+        results: list[Any] = [None] * len(ranges)
+        pending = list(range(len(ranges)))
+        where = self.location(path)
+        error: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            got = self.fs.cat_ranges([path] * len(pending), [ranges[i][0] for i in pending],
+                                     [ranges[i][1] for i in pending], on_error="return")
+            failed = []
+            for i, data in zip(pending, got):
+                want = ranges[i][1] - ranges[i][0]
+                if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == want:
+                    results[i] = data
+                    continue
+                if isinstance(data, BaseException):
+                    if not _transient(data):
+                        raise _permanent(data, where)
+                    error = data
+                else:
+                    error = TruncatedFileError(f"got {len(data)} of the {want} bytes at offset {ranges[i][0]}",
+                                               path=where)
+                failed.append(i)
+            if not failed:
+                return results
+            pending = failed
+            if attempt == self.retries:
+                break
+            delay = min(self.backoff * 2 ** attempt, MAX_BACKOFF)
+            self.retried += len(failed)
+            log.warning("%s: %d byte range(s) failed (%s); fetching them again in %.1f s (retry %d of %d)", where,
+                        len(failed), scrub(_describe(error)), delay, attempt + 1, self.retries)
+            time.sleep(delay)
+        raise CheckpointChangedError(f"reading failed after {self.retries} retries: {scrub(_describe(error))}",
+                                     path=where, hint="the storage server or the network kept failing; try again")
+
+    def read(self, ident: ObjectIdentity, offset: int, n: int, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` bytes of the object at ``offset`` into a private uint8 tensor (``out`` if given)."""
+        buf = out if out is not None else torch.empty(n, dtype=torch.uint8)
+        if n == 0:
+            return buf
+        if offset + n > ident.size:
+            raise TruncatedFileError(f"a read of [{offset}, {offset + n}) is past the object's {ident.size} bytes",
+                                     path=self.location(_path_of(ident.url)))
+        view = memoryview(buf.numpy()).cast("B")
+        parts = [(lo, min(lo + self.part_bytes, n)) for lo in range(0, n, self.part_bytes)]
+        for (lo, hi), data in zip(parts, self.fetch(_path_of(ident.url), [(offset + lo, offset + hi) for lo, hi in parts])):
+            view[lo:hi] = data
+        return buf
+
+    def read_whole(self, path: str, size: int) -> bytes:
+        if size == 0:
+            return b""
+        parts = [(lo, min(lo + self.part_bytes, size)) for lo in range(0, size, self.part_bytes)]
+        return b"".join(bytes(d) for d in self.fetch(path, parts))
+
+    # -- listing -------------------------------------------------------------------------------------------
+    def info(self, path: str) -> dict[str, Any]:
+        self.fs.invalidate_cache(path)
+        return self.fs.info(path)
+
+    def listing(self, path: str) -> dict[str, dict[str, Any]]:
+        """The entries directly under ``path``, by name, listed afresh (no cached listing: polling relies on it)."""
+        self.fs.invalidate_cache(path)
+        try:
+            entries = self.fs.ls(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for e in entries:
+            name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
+            if name and str(e["name"]).rstrip("/") != path.rstrip("/"):
+                out[name] = e
+        return out
+
+    def identity(self, path: str, entry: Mapping[str, Any]) -> ObjectIdentity:
+        url = f"{self.scheme}://{path}"
+        return ObjectIdentity(dev=0, ino=int(hashlib.sha256(url.encode()).hexdigest()[:15], 16),
+                              size=int(entry.get("size") or 0), mtime_ns=int(modified(entry) * 1e9),
+                              url=url, etag=str(entry.get("ETag") or entry.get("etag") or entry.get("md5Hash") or ""),
+                              store=self)
+
+
+def _path_of(url: str) -> str:
+    return url.split("://", 1)[1]
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "no data"
+    text = str(error) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if type(error).__name__ not in text else text
+
+
+def _permanent(error: BaseException, where: ObjectPath) -> CheckpointError:
+    if isinstance(error, FileNotFoundError):
+        return CheckpointVanishedError("was deleted before it could be read", path=where, hint="checkpoint rotation?")
+    if isinstance(error, PermissionError):
+        return CheckpointError(f"access denied ({scrub(_describe(error))})", path=where,
+                               hint="check the credentials (AWS_* variables, ~/.aws, --storage-option)")
+    return CheckpointError(scrub(_describe(error)), path=where)
+
+
+def modified(entry: Mapping[str, Any]) -> float:
+    """An entry's last-modified time (seconds since the epoch; 0 when the store gives none)."""
+    for key in ("LastModified", "mtime", "updated", "last_modified", "created"):
+        value = entry.get(key)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return 0.0
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------
+def _is_dir(entry: Mapping[str, Any]) -> bool:
+    return entry.get("type") == "directory"
+
+
+def _headers(store: ObjectStore, files: Sequence[tuple[str, Mapping[str, Any]]]) -> list[st.SafetensorsHeader]:
+    """Every file's safetensors header: all length prefixes in one batch of ranged reads, then all headers."""
+    idents = [store.identity(path, entry) for path, entry in files]
+    for (path, _), ident in zip(files, idents):
+        if ident.size < 8:
+            raise TruncatedFileError(f"object is {ident.size} bytes, too short for a safetensors header",
+                                     path=store.location(path), hint="the upload is incomplete")
+    prefixes = _fetch_many(store, [(path, 0, 8) for path, _ in files])
+    lengths = []
+    for (path, _), ident, prefix in zip(files, idents, prefixes):
+        (n,) = struct.unpack("<Q", bytes(prefix))
+        st.check_header_length(n, ident.size, store.location(path))
+        lengths.append(n)
+    raws = _fetch_many(store, [(path, 8, 8 + n) for (path, _), n in zip(files, lengths)])
+    return [st.header_from_bytes(store.location(path), ident, bytes(raw))
+            for (path, _), ident, raw in zip(files, idents, raws)]
+
+
+def _fetch_many(store: ObjectStore, ranges: Sequence[tuple[str, int, int]]) -> list[bytes]:
+    """One range of each of several objects, fetched concurrently (one ``cat_ranges`` per object would serialise)."""
+    by_path: dict[str, list[int]] = {}
+    for i, (path, _, _) in enumerate(ranges):
+        by_path.setdefault(path, []).append(i)
+    out: list[Any] = [None] * len(ranges)
+    if len(by_path) == len(ranges):  # one range per object: a single batch across objects
+        got = store.fs.cat_ranges([p for p, _, _ in ranges], [s for _, s, _ in ranges], [e for _, _, e in ranges],
+                                  on_error="return")
+        for i, data in enumerate(got):
+            path, s, e = ranges[i]
+            if isinstance(data, (bytes, bytearray, memoryview)) and len(data) == e - s:
+                out[i] = data
+            elif isinstance(data, BaseException) and not _transient(data):
+                raise _permanent(data, store.location(path))
+            else:  # retried one by one, with the store's backoff
+                out[i] = store.fetch(path, [(s, e)])[0]
+        return out
+    for path, idx in by_path.items():
+        for i, data in zip(idx, store.fetch(path, [(ranges[i][1], ranges[i][2]) for i in idx])):
+            out[i] = data
+    return out
+
+
+def _safe_shard(name: str, where: ObjectPath) -> str:
+    if not name or "/" in name or "\\" in name or name in (".", ".."):
+        log.warning("security: index %s points outside its folder: %r", where, name)
+        raise UnsafePathError(f"weight_map points to {name!r}, outside the checkpoint folder; refusing to open it",
+                              path=where, hint="shard names must be plain file names in the same folder")
+    return name
+
+
+def _side_files(store: ObjectStore, folder: str, entries: Mapping[str, Mapping[str, Any]], skip: set[str]) -> str | None:
+    """Fetch the small config/tokenizer files beside the weights into a private temporary folder (removed when
+    the checkpoint is garbage-collected); None when there are none."""
+    wanted = [n for n, e in sorted(entries.items())
+              if not _is_dir(e) and n not in skip and not is_noise(n) and int(e.get("size") or 0) <= SIDE_FILE_BYTES
+              and n.endswith((".json", ".txt", ".model", ".jinja", ".py", ".tiktoken"))
+              and not n.endswith(".index.json") and not n.startswith(("rng_state", "optimizer", "scheduler",
+                                                                       "training_args", "trainer_state"))]
+    if not wanted:
+        return None
+    tmp = tempfile.mkdtemp(prefix="ckptavg-meta-")
+    try:
+        for name in wanted:
+            data = store.read_whole(f"{folder}/{name}", int(entries[name].get("size") or 0))
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def open_remote_checkpoint(url: str, *, step: int | None = None,
+                           storage_options: Mapping[str, Any] | None = None, store: ObjectStore | None = None,
+                           **_ignored: Any) -> Any:
+    """Index the safetensors checkpoint at ``url`` (a folder or a file in object storage) from its headers."""
+    from ckptavg.reading.checkpoint import Checkpoint, _combine, _model_identity
+
+    if store is None:
+        store, path = store_for(url, storage_options)
+    else:
+        path = _path_of(url).rstrip("/")
+    where = store.location(path)
+    try:
+        top = store.info(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such object or folder", path=where) from None
+    meta_dir = None
+    if _is_dir(top):
+        entries = store.listing(path)
+        names = sorted(n for n in entries if not is_noise(n))
+        if ".metadata" in names or any(n.endswith(".distcp") for n in names):
+            raise UnsupportedCheckpointError(
+                "is a torch.distributed.checkpoint folder; the one-shot reads DCP from local disk only",
+                path=where, hint="copy it locally first (e.g. aws s3 cp --recursive), or let `ckptavg watch` mirror it")
+        st_indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+        singles = [n for n in names if n.endswith(".safetensors")]
+        if st_indexes:
+            chosen = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]
+            if len(st_indexes) > 1 and chosen != "model.safetensors.index.json":
+                raise UnknownFormatError(f"holds several safetensors indexes ({', '.join(st_indexes)})", path=where,
+                                         hint="pass the index file you want instead of the folder")
+            index_where = store.location(f"{path}/{chosen}")
+            weight_map = st.parse_index_json(store.read_whole(f"{path}/{chosen}", int(entries[chosen]["size"])),
+                                             index_where)
+            shards = sorted({_safe_shard(s, index_where) for s in weight_map.values()})
+            missing = [s for s in shards if s not in entries]
+            if missing:
+                raise MissingShardError(f"index lists {len(shards)} shards but {len(missing)} are missing: "
+                                        f"{', '.join(missing)}", path=index_where,
+                                        hint="the checkpoint is incomplete or still being uploaded")
+            headers = _headers(store, [(f"{path}/{s}", entries[s]) for s in shards])
+            tensors: dict[str, TensorRef] = {}
+            for shard, header in zip(shards, headers):
+                st.check_shard_keys({t for t, s in weight_map.items() if s == shard}, set(header.tensors),
+                                    header.path, chosen)
+                tensors.update(header.tensors)
+            tensors = {name: tensors[name] for name in weight_map}
+            kind, weights_name = "safetensors-sharded", chosen[: -len(".safetensors.index.json")]
+            skip = {chosen, *shards}
+        elif singles:
+            chosen = "model.safetensors" if "model.safetensors" in singles else (singles[0] if len(singles) == 1 else None)
+            if chosen is None:
+                raise UnknownFormatError(f"holds several .safetensors files and no index ({', '.join(singles)})",
+                                         path=where, hint="pass the file you want instead of the folder")
+            headers = _headers(store, [(f"{path}/{chosen}", entries[chosen])])
+            tensors = dict(headers[0].tensors)
+            kind, weights_name, skip = "safetensors", chosen[: -len(".safetensors")], {chosen}
+        elif any(n.endswith(PICKLE_SUFFIXES) for n in names):
+            raise UnsupportedCheckpointError(
+                "holds pickle weights (.bin/.pt/.ckpt); they are not read from object storage (a pickle is "
+                "loaded whole)", path=where,
+                hint="copy the checkpoint locally first (e.g. aws s3 cp --recursive), or save it as safetensors")
+        else:
+            subdirs = [n for n in names if _is_dir(entries[n])]
+            raise CheckpointNotFoundError(
+                "holds no safetensors weights", path=where,
+                hint="this looks like a run folder: pass it with --last N" if subdirs else None)
+        meta_dir = _side_files(store, path, entries, skip)
+        folder_entries = entries
+        ckpt_path = where
+    else:
+        name = path.rsplit("/", 1)[-1]
+        if name.endswith(PICKLE_SUFFIXES):
+            raise UnsupportedCheckpointError("is a pickle; pickles are not read from object storage (loaded whole)",
+                                             path=where, hint="copy it locally first, or save it as safetensors")
+        if not name.endswith(".safetensors"):
+            raise UnknownFormatError("not a checkpoint ckptavg reads from object storage", path=where,
+                                     hint="expected a .safetensors file or a folder of them")
+        headers = _headers(store, [(path, top)])
+        tensors = dict(headers[0].tensors)
+        kind, weights_name, folder_entries, ckpt_path = "safetensors", "model", {}, where
+    if not tensors:
+        raise CheckpointNotFoundError("holds no tensors", path=where)
+    metadata = headers[0].metadata or {} if len(headers) == 1 else {}
+    ckpt = Checkpoint(path=ckpt_path, format=kind, tensors=tensors, step=None, step_source="",
+                      files=[h.path for h in headers], fingerprint=_combine([h.fingerprint for h in headers]),
+                      meta_dir=None, weights_name=weights_name, metadata=dict(metadata))
+    if meta_dir is not None:
+        from pathlib import Path
+
+        ckpt.meta_dir = Path(meta_dir)
+        weakref.finalize(ckpt, shutil.rmtree, meta_dir, True)
+    ckpt.model = _model_identity(ckpt.meta_dir)
+    if step is not None:
+        ckpt.step, ckpt.step_source = step, "given"
+    elif (named := step_from_name(ckpt_path)) is not None:
+        ckpt.step, ckpt.step_source = named, "name"
+    elif "trainer_state.json" in folder_entries:
+        try:
+            state = json.loads(store.read_whole(f"{path}/trainer_state.json",
+                                                int(folder_entries["trainer_state.json"].get("size") or 0)))
+            if isinstance(state, dict) and isinstance(state.get("global_step"), int):
+                ckpt.step, ckpt.step_source = state["global_step"], "trainer_state.json"
+        except (CheckpointError, ValueError):
+            pass
+    ckpt.incomplete = trainer_pending(folder_entries)
+    return ckpt
+
+
+def trainer_pending(entries: Mapping[str, Any]) -> str | None:
+    """An HF Trainer folder (Trainer files present) is finished once ``trainer_state.json`` (written last) is there."""
+    if not entries or "trainer_state.json" in entries:
+        return None
+    if any(n in entries for n in TRAINER_FILES) or any(n.startswith("rng_state") for n in entries):
+        return "trainer_state.json not written yet (the HF Trainer writes it last)"
+    return None
+
+
+# -- runs ----------------------------------------------------------------------------------------------------
+def list_run(store: ObjectStore, path: str) -> list[tuple[str, dict[str, Any]]]:
+    """The candidate checkpoints of a run folder in object storage, in training order: entries whose name
+    carries a step (``checkpoint-500/``, ``step_500.safetensors``), staging and hidden names left out."""
+    found = []
+    for name, entry in store.listing(path).items():
+        if is_noise(name) or order_key(name) is None:
+            continue
+        if _is_dir(entry) or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+            found.append((name, entry))
+    found.sort(key=lambda t: order_key(t[0]))  # type: ignore[arg-type,return-value]
+    return [(f"{path}/{name}", entry) for name, entry in found]
+
+
+def remote_latest_complete(url: str, n: int, *, storage_options: Mapping[str, Any] | None = None) -> list[Any]:
+    """The newest ``n`` complete checkpoints of a run folder in object storage, oldest first (as
+    :func:`ckptavg.reading.discover.latest_complete` for a local one)."""
+    store, root = store_for(url, storage_options)
+    chosen: list[Any] = []
+    for path, _ in reversed(list_run(store, root)):
+        try:
+            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store)
+        except CheckpointError as e:
+            log.warning("skipping %s: %s", store.location(path), e)
+            continue
+        if ckpt.incomplete:
+            log.warning("skipping %s: %s", ckpt.path, ckpt.incomplete)
+            continue
+        if chosen and chosen[-1].step == ckpt.step:
+            log.warning("skipping %s: same step %s as %s", ckpt.path, ckpt.step, chosen[-1].path)
+            continue
+        chosen.append(ckpt)
+        if len(chosen) == n:
+            break
+    if not chosen:
+        raise CheckpointNotFoundError("no complete checkpoint with a step in its name was found",
+                                      path=store.location(root),
+                                      hint="expected checkpoint-<N>/ folders of safetensors weights")
+    return list(reversed(chosen))
+
+
+def is_run_folder(url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Whether ``url`` is a folder of checkpoints (rather than one checkpoint)."""
+    store, path = store_for(url, storage_options)
+    entries = store.listing(path)
+    if any(n.endswith((".safetensors", ".distcp", ".metadata", *PICKLE_SUFFIXES)) for n in entries):
+        return False
+    return bool(list_run(store, path))
+
+
+def remote_ready(store: ObjectStore, path: str, *, settle: float = 5.0, now: float | None = None,
+                 marker: str | None = None, open_it: bool = True) -> Any:
+    """The writer's completion rule for a checkpoint in object storage (:mod:`ckptavg.reading.ready` for local
+    ones). Objects appear whole (a PUT or a multipart upload completes atomically), so what is judged is the
+    folder: ``trainer_state.json`` for an HF Trainer folder, ``.metadata`` for DCP, every shard an index names
+    for a ``save_pretrained`` folder, which must also be quiet (no object newer than ``settle`` seconds, on the
+    server's clock). ``open_it``: index the safetensors headers too (the one-shot's and inspect's view)."""
+    import fnmatch
+
+    from ckptavg.reading.ready import Readiness
+
+    name = path.rsplit("/", 1)[-1]
+    if is_noise(name):
+        return Readiness("waiting", "a staging or hidden name; the writer has not renamed it yet")
+    try:
+        top = store.info(path)
+    except FileNotFoundError:
+        return Readiness("waiting", "not there (yet)")
+    entries = store.listing(path) if _is_dir(top) else {name: top}
+    now = time.time() if now is None else now
+    if marker is not None:
+        return (Readiness("ready", f"marker {marker!r} present") if any(fnmatch.fnmatch(n, marker) for n in entries)
+                else Readiness("waiting", f"marker {marker!r} not written yet"))
+    if _is_dir(top):
+        if any(n.endswith(".distcp") for n in entries) or ".metadata" in entries:
+            return (Readiness("ready", "DCP .metadata committed") if ".metadata" in entries
+                    else Readiness("waiting", "DCP .metadata not committed yet"))
+        if (why := trainer_pending(entries)) is not None:
+            return Readiness("waiting", why)
+    newest = max((modified(e) for e in entries.values() if not _is_dir(e)), default=0.0)
+    ckpt = None
+    if open_it or not any(n.endswith(PICKLE_SUFFIXES) for n in entries):
+        try:
+            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store)
+        except IncompleteCheckpointError as e:
+            return Readiness("waiting", str(e))
+        except UnsupportedCheckpointError as e:
+            if open_it:
+                return Readiness("bad", str(e))
+        except CheckpointError as e:
+            quiet = now - newest >= settle
+            return Readiness("bad" if quiet else "waiting", str(e))
+    if "trainer_state.json" in entries:
+        return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard there", ckpt)
+    if now - newest < settle:
+        return Readiness("waiting", f"whole, but uploaded less than {settle:g} s ago")
+    return Readiness("ready", f"{ckpt.format if ckpt else 'checkpoint'}: whole and quiet for {settle:g} s", ckpt)

@@ -19,9 +19,9 @@ from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, U
 from ckptavg.oneshot import average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.formats import deepspeed as dsf
-from ckptavg.reading.discover import find_candidates, latest_complete
+from ckptavg.reading.discover import find_candidates, latest_complete, remote_latest_complete
 from ckptavg.reading.names import is_noise
-from ckptavg.reading.remote import is_run_folder, is_url, parse_storage_options, redact_url, remote_latest_complete
+from ckptavg.reading.remote import is_run_folder, is_url, parse_storage_options, redact_url
 from ckptavg.units import format_bytes, parse_size
 
 log = logging.getLogger("ckptavg.cli")

@@ -10,19 +10,11 @@ import click
 
 from ckptavg.dtypes import short_name
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_checkpoint
 from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.formats import deepspeed as dsf
-from ckptavg.reading.ready import Readiness, check_ready
-from ckptavg.reading.remote import (
-    is_run_folder,
-    is_url,
-    list_run,
-    open_remote_checkpoint,
-    parse_storage_options,
-    remote_ready,
-    store_for,
-)
+from ckptavg.reading.ready import Readiness, check_ready, remote_ready
+from ckptavg.reading.remote import is_run_folder, is_url, list_run, parse_storage_options, store_for
 from ckptavg.units import format_bytes
 
 

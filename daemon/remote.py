@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import CheckpointError, CkptavgError
-from ckptavg.reading.remote import TRAINER_FILES, ObjectStore, list_run, modified, redact_url, remote_ready, store_for
+from ckptavg.reading.ready import remote_ready
+from ckptavg.reading.remote import TRAINER_FILES, ObjectStore, list_run, modified, redact_url, store_for
 from ckptavg.writing.atomic import AtomicDir, fsync_path, remove_orphans, temp_name
 
 log = logging.getLogger(__name__)

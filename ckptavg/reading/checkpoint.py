@@ -18,13 +18,15 @@ read later, one tensor at a time, by :class:`CheckpointReader`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
+import shutil
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
@@ -35,15 +37,15 @@ from ckptavg.reading.formats import dcp
 from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
-from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
+from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource, combine_fingerprints
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise, is_side_file
-from ckptavg.reading.remote import is_url, open_remote_checkpoint
+from ckptavg.reading.remote import ObjectStore, index_remote, is_url
 from ckptavg.reading.steps import epoch_from_name, step_from_name
 from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint", "open_remote_checkpoint"]
 
 @dataclass
 class Checkpoint:
@@ -139,11 +141,7 @@ class CheckpointReader:
         self.close()
 
 
-def _combine(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-    return h.hexdigest()[:32]
+_combine = combine_fingerprints
 
 
 def _trainer_step(folder: Path) -> int | None:
@@ -324,6 +322,22 @@ def open_checkpoint(
     # saved by DeepSpeed but not read by its reader (e.g. weights saved beside it): empty tensors may be placeholders
     ckpt.zero3 = not ckpt.format.startswith("deepspeed") and (
         _is_deepspeed(path if path.is_dir() else path.parent) or any(p.deepspeed for p in ckpt._pickles))
+    return ckpt
+
+
+def open_remote_checkpoint(url: str, *, step: int | None = None, storage_options: Mapping[str, Any] | None = None,
+                           store: ObjectStore | None = None) -> Checkpoint:
+    """A safetensors checkpoint in object storage (``s3://...``), indexed from its headers by ranged reads
+    (:mod:`ckptavg.reading.remote`); its config/tokenizer files are fetched into a private temporary folder
+    (``meta_dir``), removed when the checkpoint is no longer referenced."""
+    path, found, weights_name = index_remote(url, storage_options=storage_options, store=store)
+    ckpt = _from_index(path, found)  # type: ignore[arg-type]
+    ckpt.weights_name = weights_name
+    if found.meta_dir is not None:
+        weakref.finalize(ckpt, shutil.rmtree, found.meta_dir, True)
+    if step is not None:
+        ckpt.step, ckpt.step_source = step, "given"
+    ckpt.model = _model_identity(ckpt.meta_dir)
     return ckpt
 
 

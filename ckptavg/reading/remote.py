@@ -33,10 +33,9 @@ import shutil
 import struct
 import tempfile
 import time
-import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -46,7 +45,6 @@ from ckptavg.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointVanishedError,
-    IncompleteCheckpointError,
     MissingShardError,
     TruncatedFileError,
     UnknownFormatError,
@@ -56,15 +54,15 @@ from ckptavg.errors import (
 )
 from ckptavg.reading.fileio import ObjectIdentity
 from ckptavg.reading.formats import safetensors as st
-from ckptavg.reading.formats.refs import TensorRef
+from ckptavg.reading.formats.refs import FormatIndex, TensorRef, combine_fingerprints
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise
 from ckptavg.reading.steps import order_key, step_from_name
 from ckptavg.redact import remember_secret, scrub
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ObjectPath", "ObjectStore", "is_url", "list_run", "open_remote_checkpoint", "parse_storage_options",
-           "redact_url", "remote_latest_complete", "remote_ready", "store_for"]
+__all__ = ["ObjectPath", "ObjectStore", "index_remote", "is_run_folder", "is_url", "list_run", "parse_storage_options",
+           "redact_url", "store_for"]
 
 DEFAULT_PART_BYTES = 16 << 20  # a read larger than this is fetched as parallel parts
 DEFAULT_RETRIES = 5  # per part, after the first try
@@ -316,7 +314,7 @@ def modified(entry: Mapping[str, Any]) -> float:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------
-def _is_dir(entry: Mapping[str, Any]) -> bool:
+def is_dir(entry: Mapping[str, Any]) -> bool:
     return entry.get("type") == "directory"
 
 
@@ -374,7 +372,7 @@ def _side_files(store: ObjectStore, folder: str, entries: Mapping[str, Mapping[s
     """Fetch the small config/tokenizer files beside the weights into a private temporary folder (removed when
     the checkpoint is garbage-collected); None when there are none."""
     wanted = [n for n, e in sorted(entries.items())
-              if not _is_dir(e) and n not in skip and not is_noise(n) and int(e.get("size") or 0) <= SIDE_FILE_BYTES
+              if not is_dir(e) and n not in skip and not is_noise(n) and int(e.get("size") or 0) <= SIDE_FILE_BYTES
               and n.endswith((".json", ".txt", ".model", ".jinja", ".py", ".tiktoken"))
               and not n.endswith(".index.json") and not n.startswith(("rng_state", "optimizer", "scheduler",
                                                                        "training_args", "trainer_state"))]
@@ -392,12 +390,12 @@ def _side_files(store: ObjectStore, folder: str, entries: Mapping[str, Mapping[s
     return tmp
 
 
-def open_remote_checkpoint(url: str, *, step: int | None = None,
-                           storage_options: Mapping[str, Any] | None = None, store: ObjectStore | None = None,
-                           **_ignored: Any) -> Any:
-    """Index the safetensors checkpoint at ``url`` (a folder or a file in object storage) from its headers."""
-    from ckptavg.reading.checkpoint import Checkpoint, _combine, _model_identity
-
+def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
+                 store: ObjectStore | None = None) -> tuple[ObjectPath, FormatIndex, str]:
+    """Index the safetensors checkpoint at ``url`` (a folder or a file in object storage) from its headers:
+    its location, what was found (``meta_dir``: a private temporary folder of its config/tokenizer files, which
+    the caller removes) and the weights' base name. :func:`ckptavg.reading.checkpoint.open_checkpoint` makes it a
+    ``Checkpoint``."""
     if store is None:
         store, path = store_for(url, storage_options)
     else:
@@ -407,8 +405,7 @@ def open_remote_checkpoint(url: str, *, step: int | None = None,
         top = store.info(path)
     except FileNotFoundError:
         raise CheckpointNotFoundError("no such object or folder", path=where) from None
-    meta_dir = None
-    if _is_dir(top):
+    if is_dir(top):
         entries = store.listing(path)
         names = sorted(n for n in entries if not is_noise(n))
         if ".metadata" in names or any(n.endswith(".distcp") for n in names):
@@ -454,7 +451,7 @@ def open_remote_checkpoint(url: str, *, step: int | None = None,
                 "loaded whole)", path=where,
                 hint="copy the checkpoint locally first (e.g. aws s3 cp --recursive), or save it as safetensors")
         else:
-            subdirs = [n for n in names if _is_dir(entries[n])]
+            subdirs = [n for n in names if is_dir(entries[n])]
             raise CheckpointNotFoundError(
                 "holds no safetensors weights", path=where,
                 hint="this looks like a run folder: pass it with --last N" if subdirs else None)
@@ -471,33 +468,27 @@ def open_remote_checkpoint(url: str, *, step: int | None = None,
                                      hint="expected a .safetensors file or a folder of them")
         headers = _headers(store, [(path, top)])
         tensors = dict(headers[0].tensors)
-        kind, weights_name, folder_entries, ckpt_path = "safetensors", "model", {}, where
+        kind, weights_name, folder_entries, ckpt_path, meta_dir = "safetensors", "model", {}, where, None
     if not tensors:
+        if meta_dir is not None:
+            shutil.rmtree(meta_dir, ignore_errors=True)
         raise CheckpointNotFoundError("holds no tensors", path=where)
     metadata = headers[0].metadata or {} if len(headers) == 1 else {}
-    ckpt = Checkpoint(path=ckpt_path, format=kind, tensors=tensors, step=None, step_source="",
-                      files=[h.path for h in headers], fingerprint=_combine([h.fingerprint for h in headers]),
-                      meta_dir=None, weights_name=weights_name, metadata=dict(metadata))
-    if meta_dir is not None:
-        from pathlib import Path
-
-        ckpt.meta_dir = Path(meta_dir)
-        weakref.finalize(ckpt, shutil.rmtree, meta_dir, True)
-    ckpt.model = _model_identity(ckpt.meta_dir)
-    if step is not None:
-        ckpt.step, ckpt.step_source = step, "given"
-    elif (named := step_from_name(ckpt_path)) is not None:
-        ckpt.step, ckpt.step_source = named, "name"
+    found = FormatIndex(format=kind, tensors=tensors, files=[h.path for h in headers],  # type: ignore[misc]
+                        fingerprint=combine_fingerprints([h.fingerprint for h in headers]),
+                        meta_dir=None if meta_dir is None else Path(meta_dir), metadata=dict(metadata),
+                        incomplete=trainer_pending(folder_entries))
+    if (named := step_from_name(ckpt_path)) is not None:
+        found.step, found.step_source = named, "name"
     elif "trainer_state.json" in folder_entries:
         try:
             state = json.loads(store.read_whole(f"{path}/trainer_state.json",
                                                 int(folder_entries["trainer_state.json"].get("size") or 0)))
             if isinstance(state, dict) and isinstance(state.get("global_step"), int):
-                ckpt.step, ckpt.step_source = state["global_step"], "trainer_state.json"
+                found.step, found.step_source = state["global_step"], "trainer_state.json"
         except (CheckpointError, ValueError):
             pass
-    ckpt.incomplete = trainer_pending(folder_entries)
-    return ckpt
+    return ckpt_path, found, weights_name
 
 
 def trainer_pending(entries: Mapping[str, Any]) -> str | None:
@@ -517,37 +508,10 @@ def list_run(store: ObjectStore, path: str) -> list[tuple[str, dict[str, Any]]]:
     for name, entry in store.listing(path).items():
         if is_noise(name) or order_key(name) is None:
             continue
-        if _is_dir(entry) or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
+        if is_dir(entry) or name.endswith((".safetensors", *PICKLE_SUFFIXES)):
             found.append((name, entry))
     found.sort(key=lambda t: order_key(t[0]))  # type: ignore[arg-type,return-value]
     return [(f"{path}/{name}", entry) for name, entry in found]
-
-
-def remote_latest_complete(url: str, n: int, *, storage_options: Mapping[str, Any] | None = None) -> list[Any]:
-    """The newest ``n`` complete checkpoints of a run folder in object storage, oldest first (as
-    :func:`ckptavg.reading.discover.latest_complete` for a local one)."""
-    store, root = store_for(url, storage_options)
-    chosen: list[Any] = []
-    for path, _ in reversed(list_run(store, root)):
-        try:
-            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store)
-        except CheckpointError as e:
-            log.warning("skipping %s: %s", store.location(path), e)
-            continue
-        if ckpt.incomplete:
-            log.warning("skipping %s: %s", ckpt.path, ckpt.incomplete)
-            continue
-        if chosen and chosen[-1].step == ckpt.step:
-            log.warning("skipping %s: same step %s as %s", ckpt.path, ckpt.step, chosen[-1].path)
-            continue
-        chosen.append(ckpt)
-        if len(chosen) == n:
-            break
-    if not chosen:
-        raise CheckpointNotFoundError("no complete checkpoint with a step in its name was found",
-                                      path=store.location(root),
-                                      hint="expected checkpoint-<N>/ folders of safetensors weights")
-    return list(reversed(chosen))
 
 
 def is_run_folder(url: str, *, storage_options: Mapping[str, Any] | None = None) -> bool:
@@ -557,52 +521,3 @@ def is_run_folder(url: str, *, storage_options: Mapping[str, Any] | None = None)
     if any(n.endswith((".safetensors", ".distcp", ".metadata", *PICKLE_SUFFIXES)) for n in entries):
         return False
     return bool(list_run(store, path))
-
-
-def remote_ready(store: ObjectStore, path: str, *, settle: float = 5.0, now: float | None = None,
-                 marker: str | None = None, open_it: bool = True) -> Any:
-    """The writer's completion rule for a checkpoint in object storage (:mod:`ckptavg.reading.ready` for local
-    ones). Objects appear whole (a PUT or a multipart upload completes atomically), so what is judged is the
-    folder: ``trainer_state.json`` for an HF Trainer folder, ``.metadata`` for DCP, every shard an index names
-    for a ``save_pretrained`` folder, which must also be quiet (no object newer than ``settle`` seconds, on the
-    server's clock). ``open_it``: index the safetensors headers too (the one-shot's and inspect's view)."""
-    import fnmatch
-
-    from ckptavg.reading.ready import Readiness
-
-    name = path.rsplit("/", 1)[-1]
-    if is_noise(name):
-        return Readiness("waiting", "a staging or hidden name; the writer has not renamed it yet")
-    try:
-        top = store.info(path)
-    except FileNotFoundError:
-        return Readiness("waiting", "not there (yet)")
-    entries = store.listing(path) if _is_dir(top) else {name: top}
-    now = time.time() if now is None else now
-    if marker is not None:
-        return (Readiness("ready", f"marker {marker!r} present") if any(fnmatch.fnmatch(n, marker) for n in entries)
-                else Readiness("waiting", f"marker {marker!r} not written yet"))
-    if _is_dir(top):
-        if any(n.endswith(".distcp") for n in entries) or ".metadata" in entries:
-            return (Readiness("ready", "DCP .metadata committed") if ".metadata" in entries
-                    else Readiness("waiting", "DCP .metadata not committed yet"))
-        if (why := trainer_pending(entries)) is not None:
-            return Readiness("waiting", why)
-    newest = max((modified(e) for e in entries.values() if not _is_dir(e)), default=0.0)
-    ckpt = None
-    if open_it or not any(n.endswith(PICKLE_SUFFIXES) for n in entries):
-        try:
-            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store)
-        except IncompleteCheckpointError as e:
-            return Readiness("waiting", str(e))
-        except UnsupportedCheckpointError as e:
-            if open_it:
-                return Readiness("bad", str(e))
-        except CheckpointError as e:
-            quiet = now - newest >= settle
-            return Readiness("bad" if quiet else "waiting", str(e))
-    if "trainer_state.json" in entries:
-        return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard there", ckpt)
-    if now - newest < settle:
-        return Readiness("waiting", f"whole, but uploaded less than {settle:g} s ago")
-    return Readiness("ready", f"{ckpt.format if ckpt else 'checkpoint'}: whole and quiet for {settle:g} s", ckpt)

@@ -17,7 +17,7 @@ from ckptavg.cli.progressbar import make_progress
 from ckptavg.distributed import average_on_ranks, launch_from_env
 from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
 from ckptavg.oneshot import average_checkpoints, build_averages
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_many
 from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.discover import find_candidates, latest_complete, remote_latest_complete
 from ckptavg.reading.names import is_noise
@@ -92,8 +92,16 @@ def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int
     if steps is not None and len(steps) != len(paths):
         raise UsageError(f"--steps has {len(steps)} values for {len(paths)} checkpoints")
     ckpts = []
+    remote = {}  # URLs, indexed several at once (each is a few round trips to the store)
+    if sum(is_url(p) for p in paths) > 1:
+        urls = [p for p in paths if is_url(p)]
+        remote = dict(zip(urls, open_remote_many(urls, storage_options=storage_options)))
     for i, p in enumerate(paths):
-        ckpt = open_checkpoint(p, step=None if steps is None else steps[i], **opts)
+        if isinstance(remote.get(p), Exception):
+            raise remote[p]
+        ckpt = remote[p] if p in remote else open_checkpoint(p, step=None if steps is None else steps[i], **opts)
+        if p in remote and steps is not None:
+            ckpt.step, ckpt.step_source = steps[i], "given"
         if ckpt.incomplete:
             raise IncompleteCheckpointError(ckpt.incomplete, path=ckpt.path,
                                             hint="wait until the trainer has finished writing it")

@@ -4,6 +4,7 @@ connection dropped mid-read (a TCP proxy in the test cuts it). No mock of the cl
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import fsspec
 import pytest
 import torch
 from conftest import tiny_state, write_checkpoint
@@ -117,6 +119,18 @@ def test_row117_oneshot_over_s3_is_bit_identical_to_local(s3, tmp_path, ckptavg)
                 "-o", str(tmp_path / "cli-local"))
     assert r.code == 0, r.err
     assert_same_outputs(tmp_path / "cli-s3", tmp_path / "cli-local", ["ema-150", "lawa-2"])
+    # any fsspec URL: the same checkpoints in fsspec's in-memory store
+    memfs = fsspec.filesystem("memory")
+    memfs.put(str(tmp_path / "run") + "/", "/mem-run/", recursive=True)
+    try:
+        run_oneshot([f"memory://mem-run/{p.name}" for p in local], tmp_path / "mem-out")
+        assert_same_outputs(tmp_path / "mem-out", tmp_path / "local-out", names)
+    finally:
+        memfs.rm("/mem-run", recursive=True)
+    # a store whose fsspec implementation is missing: what to install
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(UsageError, match="pip install gcsfs"):
+            open_checkpoint("gs://bucket/run/checkpoint-1")
     # pickles over S3: one clear line
     write_checkpoint(tmp_path / "pk" / "checkpoint-500", tiny_state(0), "bin", step=500)
     upload(fs, tmp_path / "pk", "pk")
@@ -279,8 +293,14 @@ def test_row120_daemon_watching_s3_with_rotation_equals_local(s3, tmp_path):
         for i, step in enumerate(steps):
             path = write_trainer_checkpoint(local_run, step, seed=i, archive=archive)
             # upload in the HF Trainer's order: weights first, trainer_state.json last
-            for f in sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json"):
+            files = sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json")
+            for f in files[:-1]:
                 fs.put(str(f), f"{BUCKET}/run/{path.name}/{f.name}")
+            if i == 0:  # mid-save: the daemon waits for trainer_state.json (several polls pass)
+                time.sleep(1.0)
+                assert status(out).get("last_folded_step") is None
+                assert not (out / ".ckptavg-mirror" / path.name).exists()
+            fs.put(str(files[-1]), f"{BUCKET}/run/{path.name}/{files[-1].name}")
             listed = sorted(fs.ls(f"{BUCKET}/run", refresh=True))
             for old in listed[:-2]:  # save_total_limit = 2
                 fs.rm(old, recursive=True)

@@ -18,6 +18,7 @@ read later, one tensor at a time, by :class:`CheckpointReader`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -30,7 +31,7 @@ from typing import Any, Callable
 
 import torch
 
-from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError
+from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
 from ckptavg.reading.fileio import FileCache, open_regular
 from ckptavg.reading.formats import accelerate as acc
 from ckptavg.reading.formats import dcp
@@ -45,7 +46,7 @@ from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint", "open_remote_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint", "open_remote_checkpoint", "open_remote_many"]
 
 @dataclass
 class Checkpoint:
@@ -339,6 +340,22 @@ def open_remote_checkpoint(url: str, *, step: int | None = None, storage_options
         ckpt.step, ckpt.step_source = step, "given"
     ckpt.model = _model_identity(ckpt.meta_dir)
     return ckpt
+
+
+def open_remote_many(urls: list[str], *, storage_options: Mapping[str, Any] | None = None,
+                     store: ObjectStore | None = None, workers: int = 8) -> list[Checkpoint | CheckpointError]:
+    """:func:`open_remote_checkpoint` of each URL, several at once (each is a few round trips to the store); a
+    checkpoint that cannot be opened is its error, in its place."""
+    def one(url: str) -> Checkpoint | CheckpointError:
+        try:
+            return open_remote_checkpoint(url, storage_options=storage_options, store=store)
+        except CheckpointError as e:
+            return e
+
+    if len(urls) <= 1:
+        return [one(u) for u in urls]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(urls)), thread_name_prefix="ckptavg-index") as pool:
+        return list(pool.map(one, urls))
 
 
 def _model_identity(meta_dir: Path | None) -> str | None:

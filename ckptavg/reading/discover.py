@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_many
 from ckptavg.reading.formats.deepspeed import holds_deepspeed
 from ckptavg.reading.names import DCP_MARKERS, WEIGHT_SUFFIXES, is_noise, is_side_file
 from ckptavg.reading.remote import list_run, store_for
@@ -178,24 +178,25 @@ def latest_complete(root: Path, n: int, *, kind: str | None = None, **open_optio
 
 def remote_latest_complete(url: str, n: int, *, storage_options: Mapping[str, Any] | None = None) -> list[Checkpoint]:
     """The newest ``n`` complete checkpoints of a run folder in object storage, oldest first (as
-    :func:`ckptavg.reading.discover.latest_complete` for a local one)."""
+    :func:`latest_complete` for a local one). Candidates are indexed newest first, ``n`` at a time concurrently."""
     store, root = store_for(url, storage_options)
+    candidates = [f"{store.scheme}://{path}" for path, _ in reversed(list_run(store, root))]
     chosen: list[Checkpoint] = []
-    for path, _ in reversed(list_run(store, root)):
-        try:
-            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store)
-        except CheckpointError as e:
-            log.warning("skipping %s: %s", store.location(path), e)
-            continue
-        if ckpt.incomplete:
-            log.warning("skipping %s: %s", ckpt.path, ckpt.incomplete)
-            continue
-        if chosen and chosen[-1].step == ckpt.step:
-            log.warning("skipping %s: same step %s as %s", ckpt.path, ckpt.step, chosen[-1].path)
-            continue
-        chosen.append(ckpt)
-        if len(chosen) == n:
-            break
+    while candidates and len(chosen) < n:
+        batch, candidates = candidates[: max(1, min(n - len(chosen), 16))], candidates[max(1, min(n - len(chosen), 16)):]
+        for ckpt in open_remote_many(batch, store=store):
+            if isinstance(ckpt, CheckpointError):
+                log.warning("skipping: %s", ckpt)
+                continue
+            if ckpt.incomplete:
+                log.warning("skipping %s: %s", ckpt.path, ckpt.incomplete)
+                continue
+            if chosen and chosen[-1].step == ckpt.step:
+                log.warning("skipping %s: same step %s as %s", ckpt.path, ckpt.step, chosen[-1].path)
+                continue
+            chosen.append(ckpt)
+            if len(chosen) == n:
+                break
     if not chosen:
         raise CheckpointNotFoundError("no complete checkpoint with a step in its name was found",
                                       path=store.location(root),

@@ -75,7 +75,6 @@ _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/@]*@")
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "signature")
 # written by the HF Trainer beside the weights; their presence means trainer_state.json marks completion
 TRAINER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args.bin", "scaler.pt")
-EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
@@ -146,15 +145,16 @@ def _filesystem(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
         import fsspec
     except ImportError:
         raise UsageError(f"reading {scheme}:// needs fsspec and its {_PACKAGES.get(scheme, scheme)} implementation",
-                         hint=f"pip install 'ckptavg[{EXTRAS.get(scheme, 's3')}]'") from None
+                         hint="pip install 'ckptavg[s3]'") from None
     remember_option_secrets(options)
     try:
         fs, path = fsspec.core.url_to_fs(url, **dict(options))
     except ImportError:
-        extra = EXTRAS.get(scheme)
-        raise UsageError(f"reading {scheme}:// needs the {_PACKAGES.get(scheme, 'fsspec implementation')} package",
-                         hint=f"pip install 'ckptavg[{extra}]'" if extra else f"install fsspec's {scheme} implementation"
-                         ) from None
+        package = _PACKAGES.get(scheme)
+        raise UsageError(f"reading {scheme}:// needs the {package or 'fsspec implementation of it'}"
+                         + (" package" if package else ""),
+                         hint="pip install 'ckptavg[s3]'" if package == "s3fs" else
+                         f"pip install {package}" if package else f"install fsspec's {scheme} implementation") from None
     except ValueError as e:
         raise UsageError(f"{redact_url(url)}: {scrub(str(e))}", hint="a storage URL fsspec knows: s3://, gs://, ...") from None
     except TypeError as e:  # an unknown storage option
@@ -380,10 +380,11 @@ def _side_files(store: ObjectStore, folder: str, entries: Mapping[str, Mapping[s
         return None
     tmp = tempfile.mkdtemp(prefix="ckptavg-meta-")
     try:
-        for name in wanted:
-            data = store.read_whole(f"{folder}/{name}", int(entries[name].get("size") or 0))
+        sized = [(name, int(entries[name].get("size") or 0)) for name in wanted]
+        datas = _fetch_many(store, [(f"{folder}/{name}", 0, size) for name, size in sized if size])
+        for name, size in sized:
             with open(os.path.join(tmp, name), "wb") as f:
-                f.write(data)
+                f.write(datas.pop(0) if size else b"")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -401,12 +402,15 @@ def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
     else:
         path = _path_of(url).rstrip("/")
     where = store.location(path)
-    try:
-        top = store.info(path)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("no such object or folder", path=where) from None
+    entries = store.listing(path)  # a folder's entries; empty for an object (one request where info + ls take two)
+    if not entries:
+        try:
+            top = store.info(path)
+        except FileNotFoundError:
+            raise CheckpointNotFoundError("no such object or folder", path=where) from None
+    else:
+        top = {"type": "directory"}
     if is_dir(top):
-        entries = store.listing(path)
         names = sorted(n for n in entries if not is_noise(n))
         if ".metadata" in names or any(n.endswith(".distcp") for n in names):
             raise UnsupportedCheckpointError(

@@ -253,7 +253,12 @@ class ObjectStore:
     # -- listing -------------------------------------------------------------------------------------------
     def info(self, path: str) -> dict[str, Any]:
         self.fs.invalidate_cache(path)
-        return self.fs.info(path)
+        try:
+            return self.fs.info(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the client's errors (network, credentials, options): one line
+            raise self._unreachable(e, path) from e
 
     def listing(self, path: str) -> dict[str, dict[str, Any]]:
         """The entries directly under ``path``, by name, listed afresh (no cached listing: polling relies on it)."""
@@ -262,12 +267,22 @@ class ObjectStore:
             entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
             return {}
+        except Exception as e:  # noqa: BLE001 - the client's errors (network, credentials, options): one line
+            raise self._unreachable(e, path) from e
         out = {}
         for e in entries:
             name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
             if name and str(e["name"]).rstrip("/") != path.rstrip("/"):
                 out[name] = e
         return out
+
+    def _unreachable(self, error: BaseException, path: str) -> CheckpointError:
+        if isinstance(error, PermissionError):
+            return _permanent(error, self.location(path))
+        hint = ("an option the storage client does not take? (--storage-option, [storage])"
+                if isinstance(error, TypeError) else
+                "check the endpoint (AWS_ENDPOINT_URL, --storage-option endpoint_url=...), the credentials and the network")
+        return CheckpointError(f"cannot list it: {scrub(_describe(error))}", path=self.location(path), hint=hint)
 
     def identity(self, path: str, entry: Mapping[str, Any]) -> ObjectIdentity:
         url = f"{self.scheme}://{path}"

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_row117_oneshot_over_s3_is_bit_identical_to_local(s3, tmp_path, ckptavg)
     storage = {"endpoint_url": endpoint}
     urls = [f"s3://{BUCKET}/exp1/{p.name}" for p in local]
     ckpts, remote_result, read = run_oneshot(urls, tmp_path / "s3-out", storage=storage)
-    _, local_result, _ = run_oneshot(local, tmp_path / "local-out")
+    run_oneshot(local, tmp_path / "local-out")
     names = list(remote_result.outputs)
     assert len(names) == 4
     assert_same_outputs(tmp_path / "s3-out", tmp_path / "local-out", names)
@@ -324,3 +325,87 @@ def test_row120_daemon_watching_s3_with_rotation_equals_local(s3, tmp_path):
     mirror = out / ".ckptavg-mirror"
     assert sorted(p.name for p in mirror.iterdir() if not p.name.startswith(".")) == ["checkpoint-500", "checkpoint-600"]
     assert not list(mirror.glob("*/optimizer.pt"))
+
+
+@pytest.mark.slow
+def test_row130_torchrun_over_s3_is_bit_identical_to_one_process(s3, tmp_path):
+    """docs/FAULTS.md row 130: `torchrun --nproc-per-node 2 -m ckptavg average s3://...` (gloo, CPU): each rank
+    reads only its own tensors' byte ranges from the S3 server, found through AWS_ENDPOINT_URL (the provider's own
+    chain, no option); the outputs equal the single-process one-shot over the same local files, bit for bit."""
+    from test_distributed import env_plain, make_run, plain, torchrun
+
+    endpoint, fs = s3
+    run = make_run(tmp_path)
+    upload(fs, run, "dist")
+    env = {**env_plain(), "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    r = torchrun(2, "average", f"s3://{BUCKET}/dist", "--last", "4", "--method", "ema:150", "--method", "lawa:2",
+                 "--device", "cpu", "-o", tmp_path / "ranks", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = plain("average", *[run / f"checkpoint-{s}" for s in (200, 300, 400, 500)], "--method", "ema:150",
+              "--method", "lawa:2", "--device", "cpu", "-o", tmp_path / "one", env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("ema-150", "lawa-2"):
+        ranks = json.loads((tmp_path / "ranks" / name / "ckptavg.json").read_text())
+        assert ranks["ranks"] == 2 and ranks["inputs"][0]["path"] == f"s3://{BUCKET}/dist/checkpoint-200"
+        _assert_same_tensors(tmp_path / "ranks" / name, tmp_path / "one" / name)
+
+
+def _assert_same_tensors(a: Path, b: Path) -> None:
+    from test_distributed import load_folder
+
+    ta, _ = load_folder(a)
+    tb, _ = load_folder(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+
+
+@pytest.mark.slow
+def test_row131_daemon_over_s3_killed_and_restarted_is_bit_identical(s3, tmp_path):
+    """docs/FAULTS.md row 131: `ckptavg watch s3://...` killed with SIGKILL (a download cut short leaves a
+    staging folder in the mirror); the trainer uploads and rotates while it is down (the checkpoints LAWA still
+    needs leave the bucket); the restarted daemon removes the staging folder, does not download again what it
+    mirrored, folds each checkpoint once (each fold of the first life was persisted before the kill here), and
+    ends bit-identical to the one-shot."""
+    endpoint, fs = s3
+    local_run, archive, out = tmp_path / "trainer", tmp_path / "archive", tmp_path / "avg"
+    archive.mkdir()
+
+    def save(i: int, step: int) -> None:
+        path = write_trainer_checkpoint(local_run, step, seed=i, archive=archive)
+        for f in sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json"):
+            fs.put(str(f), f"{BUCKET}/run/{path.name}/{f.name}")
+        for old in sorted(fs.ls(f"{BUCKET}/run", refresh=True))[:-2]:
+            fs.rm(old, recursive=True)
+
+    proc = start_s3_daemon(f"s3://{BUCKET}/run", out, endpoint)
+    try:
+        for i, step in enumerate((100, 200, 300)):
+            save(i, step)
+            assert wait_for(lambda s=step: status(out).get("last_folded_step") == s, timeout=30), status(out)
+    finally:
+        proc.kill()
+        _, err1 = proc.communicate()
+    mirror = out / ".ckptavg-mirror"
+    staged = mirror / ".checkpoint-400.ckptavg-tmp-99999-dead"
+    staged.mkdir()
+    (staged / "model.safetensors").write_bytes(b"half")
+    for i, step in enumerate((400, 500), start=3):  # keeping 2: 100-300 leave the bucket while the daemon is down
+        save(i, step)
+    proc = start_s3_daemon(f"s3://{BUCKET}/run", out, endpoint)
+    try:
+        assert wait_for(lambda: status(out).get("last_folded_step") == 500, timeout=40), status(out)
+        save(5, 600)
+        assert wait_for(lambda: status(out).get("last_folded_step") == 600, timeout=40), status(out)
+        code, err2 = stop(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert code == 0, err2
+    assert [int(x) for x in re.findall(r"folded step (\d+)", err1 + err2)] == [100, 200, 300, 400, 500, 600]
+    assert "missed checkpoints" not in err2 and "mirrored s3://ckpts/run/checkpoint-300" not in err2
+    assert not staged.exists()
+    one_shot(archive, tmp_path / "oneshot")
+    assert_same(out, tmp_path / "oneshot")

@@ -21,7 +21,7 @@ from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_
 from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.discover import find_candidates, latest_complete, remote_latest_complete
 from ckptavg.reading.names import is_noise
-from ckptavg.reading.remote import is_run_folder, is_url, parse_storage_options, redact_url
+from ckptavg.reading.remote import is_run_folder, is_url, looks_like_url, parse_storage_options, redact_url
 from ckptavg.units import format_bytes, parse_size
 
 log = logging.getLogger("ckptavg.cli")
@@ -187,6 +187,9 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
       ckptavg average s3://bucket/runs/exp1 --last 5 --method ema:2000 -o out/ema   # object storage (ckptavg[s3])
     """
     storage = parse_storage_options(storage_option)
+    if looks_like_url(output):
+        raise UsageError(f"-o {output}: the output is a local folder (object storage is read, not written)",
+                         hint="write locally, then upload the folder (e.g. aws s3 cp --recursive)")
     weight_list = _parse_list(weights, "--weights", float)
     step_list = _parse_list(steps, "--steps", int)
     if last is not None and last < 1:

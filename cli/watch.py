@@ -12,7 +12,7 @@ from ckptavg.cli.methodflags import DerivedOptionsCommand, watch_averages, watch
 from ckptavg.daemon.config import config_from_flags, load_config
 from ckptavg.daemon.service import Service
 from ckptavg.errors import UsageError
-from ckptavg.reading.remote import parse_storage_options
+from ckptavg.reading.remote import looks_like_url, parse_storage_options
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -100,6 +100,9 @@ def watch(run: str | None, output: Path | None, config_path: Path | None, state_
                           **({"private": True} if hub_private else {})}
     elif hub_revision or hub_private:
         raise UsageError("--hub-revision/--hub-private need --hub ORG/NAME")
+    if output is not None and looks_like_url(output):
+        raise UsageError(f"-o {output}: the averages are published to a local folder (object storage is read, "
+                         "not written)", hint="publish locally; --hub pushes the best model to the Hugging Face Hub")
     if storage_option:
         storage = parse_storage_options(storage_option)
         if config_path is not None:

@@ -141,7 +141,8 @@ def test_row117_oneshot_over_s3_is_bit_identical_to_local(s3, tmp_path, ckptavg)
 
 def test_row118_inspect_over_s3_and_secrets_never_shown(s3, tmp_path, ckptavg, monkeypatch):
     """docs/FAULTS.md row 118: inspect reads headers only (ranged reads) and shows readiness by the writer's rule;
-    an unfinished HF checkpoint (no trainer_state.json yet) is 'waiting'; secrets never appear in any output."""
+    an unfinished HF checkpoint (no trainer_state.json yet) is 'waiting'; secrets never appear in any output; an
+    output in object storage is refused (it is read, not written)."""
     endpoint, fs = s3
     make_local_run(tmp_path / "run", steps=(100, 200))
     upload(fs, tmp_path / "run", "exp1")
@@ -166,6 +167,8 @@ def test_row118_inspect_over_s3_and_secrets_never_shown(s3, tmp_path, ckptavg, m
     assert secret not in r.out + r.err and "testing-secret-value" not in r.out + r.err
     with pytest.raises(UsageError, match="KEY=VALUE"):
         parse_storage_options(["endpoint_url"])
+    r = ckptavg("average", f"s3://{BUCKET}/exp1", "--last", "2", "-o", f"s3://{BUCKET}/out")
+    assert r.code == 2 and "the output is a local folder" in r.err
 
 
 class CuttingProxy:

@@ -327,11 +327,11 @@ def open_checkpoint(
 
 
 def open_remote_checkpoint(url: str, *, step: int | None = None, storage_options: Mapping[str, Any] | None = None,
-                           store: ObjectStore | None = None) -> Checkpoint:
+                           store: ObjectStore | None = None, side_files: bool = True) -> Checkpoint:
     """A safetensors checkpoint in object storage (``s3://...``), indexed from its headers by ranged reads
     (:mod:`ckptavg.reading.remote`); its config/tokenizer files are fetched into a private temporary folder
-    (``meta_dir``), removed when the checkpoint is no longer referenced."""
-    path, found, weights_name = index_remote(url, storage_options=storage_options, store=store)
+    (``meta_dir``; not with ``side_files=False``), removed when the checkpoint is no longer referenced."""
+    path, found, weights_name = index_remote(url, storage_options=storage_options, store=store, side_files=side_files)
     ckpt = _from_index(path, found)  # type: ignore[arg-type]
     ckpt.weights_name = weights_name
     if found.meta_dir is not None:

@@ -217,7 +217,7 @@ def remote_ready(store: ObjectStore, path: str, *, settle: float = 5.0, now: flo
     ckpt = None
     if open_it or not any(n.endswith(PICKLE_SUFFIXES) for n in entries):
         try:
-            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store)
+            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store, side_files=open_it)
         except IncompleteCheckpointError as e:
             return Readiness("waiting", str(e))
         except UnsupportedCheckpointError as e:

@@ -78,6 +78,11 @@ TRAINER_FILES = ("optimizer.pt", "optimizer.bin", "scheduler.pt", "training_args
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
 
 
+def looks_like_url(path: object) -> bool:
+    """Whether a path (already made a ``Path``, which folds ``s3://`` into ``s3:/``) was written as a URL."""
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*:/", str(path)) is not None and not str(path).startswith("file:")
+
+
 def is_url(text: object) -> bool:
     """Whether ``text`` names object storage (``scheme://...``; ``file://`` is a local path)."""
     if not isinstance(text, str):
@@ -407,7 +412,7 @@ def _side_files(store: ObjectStore, folder: str, entries: Mapping[str, Mapping[s
 
 
 def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
-                 store: ObjectStore | None = None) -> tuple[ObjectPath, FormatIndex, str]:
+                 store: ObjectStore | None = None, side_files: bool = True) -> tuple[ObjectPath, FormatIndex, str]:
     """Index the safetensors checkpoint at ``url`` (a folder or a file in object storage) from its headers:
     its location, what was found (``meta_dir``: a private temporary folder of its config/tokenizer files, which
     the caller removes) and the weights' base name. :func:`ckptavg.reading.checkpoint.open_checkpoint` makes it a
@@ -474,7 +479,7 @@ def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
             raise CheckpointNotFoundError(
                 "holds no safetensors weights", path=where,
                 hint="this looks like a run folder: pass it with --last N" if subdirs else None)
-        meta_dir = _side_files(store, path, entries, skip)
+        meta_dir = _side_files(store, path, entries, skip) if side_files else None
         folder_entries = entries
         ckpt_path = where
     else:

@@ -285,7 +285,8 @@ def open_checkpoint(
     DeepSpeed checkpoint's fp32 master weights (``fp32``) or its module's (``module``). A URL (``s3://...``)
     is read from object storage (:mod:`ckptavg.reading.remote`, with ``storage_options``)."""
     if is_url(path):
-        return open_remote_checkpoint(str(path), step=step, storage_options=storage_options)
+        return open_remote_checkpoint(str(path), step=step, storage_options=storage_options, state_key=state_key,
+                                      strip_prefix=strip_prefix)
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError("no such file or folder", path=path)
@@ -327,11 +328,13 @@ def open_checkpoint(
 
 
 def open_remote_checkpoint(url: str, *, step: int | None = None, storage_options: Mapping[str, Any] | None = None,
-                           store: ObjectStore | None = None, side_files: bool = True) -> Checkpoint:
+                           store: ObjectStore | None = None, side_files: bool = True, state_key: str | None = None,
+                           strip_prefix: str | None = None) -> Checkpoint:
     """A safetensors checkpoint in object storage (``s3://...``), indexed from its headers by ranged reads
     (:mod:`ckptavg.reading.remote`); its config/tokenizer files are fetched into a private temporary folder
     (``meta_dir``; not with ``side_files=False``), removed when the checkpoint is no longer referenced."""
-    path, found, weights_name = index_remote(url, storage_options=storage_options, store=store, side_files=side_files)
+    path, found, weights_name = index_remote(url, storage_options=storage_options, store=store, side_files=side_files,
+                                             state_key=state_key, strip_prefix=strip_prefix)
     ckpt = _from_index(path, found)  # type: ignore[arg-type]
     ckpt.weights_name = weights_name
     if found.meta_dir is not None:

@@ -17,9 +17,10 @@ the config's ``[storage]`` table) go to the fsspec filesystem as keyword argumen
 remembered by :mod:`ckptavg.redact`, so no log line or error carries them.
 
 Read here: safetensors checkpoints (``model.safetensors``, sharded with ``*.safetensors.index.json``; HF Trainer
-``checkpoint-N/`` folders and ``save_pretrained`` folders) and run folders of them. Pickles and DCP/DeepSpeed
-folders are refused with a clear error by the one-shot (copy them locally); the daemon mirrors them
-(:mod:`ckptavg.daemon.remote`).
+``checkpoint-N/`` folders and ``save_pretrained`` folders), torch.distributed.checkpoint folders (``.metadata``
+fetched whole and read by the restricted unpickler, chunks as byte ranges of the ``.distcp`` objects), and run
+folders of them. Pickles and DeepSpeed folders are refused with a clear error by the one-shot (copy them
+locally); the daemon mirrors them (:mod:`ckptavg.daemon.remote`).
 """
 
 from __future__ import annotations
@@ -46,14 +47,18 @@ from ckptavg.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CheckpointVanishedError,
+    IncompleteCheckpointError,
     MissingShardError,
     TruncatedFileError,
     UnknownFormatError,
     UnsafePathError,
+    UnsafePickleError,
     UnsupportedCheckpointError,
     UsageError,
 )
 from ckptavg.reading.fileio import ObjectIdentity
+from ckptavg.reading.formats import dcp
+from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
 from ckptavg.reading.formats.refs import FormatIndex, TensorRef, combine_fingerprints
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise
@@ -413,7 +418,8 @@ def _side_files(store: ObjectStore, folder: str, entries: Mapping[str, Mapping[s
 
 
 def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
-                 store: ObjectStore | None = None, side_files: bool = True) -> tuple[ObjectPath, FormatIndex, str]:
+                 store: ObjectStore | None = None, side_files: bool = True, state_key: str | None = None,
+                 strip_prefix: str | None = None) -> tuple[ObjectPath, FormatIndex, str]:
     """Index the safetensors checkpoint at ``url`` (a folder or a file in object storage) from its headers:
     its location, what was found (``meta_dir``: a private temporary folder of its config/tokenizer files, which
     the caller removes) and the weights' base name. :func:`ckptavg.reading.checkpoint.open_checkpoint` makes it a
@@ -432,10 +438,9 @@ def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
     else:
         top = {"type": "directory"}
     names = sorted(n for n in entries if not is_noise(n))
-    if ".metadata" in names or any(n.endswith(".distcp") for n in names):
-        raise UnsupportedCheckpointError(
-            "is a torch.distributed.checkpoint folder; the one-shot reads DCP from local disk only",
-            path=where, hint="copy it locally first (e.g. aws s3 cp --recursive), or let `ckptavg watch` mirror it")
+    if is_dir(top) and (".metadata" in names or any(n.endswith(".distcp") for n in names)):
+        return _index_dcp(store, path, where, entries, state_key=state_key, strip_prefix=strip_prefix,
+                          side_files=side_files)
     # the config/tokenizer files are fetched while the headers are (one round trip fewer per checkpoint)
     pool = side = None
     if side_files and is_dir(top) and any(n.endswith(".safetensors") for n in names):
@@ -451,6 +456,43 @@ def index_remote(url: str, *, storage_options: Mapping[str, Any] | None = None,
         if pool is not None:
             pool.shutdown(wait=True)
     return found
+
+
+def _index_dcp(store: ObjectStore, path: str, where: ObjectPath, entries: dict[str, dict[str, Any]], *,
+               state_key: str | None, strip_prefix: str | None, side_files: bool) -> tuple[ObjectPath, FormatIndex, str]:
+    """A torch.distributed.checkpoint folder: ``.metadata`` fetched whole (through the restricted unpickler, as
+    locally), each chunk then read as a byte range of its ``.distcp`` object."""
+    if ".metadata" not in entries:
+        raise IncompleteCheckpointError(
+            "is a torch.distributed.checkpoint folder without .metadata: the writer has not committed it yet "
+            "(it renames .metadata.tmp to .metadata last)", path=where, hint="wait until the save has finished")
+    meta_where = store.location(f"{path}/.metadata")
+    size = int(entries[".metadata"].get("size") or 0)
+    if size > dcp.MAX_METADATA_BYTES:
+        raise UnsafePickleError(f"is {size} bytes, over the {dcp.MAX_METADATA_BYTES}-byte limit for a DCP .metadata; "
+                                "refused unread", path=meta_where)
+    pkl._check_torch(meta_where)  # type: ignore[arg-type]
+    meta, raw = dcp.parse_metadata(store.read_whole(f"{path}/.metadata", size), meta_where)  # type: ignore[arg-type]
+
+    def lookup(p: Any) -> ObjectIdentity | None:
+        entry = entries.get(p.name)
+        return None if entry is None or is_dir(entry) else store.identity(f"{path}/{p.name}", entry)
+
+    meta_dir = _side_files(store, path, entries) if side_files else None
+    try:
+        found = dcp._index(where, meta, raw, state_key=state_key, strip_prefix=strip_prefix,  # type: ignore[arg-type]
+                           meta_dir=None if meta_dir is None else Path(meta_dir), lookup=lookup)
+    except BaseException as e:
+        if meta_dir is not None:
+            shutil.rmtree(meta_dir, ignore_errors=True)
+        if isinstance(e, (AttributeError, TypeError, ValueError, KeyError)) and not isinstance(e, CheckpointError):
+            raise UnknownFormatError(f"its .metadata is malformed ({type(e).__name__}: {str(e)[:160]})",
+                                     path=meta_where, hint="not a .metadata written by torch.distributed.checkpoint"
+                                     ) from None
+        raise
+    if found.step is None and (named := step_from_name(where)) is not None:
+        found.step, found.step_source = named, "name"
+    return where, found, "model"
 
 
 def _index_entries(store: ObjectStore, path: str, where: ObjectPath, top: Mapping[str, Any],

@@ -1,7 +1,7 @@
 """``ckptavg watch s3://bucket/run``: the run in object storage, mirrored locally for the daemon.
 
 Object stores send no file events, so a thread polls the run's listing every ``poll_interval`` seconds
-(fsspec's ``ls``, no cached listing). A checkpoint that is finished by its writer's rule
+(one paginated ``fs.find`` of the run, no cached listing). A checkpoint that is finished by its writer's rule
 (:func:`ckptavg.reading.remote.remote_ready`: ``trainer_state.json`` for an HF Trainer folder, ``.metadata``
 for DCP, every shard present and quiet for a ``save_pretrained`` folder) is downloaded — its weights, index
 and config/tokenizer files, and ``trainer_state.json``; never the trainer's optimizer, scheduler or RNG
@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from ckptavg.errors import CheckpointError, CkptavgError
+from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise
 from ckptavg.reading.ready import remote_ready
-from ckptavg.reading.remote import TRAINER_FILES, ObjectStore, list_run, modified, redact_url, store_for
+from ckptavg.reading.remote import TRAINER_FILES, ObjectStore, modified, redact_url, store_for
+from ckptavg.reading.steps import order_key
 from ckptavg.writing.atomic import AtomicDir, fsync_path, remove_orphans, temp_name
 
 log = logging.getLogger(__name__)
@@ -92,16 +94,25 @@ class RemoteMirror:
 
     # -- one poll -----------------------------------------------------------------------------------------
     def sync(self) -> int:
-        """Mirror what is new or re-written, drop what the trainer deleted. Returns checkpoints downloaded."""
-        candidates = list_run(self.store, self.root)
-        present = {path.rsplit("/", 1)[-1] for path, _ in candidates}
+        """Mirror what is new or re-written, drop what the trainer deleted. Returns checkpoints downloaded.
+        One paginated listing of the whole run per poll (not one per checkpoint folder)."""
+        tree = self.store.tree(self.root)
+        candidates = []
+        for name, objects in tree.items():
+            folder = "" not in objects
+            if is_noise(name) or order_key(name) is None or (
+                    not folder and not name.endswith((".safetensors", *PICKLE_SUFFIXES))):
+                continue
+            files = ({n: e for n, e in objects.items() if n and "/" not in n and not _skipped(n)} if folder
+                     else {name: objects[""]})
+            candidates.append((order_key(name), name, folder, files))
+        candidates.sort(key=lambda c: c[0])
         got = 0
-        for path, entry in candidates:
+        for _, name, folder, files in candidates:
             if self._stop.is_set():
                 break
-            name = path.rsplit("/", 1)[-1]
+            path = f"{self.root}/{name}"
             try:
-                files = self._files(path, entry)
                 if self.mirrored.get(name) == _signature(files):
                     continue
                 ready = remote_ready(self.store, path, settle=self.settle, marker=self.marker, open_it=False)
@@ -109,14 +120,14 @@ class RemoteMirror:
                     if ready.state == "bad":
                         self._say_once(name, "not mirroring %s: %s", self.store.location(path), ready.reason)
                     continue
-                if self._download(path, name, entry, files):
+                if self._download(path, name, folder, files):
                     got += 1
             except CkptavgError as e:
                 self._say_once(name, "not mirroring %s yet: %s", self.store.location(path), e)
             except OSError as e:
                 self._say_once(name, "cannot mirror %s into %s: %s", self.store.location(path), self.local,
                                e.strerror or e)
-        for name in [n for n in self.mirrored if n not in present]:  # rotated away in the bucket
+        for name in [n for n in self.mirrored if n not in tree]:  # rotated away in the bucket
             log.info("%s was deleted from %s; removing its mirror copy (retained copies stay)", name,
                      redact_url(self.url))
             target = self.local / name
@@ -125,13 +136,12 @@ class RemoteMirror:
             self._save()
         return got
 
-    def _files(self, path: str, entry: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-        if entry.get("type") != "directory":
-            return {path.rsplit("/", 1)[-1]: dict(entry)}
+    def _files(self, path: str, folder: bool) -> dict[str, dict[str, Any]]:
+        if not folder:
+            return {path.rsplit("/", 1)[-1]: dict(self.store.info(path))}
         return {n: e for n, e in self.store.listing(path).items() if e.get("type") != "directory" and not _skipped(n)}
 
-    def _download(self, path: str, name: str, entry: Mapping[str, Any], files: dict[str, dict[str, Any]]) -> bool:
-        folder = entry.get("type") == "directory"
+    def _download(self, path: str, name: str, folder: bool, files: dict[str, dict[str, Any]]) -> bool:
         target = self.local / name
         if folder:
             with AtomicDir(target, replace=True) as tmp:
@@ -140,7 +150,7 @@ class RemoteMirror:
                 newest = max((modified(i) for i in files.values()), default=0.0)
                 if newest:
                     os.utime(tmp, (newest, newest))
-                if _signature(self._files(path, entry)) != _signature(files):
+                if _signature(self._files(path, folder)) != _signature(files):
                     raise CheckpointError("changed while it was downloaded; fetched again at the next poll",
                                           path=self.store.location(path))
         else:

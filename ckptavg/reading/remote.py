@@ -295,6 +295,25 @@ class ObjectStore:
                 "check the endpoint (AWS_ENDPOINT_URL, --storage-option endpoint_url=...), the credentials and the network")
         return CheckpointError(f"cannot list it: {scrub(_describe(error))}", path=self.location(path), hint=hint)
 
+    def tree(self, path: str) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every object under ``path`` in one paginated listing (``fs.find``), grouped by the entry directly under
+        ``path``: ``{"checkpoint-500": {"model.safetensors": {...}, ...}, "step_9.safetensors": {"": {...}}}``."""
+        self.fs.invalidate_cache(path)
+        try:
+            found = self.fs.find(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # noqa: BLE001 - the client's errors (network, credentials, options): one line
+            raise self._unreachable(e, path) from e
+        prefix = path.rstrip("/") + "/"
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for full, entry in found.items():
+            if full.startswith(prefix) and entry.get("type") != "directory":
+                head, _, rest = full[len(prefix):].partition("/")
+                if head:
+                    out.setdefault(head, {})[rest] = entry
+        return out
+
     def identity(self, path: str, entry: Mapping[str, Any]) -> ObjectIdentity:
         url = f"{self.scheme}://{path}"
         return ObjectIdentity(dev=0, ino=int(hashlib.sha256(url.encode()).hexdigest()[:15], 16),

@@ -455,3 +455,22 @@ def test_row132_dcp_over_s3_is_bit_identical_to_local(s3, tmp_path):
     store, path = store_for(f"s3://{BUCKET}/dcp/step-400", storage)
     ready = remote_ready(store, path)
     assert ready.state == "waiting" and ".metadata" in ready.reason
+
+
+def test_a_watch_url_in_the_config_file_is_mirrored_beside_the_state(tmp_path, ckptavg):
+    """`watch = "s3://..."` and a `[storage]` table in the daemon's TOML: the daemon watches its local mirror
+    beside the state folder, with the table's options (secret values remembered, never printed); an output URL
+    is refused."""
+    from ckptavg.daemon.config import load_config
+    from ckptavg.redact import scrub
+
+    config = tmp_path / "exp.toml"
+    config.write_text(f'watch = "s3://{BUCKET}/run"\noutput = "{tmp_path / "avg"}"\n'
+                      '[storage]\nendpoint_url = "http://127.0.0.1:9"\nsecret = "config-secret-5678"\n'
+                      '[[average]]\nmethod = "ema"\nhalf_life = 100\n')
+    cfg = load_config(config)
+    assert cfg.watch_url == f"s3://{BUCKET}/run" and cfg.watch == tmp_path / "avg" / ".ckptavg-mirror"
+    assert dict(cfg.storage) == {"endpoint_url": "http://127.0.0.1:9", "secret": "config-secret-5678"}
+    assert scrub("x config-secret-5678 y") == "x *** y"
+    r = ckptavg("watch", f"s3://{BUCKET}/run", "-o", f"s3://{BUCKET}/avg", "--ema", "100")
+    assert r.code == 2 and "published to a local folder" in r.err

@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import urllib.request
@@ -474,3 +475,22 @@ def test_a_watch_url_in_the_config_file_is_mirrored_beside_the_state(tmp_path, c
     assert scrub("x config-secret-5678 y") == "x *** y"
     r = ckptavg("watch", f"s3://{BUCKET}/run", "-o", f"s3://{BUCKET}/avg", "--ema", "100")
     assert r.code == 2 and "published to a local folder" in r.err
+
+
+def test_s3_without_s3fs_says_what_to_install(tmp_path):
+    """An s3:// input on an install without the `s3` extra (s3fs not importable): one line with the install
+    command, exit 2."""
+    script = textwrap.dedent("""
+        import importlib.abc, sys
+        class NoS3fs(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "s3fs" or name.startswith("s3fs."):
+                    raise ImportError("No module named 's3fs'")
+        sys.meta_path.insert(0, NoS3fs())
+        from ckptavg.cli.main import main
+        main(["average", "s3://bucket/run", "--last", "2", "-o", sys.argv[1]])
+    """)
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=120, check=False)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "pip install 'ckptavg[s3]'" in r.stderr and "Traceback" not in r.stderr

@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from gen import generate  # noqa: E402
+from gen import generate
 
 
 def parse_size(text: str) -> int:

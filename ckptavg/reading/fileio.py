@@ -25,7 +25,8 @@ import torch
 
 from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, SpecialFileError, TruncatedFileError
 
-__all__ = ["FileCache", "FileIdentity", "ObjectIdentity", "identify", "open_regular", "read_exact", "require_regular", "zip_finished"]
+__all__ = ["FileCache", "FileIdentity", "ObjectIdentity", "identify", "open_regular", "read_exact", "require_regular",
+           "zip_finished"]
 
 
 def open_regular(path: Path) -> int:

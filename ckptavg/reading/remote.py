@@ -268,7 +268,7 @@ class ObjectStore:
             return self.fs.info(path)
         except FileNotFoundError:
             raise
-        except Exception as e:  # noqa: BLE001 - the client's errors (network, credentials, options): one line
+        except Exception as e:  # the client's errors (network, credentials, options): one line
             raise self._unreachable(e, path) from e
 
     def listing(self, path: str) -> dict[str, dict[str, Any]]:
@@ -278,7 +278,7 @@ class ObjectStore:
             entries = self.fs.ls(path, detail=True)
         except FileNotFoundError:
             return {}
-        except Exception as e:  # noqa: BLE001 - the client's errors (network, credentials, options): one line
+        except Exception as e:  # the client's errors (network, credentials, options): one line
             raise self._unreachable(e, path) from e
         out = {}
         for e in entries:
@@ -303,7 +303,7 @@ class ObjectStore:
             found = self.fs.find(path, detail=True)
         except FileNotFoundError:
             return {}
-        except Exception as e:  # noqa: BLE001 - the client's errors (network, credentials, options): one line
+        except Exception as e:  # the client's errors (network, credentials, options): one line
             raise self._unreachable(e, path) from e
         prefix = path.rstrip("/") + "/"
         out: dict[str, dict[str, dict[str, Any]]] = {}

@@ -300,11 +300,12 @@ class Engine:
         self.close()
 
     def _read_workers(self, ckpts: Sequence[Checkpoint]) -> int:
-        """Reads in flight: several for inputs in object storage whose tensors are plain byte ranges (each read
-        is a round trip; on CPU the loads share nothing but the thread-safe buffer pool), else one."""
+        """Reads in flight: several for inputs in object storage (each read is a round trip) whose tensors are plain
+        byte ranges or DCP chunks (its source keeps nothing between reads); on CPU the loads share nothing but the
+        thread-safe file cache and buffer pool. Else one."""
         remote = any(isinstance(r.identity, ObjectIdentity) for c in ckpts for r in c.tensors.values())
-        plain = all(r.offset is not None for c in ckpts for r in c.tensors.values())
-        return self.remote_reads if remote and plain and not self._cuda else 1
+        stateless = all(c.format.startswith("safetensors") or c.format == "dcp" for c in ckpts)
+        return self.remote_reads if remote and stateless and not self._cuda else 1
 
     # -- staging ------------------------------------------------------------------------
     def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int, *, host: bool = False) -> torch.Tensor:

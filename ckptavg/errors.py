@@ -12,7 +12,7 @@ Exit codes used by the CLI: :class:`UsageError` → 2, every other
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from ckptavg.redact import scrub
 
@@ -65,7 +65,8 @@ class CkptavgError(Exception):
         hint: str | None = None,
     ) -> None:
         self.message = message
-        self.path = Path(path) if path is not None else None
+        # a PurePath stays as given: an object-storage location (ckptavg.reading.remote.ObjectPath) prints as its URL
+        self.path = path if isinstance(path, PurePath) or path is None else Path(path)
         self.tensor = tensor
         self.hint = hint
         super().__init__(self._render())

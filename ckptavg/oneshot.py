@@ -177,6 +177,8 @@ def _input_paths(ckpts: Sequence[Checkpoint]) -> list[Path]:
     """Every input file, and every folder that is a checkpoint (given as a folder, or through a file in it)."""
     paths: list[Path] = []
     for c in ckpts:
+        if not isinstance(c.path, Path):  # in object storage (ckptavg.reading.remote): no local folder to protect
+            continue
         paths += [c.path, *c.files]
         if c.path.is_dir():
             continue

@@ -17,10 +17,11 @@ from ckptavg.cli.progressbar import make_progress
 from ckptavg.distributed import average_on_ranks, launch_from_env
 from ckptavg.errors import CheckpointNotFoundError, IncompleteCheckpointError, UnknownFormatError, UsageError
 from ckptavg.oneshot import average_checkpoints, build_averages
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_many
 from ckptavg.reading.formats import deepspeed as dsf
-from ckptavg.reading.discover import find_candidates, latest_complete
+from ckptavg.reading.discover import find_candidates, latest_complete, remote_latest_complete
 from ckptavg.reading.names import is_noise
+from ckptavg.reading.remote import is_run_folder, is_url, looks_like_url, parse_storage_options, redact_url
 from ckptavg.units import format_bytes, parse_size
 
 log = logging.getLogger("ckptavg.cli")
@@ -29,7 +30,9 @@ def _expand(inputs: tuple[str, ...]) -> list[str]:
     """Expand globs that the shell left alone (quoted), dropping staging names."""
     out: list[str] = []
     for text in inputs:
-        if not Path(text).exists() and glob.has_magic(text):
+        if is_url(text):  # object storage: taken as written (no glob expansion over a bucket)
+            out.append(text)
+        elif not Path(text).exists() and glob.has_magic(text):
             matches = sorted(glob.glob(text))
             if not matches:
                 raise CheckpointNotFoundError("matches nothing", path=text)
@@ -56,13 +59,24 @@ def _parse_list(text: str | None, option: str, kind: type) -> list | None:
 
 def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int] | None,
                    state_key: str | None, strip_prefix: str | None,
-                   deepspeed_weights: str = "fp32", kind: str | None = None) -> tuple[list[Checkpoint], list[Path]]:
-    """Checkpoints named on the command line, and the run folders they came from (never written to)."""
+                   deepspeed_weights: str = "fp32", kind: str | None = None,
+                   storage_options: dict | None = None) -> tuple[list[Checkpoint], list[Path]]:
+    """Checkpoints named on the command line, and the run folders they came from (never written to).
+    URLs (``s3://...``) are read from object storage with ``storage_options``."""
     paths = _expand(inputs)
     if not paths:
         raise UsageError("no checkpoints given (all inputs were staging or hidden names)")
     opts = {"state_key": state_key, "strip_prefix": strip_prefix, "deepspeed_weights": deepspeed_weights}
     run_folders: list[Path] = []
+    if len(paths) == 1 and is_url(paths[0]) and (
+            last is not None or is_run_folder(paths[0], storage_options=storage_options)):
+        if steps is not None or kind is not None:
+            raise UsageError("--steps and --checkpoint-kind cannot be used with a run folder in object storage")
+        ckpts = remote_latest_complete(paths[0], last or sys.maxsize, storage_options=storage_options)
+        log.info("%s: using %d checkpoint(s): %s", redact_url(paths[0]), len(ckpts), ", ".join(c.path.name for c in ckpts))
+        return ckpts, []
+    if any(is_url(p) for p in paths):
+        opts["storage_options"] = storage_options  # type: ignore[assignment]
     if len(paths) == 1 and Path(paths[0]).is_dir() and (last is not None or _is_run_folder(Path(paths[0]))):
         root = Path(paths[0])
         if steps is not None:
@@ -78,8 +92,16 @@ def resolve_inputs(inputs: tuple[str, ...], *, last: int | None, steps: list[int
     if steps is not None and len(steps) != len(paths):
         raise UsageError(f"--steps has {len(steps)} values for {len(paths)} checkpoints")
     ckpts = []
+    remote = {}  # URLs, indexed several at once (each is a few round trips to the store)
+    if sum(is_url(p) for p in paths) > 1:
+        urls = [p for p in paths if is_url(p)]
+        remote = dict(zip(urls, open_remote_many(urls, storage_options=storage_options)))
     for i, p in enumerate(paths):
-        ckpt = open_checkpoint(p, step=None if steps is None else steps[i], **opts)
+        if isinstance(remote.get(p), Exception):
+            raise remote[p]
+        ckpt = remote[p] if p in remote else open_checkpoint(p, step=None if steps is None else steps[i], **opts)
+        if p in remote and steps is not None:
+            ckpt.step, ckpt.step_source = steps[i], "given"
         if ckpt.incomplete:
             raise IncompleteCheckpointError(ckpt.incomplete, path=ckpt.path,
                                             hint="wait until the trainer has finished writing it")
@@ -138,6 +160,9 @@ def _is_run_folder(path: Path) -> bool:
 @click.option("--allow-mixed-models", is_flag=True,
               help="Average checkpoints of different models (config model_type/architectures, or tensor sets that "
                    "each hold names the other lacks) instead of stopping.")
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="For s3:// (gs://, any fsspec URL) inputs: an option of the storage client, e.g. "
+                   "endpoint_url=http://127.0.0.1:9000 (repeatable; credentials come from the provider's chain).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (atomically).")
 @click.option("--progress/--no-progress", default=None, help="Progress bar (default: when stderr is a terminal).")
 def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], weights: str | None,
@@ -145,7 +170,7 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
             on_shape_change: str, shard_size: str, memory_budget: str | None, scratch_dir: Path | None,
             state_key: str | None, strip_prefix: str | None, deepspeed_weights: str, threads: int | None,
             allow_nonfinite: bool, allow_mixed_models: bool, force: bool, progress: bool | None, output_format: str,
-            **method_options: object) -> None:
+            storage_option: tuple[str, ...] = (), **method_options: object) -> None:
     """Average saved checkpoints into a model folder that from_pretrained loads.
 
     \b
@@ -159,7 +184,12 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
       ckptavg average runs/exp1 --last 5 -o out/last5
       ckptavg average outputs/checkpoint --last 4 --method ema:200 --output-format dcp -o out/ema-dcp
       ckptavg average runs/fairseq --last 5 --checkpoint-kind update -o out/last5-updates
+      ckptavg average s3://bucket/runs/exp1 --last 5 --method ema:2000 -o out/ema   # object storage (ckptavg[s3])
     """
+    storage = parse_storage_options(storage_option)
+    if looks_like_url(output):
+        raise UsageError(f"-o {output}: the output is a local folder (object storage is read, not written)",
+                         hint="write locally, then upload the folder (e.g. aws s3 cp --recursive)")
     weight_list = _parse_list(weights, "--weights", float)
     step_list = _parse_list(steps, "--steps", int)
     if last is not None and last < 1:
@@ -180,7 +210,8 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
             raise UsageError("under torchrun, --output-format dcp, --memory-budget and --scratch-dir are not "
                              "available yet", hint="run without torchrun")
         result = average_on_ranks(
-            launch, lambda: resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key, strip_prefix=strip),
+            launch, lambda: resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key, strip_prefix=strip,
+                                           storage_options=storage),
             specs, output, weights=weight_list, device=device, threads=threads, check_finite=not allow_nonfinite,
             build=lambda dev: build_averages(specs, rules=parse_rules(rules), accum_dtype=getattr(torch, accum_dtype),
                                              on_shape_change=on_shape_change, device=dev),
@@ -190,7 +221,8 @@ def average(inputs: tuple[str, ...], output: Path, methods: tuple[str, ...], wei
                 click.echo(f"{name}: {path}")
         return
     ckpts, run_folders = resolve_inputs(inputs, last=last, steps=step_list, state_key=state_key,
-                                        strip_prefix=strip, deepspeed_weights=deepspeed_weights, kind=checkpoint_kind)
+                                        strip_prefix=strip, deepspeed_weights=deepspeed_weights, kind=checkpoint_kind,
+                                        storage_options=storage)
     if weight_list is not None and len(weight_list) != len(ckpts):
         raise UsageError(f"--weights has {len(weight_list)} values for {len(ckpts)} checkpoints")
     show_bar = sys.stderr.isatty() if progress is None else progress

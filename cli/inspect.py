@@ -10,10 +10,11 @@ import click
 
 from ckptavg.dtypes import short_name
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_checkpoint
 from ckptavg.reading.discover import find_candidates
 from ckptavg.reading.formats import deepspeed as dsf
-from ckptavg.reading.ready import Readiness, check_ready
+from ckptavg.reading.ready import Readiness, check_ready, remote_ready
+from ckptavg.reading.remote import is_run_folder, is_url, list_run, parse_storage_options, store_for
 from ckptavg.units import format_bytes
 
 
@@ -52,8 +53,27 @@ def describe(ckpt: Checkpoint, ready: Readiness | None = None) -> dict:
     }
 
 
+def _inspect_remote(url: str, show_tensors: bool, as_json: bool, settle: float, storage: dict) -> None:
+    """``ckptavg inspect s3://...``: a checkpoint in object storage, or a run folder of them (headers only)."""
+    store, path = store_for(url, storage)
+    if is_run_folder(url, storage_options=storage):
+        rows = []
+        for p, _ in list_run(store, path):
+            ready = remote_ready(store, p, settle=settle)
+            c = ready.checkpoint
+            rows.append({"path": str(store.location(p)), "step": c.step if c else None,
+                         "step_source": (c.step_source or None) if c else None, "format": c.format if c else None,
+                         "bytes": c.nbytes if c else None, "complete": c is not None and c.incomplete is None,
+                         "note": None if c else ready.reason, "ready": ready.state, "ready_reason": ready.reason})
+        _print_run(str(store.location(path)), rows, as_json)
+        return
+    ready = remote_ready(store, path, settle=settle)
+    ckpt = ready.checkpoint or open_remote_checkpoint(url, store=store)
+    _print_one(ckpt, ready, show_tensors, as_json)
+
+
 @click.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=str)
 @click.option("--tensors", "show_tensors", is_flag=True, help="List every tensor (name, dtype, shape, bytes, file).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.option("--state-key", help="Pickles: the entry that holds the state dict.")
@@ -61,8 +81,10 @@ def describe(ckpt: Checkpoint, ready: Readiness | None = None) -> dict:
               help="DeepSpeed checkpoints: the fp32 master weights or the module's weights.")
 @click.option("--settle", type=float, default=5.0, show_default=True,
               help="Seconds a checkpoint must stay unmodified to count as ready (as `ckptavg watch --settle`).")
-def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None, deepspeed_weights: str,
-            settle: float) -> None:
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="For s3:// (any fsspec URL): an option of the storage client, e.g. endpoint_url=http://host:9000.")
+def inspect(path: str, show_tensors: bool, as_json: bool, state_key: str | None, deepspeed_weights: str,
+            settle: float, storage_option: tuple[str, ...]) -> None:
     """Show a checkpoint's format, step (and where it came from), tensors, dtypes, bytes, shards, completeness
     and readiness (whether `ckptavg watch` would fold it now, by its writer's rule, and why).
 
@@ -73,7 +95,12 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
       ckptavg inspect runs/exp1/checkpoint-9000
       ckptavg inspect runs/exp1/checkpoint-9000 --tensors
       ckptavg inspect runs/exp1            # every checkpoint of the run
+      ckptavg inspect s3://bucket/runs/exp1/checkpoint-9000   # object storage: headers by ranged reads
     """
+    if is_url(path):
+        _inspect_remote(path, show_tensors, as_json, settle, parse_storage_options(storage_option))
+        return
+    path = Path(path)
     if path.is_dir() and len(dsf.tag_folders(path)) > 1:  # a DeepSpeed save folder: its global_step tags
         _inspect_run(path, as_json, settle)
         return
@@ -87,6 +114,10 @@ def inspect(path: Path, show_tensors: bool, as_json: bool, state_key: str | None
                 _inspect_run(path, as_json, settle)
                 return
             raise
+    _print_one(ckpt, ready, show_tensors, as_json)
+
+
+def _print_one(ckpt: Checkpoint, ready: Readiness | None, show_tensors: bool, as_json: bool) -> None:
     info = describe(ckpt, ready)
     if show_tensors:
         info["tensor_list"] = [
@@ -134,6 +165,10 @@ def _inspect_run(root: Path, as_json: bool, settle: float) -> None:
         except CheckpointError as e:
             row["note"] = str(e)
         rows.append(row)
+    _print_run(str(root), rows, as_json)
+
+
+def _print_run(root: str, rows: list[dict], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"run": str(root), "checkpoints": rows}, indent=2))
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -11,10 +12,16 @@ from ckptavg.cli.methodflags import DerivedOptionsCommand, watch_averages, watch
 from ckptavg.daemon.config import config_from_flags, load_config
 from ckptavg.daemon.service import Service
 from ckptavg.errors import UsageError
+from ckptavg.reading.remote import looks_like_url, parse_storage_options
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 
 @click.command(cls=DerivedOptionsCommand, derive=watch_flags)
-@click.argument("run", required=False, type=click.Path(path_type=Path))
+@click.argument("run", required=False, type=str)
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where averages are published as <name>/.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path), help="TOML config (see systemd/exp1.toml).")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="Daemon state (default OUTPUT/.ckptavg).")
@@ -46,14 +53,17 @@ from ckptavg.errors import UsageError
 @click.option("--hub", "hub_repo", metavar="ORG/NAME", help="Push the best model to this Hugging Face Hub repo.")
 @click.option("--hub-revision", metavar="BRANCH", help="Hub branch to push to (default main).")
 @click.option("--hub-private", is_flag=True, default=None, help="Create the Hub repo private if it does not exist.")
-def watch(run: Path | None, output: Path | None, config_path: Path | None, state_dir: Path | None, device: str | None, poll: str | None,
+@click.option("--storage-option", "storage_option", multiple=True, metavar="KEY=VALUE",
+              help="For a RUN in object storage (s3://, gs://, any fsspec URL): an option of the storage client, "
+                   "e.g. endpoint_url=http://127.0.0.1:9000 (repeatable; over the config's [storage] table).")
+def watch(run: str | None, output: Path | None, config_path: Path | None, state_dir: Path | None, device: str | None, poll: str | None,
           poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
           persist_every: int | None, rules: tuple[str, ...], threads: int | None, deepspeed_weights: str | None,
           accum_dtype: str | None,
           memory_budget: str | None, eval_command: str | None, eval_python: str | None,
           eval_hf_perplexity: str | None, metric: str | None, mode: str | None, eval_every: int | None,
           eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None,
-          **method_flags: tuple) -> None:
+          storage_option: tuple[str, ...] = (), **method_flags: tuple) -> None:
     """Watch a training run's checkpoint folder and keep averages of its checkpoints up to date.
 
     \b
@@ -62,6 +72,7 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, state
       ckptavg watch runs/exp1 -o avg --ema 2000 --lawa 5 \\
           --eval 'python eval.py --model {model_dir}' --metric val_loss --mode min --hub myorg/exp1-averaged
       ckptavg watch --config exp1.toml
+      ckptavg watch s3://bucket/runs/exp1 -o avg --ema 2000 --lawa 5   # polled, mirrored locally (ckptavg[s3])
     """
     options = {"state_dir": str(state_dir) if state_dir else None, "device": device, "poll": poll,
                "poll_interval": poll_interval, "settle": settle, "marker": marker, "publish_every": publish_every,
@@ -89,6 +100,15 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, state
                           **({"private": True} if hub_private else {})}
     elif hub_revision or hub_private:
         raise UsageError("--hub-revision/--hub-private need --hub ORG/NAME")
+    if output is not None and looks_like_url(output):
+        raise UsageError(f"-o {output}: the averages are published to a local folder (object storage is read, "
+                         "not written)", hint="publish locally; --hub pushes the best model to the Hugging Face Hub")
+    if storage_option:
+        storage = parse_storage_options(storage_option)
+        if config_path is not None:
+            options["storage"] = {**dict(load_config_storage(config_path)), **storage}
+        else:
+            options["storage"] = storage
     tables = watch_averages(method_flags)
     flags = "/".join(f for f in (cls.flag_for_watch() for cls in METHODS.values()) if f)
     if config_path is not None:
@@ -103,3 +123,12 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, state
             raise UsageError(f"ask for at least one average: {flags}")
         cfg = config_from_flags(str(run), str(output), tables, **options)
     raise SystemExit(Service(cfg, config_path=config_path).run())
+
+
+def load_config_storage(path: Path) -> dict:
+    """The config file's ``[storage]`` table (``--storage-option`` flags are laid over it)."""
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get("storage", {})
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return {}  # load_config says what is wrong with the file
+    return table if isinstance(table, dict) else {}

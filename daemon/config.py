@@ -16,6 +16,7 @@ from typing import Any
 from ckptavg.averaging.methods import METHODS
 from ckptavg.averaging.rules import Rule, parse_rule
 from ckptavg.errors import OptionError, UsageError
+from ckptavg.reading.remote import is_url, remember_option_secrets
 from ckptavg.units import parse_size
 
 if sys.version_info >= (3, 11):
@@ -84,6 +85,8 @@ class WatchConfig:
     evaluate: EvalConfig | None = None
     hub: HubConfig | None = None
     sweep: tuple[str, ...] = ()  # [sweep] grid: its averages are in ``averages`` (expanded at load)
+    storage: tuple[tuple[str, Any], ...] = ()  # [storage]: fsspec options for an s3:// (gs://, ...) run
+    watch_url: str | None = None  # the run in object storage; ``watch`` is then its local mirror (daemon/remote.py)
     source: str = "flags"  # where this came from, for messages
 
     @property
@@ -96,7 +99,7 @@ _CHOICES = {
     "on_shape_change": ("error", "reset"), "on_rewind": ("rollback", "ignore"), "rewind_too_far": ("restart", "stop"), "keep_for_lawa": ("auto", "link", "copy"),
     "deepspeed_weights": ("fp32", "module"),
 }
-_TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source"} | {"average"}
+_TOP_KEYS = {f.name for f in fields(WatchConfig)} - {"averages", "source", "watch_url"} | {"average"}
 
 
 _FLAG_OF_KEY = {"watch": "RUN", "average": "the method flags", "evaluate": "--eval", "rules": "--rule", "hub": "--hub", "hub.repo": "--hub", "hub.revision": "--hub-revision",
@@ -400,12 +403,21 @@ def build_config(data: dict[str, Any], *, source: str) -> WatchConfig:
             kw[key] = _typed(source, key, value, bool)
         elif key == "memory_budget":
             kw[key] = _size(source, key, value)
+        elif key == "storage":
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise _err(source, key, "expected a table of storage options (e.g. endpoint_url = \"http://host:9000\")")
+            remember_option_secrets(value)
+            kw[key] = tuple(sorted(value.items()))
         else:
             value = _typed(source, key, value, str)
             if _CHOICES.get(key) and value not in _CHOICES[key]:
                 raise _err(source, key, f"expected one of {', '.join(_CHOICES[key])}, got {value!r}")
             kw[key] = value
     watch, output = Path(data["watch"]), Path(data["output"])
+    if is_url(data["watch"]):  # object storage: the daemon watches a local mirror beside its state folder
+        state = kw.get("state_dir") or output / ".ckptavg"
+        return WatchConfig(watch=state.parent / f"{state.name}-mirror", watch_url=data["watch"], output=output,
+                           averages=averages, source=source, **kw)
     wr, orr = watch.resolve(), output.resolve()
     if orr == wr or wr in orr.parents:
         raise _err(source, "output", f"{output} is inside the watched folder {watch}; ckptavg never writes there")

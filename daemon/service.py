@@ -37,6 +37,7 @@ from ckptavg.averaging.placement import ensure_placed
 from ckptavg.daemon.config import WatchConfig, load_config
 from ckptavg.daemon.evaluation import EvalRound, Evaluation, snapshot_checkpoint, snapshot_model_folder
 from ckptavg.daemon.notify import Notifier
+from ckptavg.daemon.remote import start_mirror, stop_mirror
 from ckptavg.daemon.retain import Retainer, probe_link
 from ckptavg.daemon.trajectory import Trajectory, file_ids, save_steps_of
 from ckptavg.daemon.watcher import Watcher
@@ -185,10 +186,13 @@ class Service:
     def run(self) -> int:
         self._check_ownership()
         self.store.lock()
+        mirror = None
         try:
             self._lock_output()
+            mirror = start_mirror(self.cfg, wake=self.wake)  # a run in object storage: mirrored for the scan
             return self._run()
         finally:
+            stop_mirror(mirror)
             self.watcher.stop()
             self.store.unlock()
             if self._publisher_lock is not None:

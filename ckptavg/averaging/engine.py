@@ -54,7 +54,7 @@ from ckptavg.dtypes import cast_back
 from ckptavg.errors import CkptavgError, NonFiniteError, StepError, TensorMismatchError, UsageError
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader
-from ckptavg.reading.fileio import FileCache
+from ckptavg.reading.fileio import FileCache, ObjectIdentity
 from ckptavg.reading.formats.refs import TensorRef
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ DEFAULT_STAGING_BYTES = 256 << 20
 # the reader ahead; more would only add to the resident set
 PIECE_STAGING_BYTES = 64 << 20
 _PIN_CHUNK_BYTES = 16 << 20
+DEFAULT_REMOTE_READS = 8  # object storage: reads in flight (each a round trip), as the benchmark's baseline
 
 
 def resolve_device(spec: str | torch.device | None) -> torch.device:
@@ -181,10 +182,14 @@ class _Prefetcher:
 
     _DONE = object()
 
-    def __init__(self, requests: Iterable[_Request], load: Callable[[_Request], Any], max_bytes: int) -> None:
+    def __init__(self, requests: Iterable[_Request], load: Callable[[_Request], Any], max_bytes: int,
+                 workers: int = 1) -> None:
         self._requests = requests
         self._load = load
         self._max = max_bytes
+        # object storage: ``workers`` ranged reads in flight (a round trip each), delivered in request order
+        self._pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="ckptavg-read")
+                      if workers > 1 else None)
         self._inflight = 0
         self._cond = threading.Condition()
         self._queue: queue.Queue = queue.Queue()
@@ -201,7 +206,7 @@ class _Prefetcher:
                     if self._stop.is_set():
                         return
                     self._inflight += req.nbytes
-                self._queue.put((req, self._load(req)))
+                self._queue.put((req, self._load(req) if self._pool is None else self._pool.submit(self._load, req)))
             self._queue.put((None, self._DONE))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
             self._queue.put((None, e))
@@ -214,7 +219,7 @@ class _Prefetcher:
             if isinstance(item, BaseException):
                 raise item
             try:
-                yield req, item
+                yield req, (item.result() if isinstance(item, concurrent.futures.Future) else item)
             finally:
                 with self._cond:
                     self._inflight -= req.nbytes
@@ -230,6 +235,8 @@ class _Prefetcher:
             except queue.Empty:
                 pass
         self._thread.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class Engine:
@@ -250,8 +257,10 @@ class Engine:
         progress: Progress | None = None,
         threads: int | None = None,
         fold_workers: int = 1,
+        remote_reads: int = DEFAULT_REMOTE_READS,
     ) -> None:
         self.device = resolve_device(device)
+        self.remote_reads = max(1, int(remote_reads))  # ranged reads in flight for inputs in object storage
         self.chunk_elems = int(chunk_elems)
         self.piece_elems = max(1, int(piece_elems))
         # CPU threads for the arithmetic of :meth:`average` (one-shot); :meth:`fold` uses the caller's setting
@@ -292,6 +301,14 @@ class Engine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _read_workers(self, ckpts: Sequence[Checkpoint]) -> int:
+        """Reads in flight: several for inputs in object storage (each read is a round trip) whose tensors are plain
+        byte ranges or DCP chunks (its source keeps nothing between reads); on CPU the loads share nothing but the
+        thread-safe file cache and buffer pool. Else one."""
+        remote = any(isinstance(r.identity, ObjectIdentity) for c in ckpts for r in c.tensors.values())
+        stateless = all(c.format.startswith("safetensors") or c.format == "dcp" for c in ckpts)
+        return self.remote_reads if remote and stateless and not self._cuda else 1
 
     # -- staging ------------------------------------------------------------------------
     def _scratch_chunk(self, slot: int, dtype: torch.dtype, n: int, *, host: bool = False,
@@ -500,7 +517,8 @@ class Engine:
 
         reader = ckpt.reader(self.files)
         requests = [_Request(0, name, ref.nbytes) for name, ref in ckpt.tensors.items()]
-        stream = _Prefetcher(requests, lambda r: self._load(reader, r.name), self.staging_bytes)
+        stream = _Prefetcher(requests, lambda r: self._load(reader, r.name), self.staging_bytes,
+                             workers=self._read_workers([ckpt]))
         start = time.perf_counter()
         total = 0
         try:
@@ -623,7 +641,7 @@ class Engine:
             finally:
                 spent[r.ckpt_index] += time.perf_counter() - t0
 
-        stream = _Prefetcher(requests, load, window)
+        stream = _Prefetcher(requests, load, window, workers=self._read_workers(ckpts))
         try:
             for req, staged in stream:
                 current = req

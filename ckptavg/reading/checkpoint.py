@@ -18,31 +18,35 @@ read later, one tensor at a time, by :class:`CheckpointReader`.
 
 from __future__ import annotations
 
-import hashlib
+import concurrent.futures
 import json
 import logging
 import os
+import shutil
+import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from ckptavg.errors import CheckpointNotFoundError, UnknownFormatError
+from ckptavg.errors import CheckpointError, CheckpointNotFoundError, UnknownFormatError
 from ckptavg.reading.fileio import FileCache, open_regular
 from ckptavg.reading.formats import accelerate as acc
 from ckptavg.reading.formats import dcp
 from ckptavg.reading.formats import deepspeed as dsf
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats import safetensors as st
-from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource
+from ckptavg.reading.formats.refs import FormatIndex, TensorRef, TensorSource, combine_fingerprints
 from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise, is_side_file
+from ckptavg.reading.remote import ObjectStore, index_remote, is_url
 from ckptavg.reading.steps import epoch_from_name, step_from_name
 from ckptavg.redact import warn_once
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint"]
+__all__ = ["Checkpoint", "CheckpointReader", "open_checkpoint", "open_remote_checkpoint", "open_remote_many"]
 
 @dataclass
 class Checkpoint:
@@ -138,11 +142,7 @@ class CheckpointReader:
         self.close()
 
 
-def _combine(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode())
-    return h.hexdigest()[:32]
+_combine = combine_fingerprints
 
 
 def _trainer_step(folder: Path) -> int | None:
@@ -279,9 +279,14 @@ def open_checkpoint(
     state_key: str | None = None,
     strip_prefix: str | None = None,
     deepspeed_weights: str = "fp32",
+    storage_options: Mapping[str, Any] | None = None,
 ) -> Checkpoint:
     """Index the checkpoint at ``path`` (a folder or a file) from headers only. ``deepspeed_weights``: read a
-    DeepSpeed checkpoint's fp32 master weights (``fp32``) or its module's (``module``)."""
+    DeepSpeed checkpoint's fp32 master weights (``fp32``) or its module's (``module``). A URL (``s3://...``)
+    is read from object storage (:mod:`ckptavg.reading.remote`, with ``storage_options``)."""
+    if is_url(path):
+        return open_remote_checkpoint(str(path), step=step, storage_options=storage_options, state_key=state_key,
+                                      strip_prefix=strip_prefix)
     path = Path(path)
     if not path.exists():
         raise CheckpointNotFoundError("no such file or folder", path=path)
@@ -320,6 +325,40 @@ def open_checkpoint(
     ckpt.zero3 = not ckpt.format.startswith("deepspeed") and (
         _is_deepspeed(path if path.is_dir() else path.parent) or any(p.deepspeed for p in ckpt._pickles))
     return ckpt
+
+
+def open_remote_checkpoint(url: str, *, step: int | None = None, storage_options: Mapping[str, Any] | None = None,
+                           store: ObjectStore | None = None, side_files: bool = True, state_key: str | None = None,
+                           strip_prefix: str | None = None) -> Checkpoint:
+    """A safetensors checkpoint in object storage (``s3://...``), indexed from its headers by ranged reads
+    (:mod:`ckptavg.reading.remote`); its config/tokenizer files are fetched into a private temporary folder
+    (``meta_dir``; not with ``side_files=False``), removed when the checkpoint is no longer referenced."""
+    path, found, weights_name = index_remote(url, storage_options=storage_options, store=store, side_files=side_files,
+                                             state_key=state_key, strip_prefix=strip_prefix)
+    ckpt = _from_index(path, found)  # type: ignore[arg-type]
+    ckpt.weights_name = weights_name
+    if found.meta_dir is not None:
+        weakref.finalize(ckpt, shutil.rmtree, found.meta_dir, True)
+    if step is not None:
+        ckpt.step, ckpt.step_source = step, "given"
+    ckpt.model = _model_identity(ckpt.meta_dir)
+    return ckpt
+
+
+def open_remote_many(urls: list[str], *, storage_options: Mapping[str, Any] | None = None,
+                     store: ObjectStore | None = None, workers: int = 8) -> list[Checkpoint | CheckpointError]:
+    """:func:`open_remote_checkpoint` of each URL, several at once (each is a few round trips to the store); a
+    checkpoint that cannot be opened is its error, in its place."""
+    def one(url: str) -> Checkpoint | CheckpointError:
+        try:
+            return open_remote_checkpoint(url, storage_options=storage_options, store=store)
+        except CheckpointError as e:
+            return e
+
+    if len(urls) <= 1:
+        return [one(u) for u in urls]
+    with concurrent.futures.ThreadPoolExecutor(min(workers, len(urls)), thread_name_prefix="ckptavg-index") as pool:
+        return list(pool.map(one, urls))
 
 
 def _model_identity(meta_dir: Path | None) -> str | None:

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from ckptavg.errors import CheckpointError, CheckpointNotFoundError, IncompleteCheckpointError
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_many
 from ckptavg.reading.formats.deepspeed import holds_deepspeed
 from ckptavg.reading.names import DCP_MARKERS, WEIGHT_SUFFIXES, is_noise, is_side_file
+from ckptavg.reading.remote import list_run, store_for
 from ckptavg.reading.steps import checkpoint_kind, order_key
 from ckptavg.redact import warn_once
 
@@ -171,4 +173,32 @@ def latest_complete(root: Path, n: int, *, kind: str | None = None, **open_optio
     if not chosen:
         raise CheckpointNotFoundError("no complete checkpoint with a step in its name was found", path=root,
                                       hint="expected checkpoint-<N>/, step-<N>, epoch=E-step=N.ckpt ...")
+    return list(reversed(chosen))
+
+
+def remote_latest_complete(url: str, n: int, *, storage_options: Mapping[str, Any] | None = None) -> list[Checkpoint]:
+    """The newest ``n`` complete checkpoints of a run folder in object storage, oldest first (as
+    :func:`latest_complete` for a local one). Candidates are indexed newest first, ``n`` at a time concurrently."""
+    store, root = store_for(url, storage_options)
+    candidates = [f"{store.scheme}://{path}" for path, _ in reversed(list_run(store, root))]
+    chosen: list[Checkpoint] = []
+    while candidates and len(chosen) < n:
+        batch, candidates = candidates[: max(1, min(n - len(chosen), 16))], candidates[max(1, min(n - len(chosen), 16)):]
+        for ckpt in open_remote_many(batch, store=store):
+            if isinstance(ckpt, CheckpointError):
+                log.warning("skipping: %s", ckpt)
+                continue
+            if ckpt.incomplete:
+                log.warning("skipping %s: %s", ckpt.path, ckpt.incomplete)
+                continue
+            if chosen and chosen[-1].step == ckpt.step:
+                log.warning("skipping %s: same step %s as %s", ckpt.path, ckpt.step, chosen[-1].path)
+                continue
+            chosen.append(ckpt)
+            if len(chosen) == n:
+                break
+    if not chosen:
+        raise CheckpointNotFoundError("no complete checkpoint with a step in its name was found",
+                                      path=store.location(root),
+                                      hint="expected checkpoint-<N>/ folders of safetensors weights")
     return list(reversed(chosen))

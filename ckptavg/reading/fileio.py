@@ -17,14 +17,16 @@ import os
 import stat
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ckptavg.errors import CheckpointChangedError, CheckpointVanishedError, SpecialFileError, TruncatedFileError
 
-__all__ = ["FileCache", "FileIdentity", "identify", "open_regular", "read_exact", "require_regular", "zip_finished"]
+__all__ = ["FileCache", "FileIdentity", "ObjectIdentity", "identify", "open_regular", "read_exact", "require_regular",
+           "zip_finished"]
 
 
 def open_regular(path: Path) -> int:
@@ -70,6 +72,17 @@ class FileIdentity:
     @classmethod
     def of(cls, st: os.stat_result) -> FileIdentity:
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class ObjectIdentity(FileIdentity):
+    """An object in remote storage (``s3://``, ``gs://``, any fsspec URL), as indexed: its URL, size and ETag
+    (``dev`` is 0 and ``ino`` a hash of the URL, so two names of one object are still one input). Its bytes
+    are fetched by ``store`` (:class:`ckptavg.reading.remote.ObjectStore`: ranged reads, retried)."""
+
+    url: str = ""
+    etag: str = ""
+    store: Any = field(default=None, compare=False, hash=False, repr=False)
 
 
 def identify(path: Path) -> FileIdentity:
@@ -130,6 +143,11 @@ class FileCache:
     def read(
         self, path: Path, expected: FileIdentity, offset: int, n: int, *, out: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if isinstance(expected, ObjectIdentity):  # object storage: a ranged read of exactly these bytes
+            buf = expected.store.read(expected, offset, n, out=out)
+            with self._lock:
+                self.bytes_read[path] += n
+            return buf
         fd = self._fd(path, expected)
         try:
             buf = read_exact(fd, n, offset, path=path, out=out)

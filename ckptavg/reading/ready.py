@@ -30,6 +30,7 @@ Nothing here reads tensor data or unpickles anything. The clock is injectable.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
 import stat
@@ -39,13 +40,14 @@ from pathlib import Path
 from typing import Callable, Literal
 
 from ckptavg.errors import CheckpointError, IncompleteCheckpointError, UnsupportedCheckpointError
-from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint, open_remote_checkpoint
 from ckptavg.reading.fileio import zip_finished
 from ckptavg.reading.formats import accelerate as acc
-from ckptavg.reading.names import is_noise
+from ckptavg.reading.names import PICKLE_SUFFIXES, is_noise
+from ckptavg.reading.remote import ObjectStore, is_dir, modified, trainer_pending
 from ckptavg.reading.steps import step_from_name
 
-__all__ = ["Readiness", "check_ready"]
+__all__ = ["Readiness", "check_ready", "remote_ready"]
 
 _SKEW = 2.0  # seconds of clock difference tolerated before an mtime counts as "in the future"
 
@@ -184,3 +186,48 @@ def check_ready(path: Path, *, settle: float = 5.0, marker: str | None = None,
         return Readiness("ready", f"accelerate save_state: {acc.LAST_FILE} (written last) and the weights whole, "
                                   f"quiet for {settle:g} s", ckpt)
     return Readiness("ready", f"{ckpt.format}: whole and quiet for {settle:g} s", ckpt)
+
+
+def remote_ready(store: ObjectStore, path: str, *, settle: float = 5.0, now: float | None = None,
+                 marker: str | None = None, open_it: bool = True) -> Readiness:
+    """The writer's completion rule for a checkpoint in object storage (:mod:`ckptavg.reading.ready` for local
+    ones). Objects appear whole (a PUT or a multipart upload completes atomically), so what is judged is the
+    folder: ``trainer_state.json`` for an HF Trainer folder, ``.metadata`` for DCP, every shard an index names
+    for a ``save_pretrained`` folder, which must also be quiet (no object newer than ``settle`` seconds, on the
+    server's clock). ``open_it``: index the safetensors headers too (the one-shot's and inspect's view)."""
+    name = path.rsplit("/", 1)[-1]
+    if is_noise(name):
+        return Readiness("waiting", "a staging or hidden name; the writer has not renamed it yet")
+    try:
+        top = store.info(path)
+    except FileNotFoundError:
+        return Readiness("waiting", "not there (yet)")
+    entries = store.listing(path) if is_dir(top) else {name: top}
+    now = time.time() if now is None else now
+    if marker is not None:
+        return (Readiness("ready", f"marker {marker!r} present") if any(fnmatch.fnmatch(n, marker) for n in entries)
+                else Readiness("waiting", f"marker {marker!r} not written yet"))
+    if is_dir(top):
+        if any(n.endswith(".distcp") for n in entries) or ".metadata" in entries:
+            return (Readiness("ready", "DCP .metadata committed") if ".metadata" in entries
+                    else Readiness("waiting", "DCP .metadata not committed yet"))
+        if (why := trainer_pending(entries)) is not None:
+            return Readiness("waiting", why)
+    newest = max((modified(e) for e in entries.values() if not is_dir(e)), default=0.0)
+    ckpt = None
+    if open_it or not any(n.endswith(PICKLE_SUFFIXES) for n in entries):
+        try:
+            ckpt = open_remote_checkpoint(f"{store.scheme}://{path}", store=store, side_files=open_it)
+        except IncompleteCheckpointError as e:
+            return Readiness("waiting", str(e))
+        except UnsupportedCheckpointError as e:
+            if open_it:
+                return Readiness("bad", str(e))
+        except CheckpointError as e:
+            quiet = now - newest >= settle
+            return Readiness("bad" if quiet else "waiting", str(e))
+    if "trainer_state.json" in entries:
+        return Readiness("ready", "HF Trainer checkpoint: trainer_state.json written and every shard there", ckpt)
+    if now - newest < settle:
+        return Readiness("waiting", f"whole, but uploaded less than {settle:g} s ago")
+    return Readiness("ready", f"{ckpt.format if ckpt else 'checkpoint'}: whole and quiet for {settle:g} s", ckpt)

@@ -44,7 +44,7 @@ import re
 import stat
 import warnings
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,7 +160,14 @@ def load_metadata(path: Path) -> tuple[Any, bytes]:
             raw += got
     finally:
         os.close(fd)
-    data = bytes(raw)
+    return parse_metadata(bytes(raw), path)
+
+
+def parse_metadata(data: bytes, path: Path) -> tuple[Any, bytes]:
+    """:func:`load_metadata` of bytes already read (a ``.metadata`` in object storage)."""
+    if len(data) > MAX_METADATA_BYTES:
+        raise UnsafePickleError(f"is {len(data)} bytes, over the {MAX_METADATA_BYTES}-byte limit for a DCP "
+                                ".metadata; refused unread", path=path)
     allowed = _allowed()
     try:
         meta = _MetadataUnpickler(io.BytesIO(data), allowed).load()
@@ -309,7 +316,9 @@ def index_dcp(folder: Path, *, state_key: str | None = None, strip_prefix: str |
 
 
 def _index(folder: Path, meta: Any, raw: bytes, *, state_key: str | None, strip_prefix: str | None,
-           meta_dir: Path | None) -> FormatIndex:
+           meta_dir: Path | None, lookup: Callable[[Path], FileIdentity | None] | None = None) -> FormatIndex:
+    """``lookup``: a file's identity, None when it is not there (default: ``stat`` of a local file; object
+    storage gives its listing's)."""
     meta_path = folder / METADATA
     import torch.distributed.checkpoint.filesystem as fs
     import torch.distributed.checkpoint.metadata as md
@@ -344,11 +353,12 @@ def _index(folder: Path, meta: Any, raw: bytes, *, state_key: str | None, strip_
                                   path=meta_path, tensor=fqn, hint="refused; DCP writes its files beside .metadata")
         p = folder / rel
         if rel not in identities:
-            if not p.exists():
+            ident = lookup(p) if lookup is not None else (identify(p) if p.exists() else None)
+            if ident is None:
                 raise MissingShardError(f"its .metadata lists {rel}, which is not there", path=folder, tensor=fqn,
                                         hint="a rank's file is missing: the checkpoint is incomplete or was "
                                         "partly deleted")
-            identities[rel] = identify(p)
+            identities[rel] = ident
         return p, identities[rel]
 
     specs: dict[str, _Tensor] = {}
@@ -398,7 +408,8 @@ def _index(folder: Path, meta: Any, raw: bytes, *, state_key: str | None, strip_
             numel *= s
         tensors[name] = TensorRef(
             name=name, dtype=dtype, shape=shape, file=first.file if first else meta_path,
-            identity=first.identity if first and first.identity else identify(meta_path),
+            identity=first.identity if first and first.identity else
+            (lookup(meta_path) if lookup is not None else identify(meta_path)),  # type: ignore[arg-type]
             offset=None, nbytes=numel * dtype.itemsize, key=fqn,
         )
     if not tensors:

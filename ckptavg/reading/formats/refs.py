@@ -5,6 +5,7 @@ is not one byte range)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -84,3 +85,11 @@ class FormatIndex:
     metadata: dict[str, str] = field(default_factory=dict)
     incomplete: str | None = None
     aliases: dict[str, str] = field(default_factory=dict)
+
+
+def combine_fingerprints(parts: list[str]) -> str:
+    """One fingerprint of a checkpoint from its files' (header) fingerprints."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+    return h.hexdigest()[:32]

@@ -85,21 +85,33 @@ def read_header(path: Path) -> SafetensorsHeader:
                 hint="the file is empty or still being written",
             )
         (n,) = _HEADER_LEN.unpack(os.pread(fd, 8, 0))
-        if n > MAX_HEADER_BYTES:
-            raise InvalidHeaderError(
-                f"header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit", path=path,
-                hint="not a safetensors file, or a corrupt/malicious one",
-            )
-        if 8 + n > size:
-            raise TruncatedFileError(
-                f"header claims {n} bytes but the file holds only {size - 8} after the length prefix",
-                path=path, hint="the file is truncated or still being written",
-            )
+        check_header_length(n, size, path)
         raw = os.pread(fd, n, 8)
         if len(raw) != n:
             raise TruncatedFileError("file shrank while its header was read", path=path)
     finally:
         os.close(fd)
+    return header_from_bytes(path, identity, raw)
+
+
+def check_header_length(n: int, size: int, path: Path) -> None:
+    """The header length prefix ``n`` of a file of ``size`` bytes: within the limit and the file."""
+    if n > MAX_HEADER_BYTES:
+        raise InvalidHeaderError(
+            f"header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte limit", path=path,
+            hint="not a safetensors file, or a corrupt/malicious one",
+        )
+    if 8 + n > size:
+        raise TruncatedFileError(
+            f"header claims {n} bytes but the file holds only {size - 8} after the length prefix",
+            path=path, hint="the file is truncated or still being written",
+        )
+
+
+def header_from_bytes(path: Path, identity: FileIdentity, raw: bytes) -> SafetensorsHeader:
+    """Validate a header already read (``raw``: the bytes after the 8-byte length) of the file ``identity``
+    describes: the local reader above and the object-storage reader share it."""
+    n, size = len(raw), identity.size
     header = _parse_json(raw, path)
     metadata = header.pop("__metadata__", None)
     if metadata is not None and (
@@ -257,9 +269,16 @@ def _safe_member(folder: Path, name: Any, index_path: Path) -> Path:
 
 def read_index_json(index_path: Path) -> dict[str, str]:
     try:
-        data = json.loads(index_path.read_text(encoding="utf-8"))
+        text = index_path.read_bytes()
     except FileNotFoundError:
         raise MissingShardError("index file not found", path=index_path) from None
+    return parse_index_json(text, index_path)
+
+
+def parse_index_json(text: bytes, index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a ``*.safetensors.index.json`` (its bytes), validated."""
+    try:
+        data = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidHeaderError(f"index is not valid JSON: {e}", path=index_path) from None
     except (RecursionError, ValueError) as e:

@@ -10,6 +10,7 @@ from ckptavg.averaging.methods import METHODS
 from ckptavg.cli.methodflags import DerivedOptionsCommand, watch_averages, watch_flags
 from ckptavg.daemon.config import config_from_flags, load_config
 from ckptavg.daemon.service import Service
+from ckptavg.distributed import launch_from_env
 from ckptavg.errors import UsageError
 
 
@@ -102,4 +103,9 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, state
         if not tables:
             raise UsageError(f"ask for at least one average: {flags}")
         cfg = config_from_flags(str(run), str(output), tables, **options)
+    launch = launch_from_env()
+    if launch is not None:  # started by torchrun: this rank's part (README "Beyond one machine")
+        from ckptavg.daemon.ranks import RankService
+
+        raise SystemExit(RankService(cfg, launch=launch, config_path=config_path).run())
     raise SystemExit(Service(cfg, config_path=config_path).run())

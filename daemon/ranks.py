@@ -1,0 +1,620 @@
+"""The daemon across ranks: ``torchrun --nproc-per-node N -m ckptavg watch RUN -o OUT ...``.
+
+Every rank runs a :class:`RankService`, the single-process :class:`~ckptavg.daemon.service.Service` with
+its folding, persisting and publishing made collective:
+
+* **one decides** — rank 0 alone watches the run, checks readiness, keeps (hard-links) ready checkpoints
+  in ``STATE/keep`` and writes the status file, with the single-process code. Each turn of its loop ends
+  in one decision — fold step S (its retained path and header fingerprint), retry the output, take a new
+  configuration (SIGHUP), stop, or nothing yet — which it broadcasts (gloo, a small object) to every rank;
+* **every rank folds** — the same checkpoints in the same order, but only its own tensors: the split of
+  the one-shot (:func:`~ckptavg.distributed.assign_ranks`, contiguous runs of the output order balanced
+  by bytes), decided from the first checkpoint folded and kept in the state. So each rank reads only its
+  byte ranges and holds only its part of the accumulators, and every tensor gets exactly the arithmetic
+  of the single-process daemon: the result is bit-identical. After a fold the ranks exchange how it went;
+  if any rank failed (a read error, NaN/Inf in its tensors), **every** rank rolls back to the last
+  committed generation and the checkpoint is skipped, as the single-process daemon skips it: never a
+  half-folded average;
+* **two-phase commit** — persisting generation G: every rank writes and fsyncs its part
+  (``STATE/ranks/rank-<r>/``), the ranks exchange how it went, then rank 0 writes the commit record
+  ``STATE/ranks/commit-G.json`` (:mod:`ckptavg.daemon.commit`). At start every rank loads the newest
+  generation that is committed and whose every part verifies, and removes newer parts: a kill -9 of any
+  rank at any moment, followed by torchrun's restart of all ranks, resumes exactly once;
+* **publishing** — every rank writes its shards of each average into one staging version folder rank 0
+  created; rank 0 writes the shard index, config files, ``ckptavg.json`` and model card, renames the
+  version into place and swaps ``OUT/<name>`` to it, as the single-process daemon does. Evaluation and
+  the Hub upload run on rank 0 only, on the published folders.
+
+Not handled across ranks yet (the daemon says so and halts folding; the published averages stay): a
+trainer rewind with ``on_rewind = "rollback"``, and a retained checkpoint that changed after its fold
+(the single-process daemon rebuilds LAWA windows then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import zlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ckptavg import hooks
+from ckptavg.averaging.average import Average
+from ckptavg.averaging.engine import Engine, output_order
+from ckptavg.averaging.placement import ensure_placed
+from ckptavg.daemon.commit import Commit, Commits, manifest_sha256, part_folder
+from ckptavg.daemon.config import WatchConfig
+from ckptavg.daemon.notify import Notifier
+from ckptavg.daemon.retain import Retainer, probe_link
+from ckptavg.daemon.service import Service, _Quiet, _written_at, set_idle_io
+from ckptavg.daemon.trajectory import Trajectory
+from ckptavg.distributed import (
+    DEFAULT_TIMEOUT,
+    Launch,
+    RankError,
+    Ranks,
+    _Assembled,
+    _describe,
+    _layout,
+    _view,
+    assign_ranks,
+    rank_device,
+)
+from ckptavg.errors import CkptavgError, OutputError, StateError, UsageError
+from ckptavg.oneshot import AverageSpec, build_averages
+from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
+from ckptavg.reading.formats.refs import TensorSpec
+from ckptavg.units import format_bytes
+from ckptavg.writing.atomic import AtomicDir
+from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_folder, next_version, point_published
+from ckptavg.writing.state import StateStore
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RankService"]
+
+Failure = tuple[int, tuple[str, int]]  # (rank, (its error line, exit code))
+
+
+def _first(statuses: list[Any]) -> Failure | None:
+    """The first rank whose status (``None`` or a :func:`_describe` pair) is a failure."""
+    return next(((r, s) for r, s in enumerate(statuses) if s is not None), None)
+
+
+class _KeptCopies(Retainer):
+    """The retained checkpoints as a rank other than 0 sees them: it reads them, rank 0 keeps and releases them."""
+
+    def __init__(self, keep_dir: Path) -> None:  # no folder made, no orphans removed: rank 0's work
+        self.keep_dir = Path(keep_dir)
+        self.mode = "link"
+        self._warned_copy = False
+
+    def retain(self, ckpt: Checkpoint, step: int) -> Path:
+        raise OutputError("internal: only rank 0 keeps checkpoints", path=self.keep_dir)
+
+    def release(self, step: int) -> None:
+        pass
+
+
+class RankService(Service):
+    """This rank's part of the distributed daemon (see the module docstring); every rank runs one."""
+
+    def __init__(self, cfg: WatchConfig, *, launch: Launch, config_path: Path | None = None,
+                 clock: Any = time.time, timeout: timedelta = DEFAULT_TIMEOUT) -> None:
+        super().__init__(cfg, config_path=config_path, clock=clock)
+        self.launch = launch
+        self.rank, self.world = launch.rank, launch.world_size
+        self.lead = self.rank == 0
+        self.part = part_folder(cfg.state_path, self.rank)
+        # one more generation than committed ones: a new part is written before its commit, then pruned
+        self.store = StateStore(self.part, keep=cfg.keep_generations + 1)
+        self.commits = Commits(cfg.state_path, keep=cfg.keep_generations)
+        self.committed = 0  # the newest generation every rank has committed
+        self.owner: dict[str, int] = {}  # tensor -> rank
+        self.all_needs: set[int] = set()  # the steps any rank's averages will read again (LAWA)
+        self.timeout = timeout
+        self.ranks: Ranks | None = None
+        self._owner_lock = StateStore(cfg.state_path)  # rank 0: the whole state folder's lock
+        if not self.lead:
+            self.notifier = Notifier(address="")  # systemd hears rank 0 only
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _new_averages(self) -> list[Average]:
+        specs = [AverageSpec(a.method, a.options, a.name) for a in self.cfg.averages]
+        averages = build_averages(specs, rules=self.cfg.rules, accum_dtype=getattr(torch, self.cfg.accum_dtype),
+                                  on_shape_change=self.cfg.on_shape_change, device=self.engine.device,
+                                  memory_budget=self.cfg.memory_budget, store_dir=self.part / "store")
+        for avg, a in zip(averages, self.cfg.averages):
+            avg.rules = tuple(a.rules) + tuple(self.cfg.rules)
+        return averages
+
+    def _load_state(self, *, at_most: int | None = None) -> None:
+        """This rank's part of committed generation ``at_most`` (default: the newest committed one), exactly:
+        a part that fell back to an older generation is an error, never a mix of generations."""
+        at_most = self.committed if at_most is None else at_most
+        self._close_stores()
+        self.averages = self._new_averages()
+        extra = (self.store.load(self.averages, at_most=at_most) if at_most else None) or {}
+        if at_most and extra.get("generation") != at_most:
+            raise StateError(f"rank {self.rank}'s part of generation {at_most} does not verify", path=self.part)
+        self.folded = {int(k): v for k, v in extra.get("folded", {}).items()}
+        self.skipped = {int(k): v for k, v in extra.get("skipped", {}).items()}
+        self.last_step = extra.get("last_step")
+        self.trajectory = Trajectory.from_json(extra.get("trajectory"))
+        self.rewinds = list(extra.get("rewinds", []))
+        self.unpersisted = []
+        if extra.get("owner"):
+            self.owner = {str(k): int(v) for k, v in extra["owner"].items()}
+        self.all_needs = set(extra.get("needs", []))
+        self._gen_steps = [(g.generation, g.extra.get("last_step"), list(g.extra.get("needs", [])))
+                           for g in self.store.history() if g.generation <= at_most]
+
+    def _check_layout(self) -> None:
+        if any(self.cfg.state_path.glob("manifest-*.json")):
+            raise UsageError(f"the state folder {self.cfg.state_path} holds the state of a single-process daemon; "
+                             "under torchrun the state is kept per rank",
+                             hint="give the torchrun daemon another --state-dir (or run it as one process)")
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> int:
+        self._check_ownership()
+        self.ranks = Ranks(self.launch, timeout=self.timeout)
+        try:
+            with self.ranks.agree("taking the state folder"):
+                if self.lead:
+                    self._check_layout()
+                    self._owner_lock.lock()
+                    self._lock_output()
+                self.store.lock()
+            return self._run_ranks()
+        finally:
+            self.watcher.stop()
+            self.store.unlock()
+            self._owner_lock.unlock()
+            if self._publisher_lock is not None:
+                os.close(self._publisher_lock)
+            self.ranks.close()
+
+    def _run_ranks(self) -> int:
+        assert self.ranks is not None
+        cfg = self.cfg
+        if cfg.nice:
+            os.nice(cfg.nice)
+        torch.set_num_threads(cfg.threads)
+        if cfg.ionice_idle and not set_idle_io():
+            log.debug("idle I/O priority is not available here")
+        with self.ranks.agree("starting"):
+            self.engine = Engine(device=rank_device(cfg.device or "auto", self.launch), progress=_Quiet())
+            if self.lead:
+                self.retainer = self._lead_retainer()
+                self._remove_orphans()
+            else:
+                self.retainer = _KeptCopies(cfg.state_path / "keep")
+        self._recover()
+        lagging = self.lead and any(self._published_step(a) != a.folded[-1].step for a in self.averages if a.folded)
+        if self.ranks.broadcast(lagging):
+            log.info("publishing the averages: the published folders lag the saved state (interrupted publish)")
+            self._publish()
+        if self.lead:
+            self._start_publishing()
+            self._release_unneeded()
+        if threading.current_thread() is threading.main_thread():
+            self._install_signals()
+        watchdog_usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+        self._ping = watchdog_usec / 2e6 if watchdog_usec else None
+        self._last_ping = 0.0
+        if self.lead:
+            log.info("watching %s on %d ranks: %s; state in %s (%d checkpoint(s) already folded, generation %d)",
+                     cfg.watch, self.world, ", ".join(a.name for a in self.averages), cfg.state_path,
+                     len(self.folded), self.committed)
+        self.state = "watching"
+        if self.lead and not cfg.watch.is_dir():
+            self._note_missing_run()
+        self.notifier.ready(f"watching {cfg.watch} on {self.world} ranks")
+        clean = False
+        try:
+            while True:
+                decision = self.ranks.broadcast(self._decide() if self.lead else None)
+                kind = decision[0]
+                if kind == "stop":
+                    break
+                if kind == "fold":
+                    self._fold_ranks(*decision[1:])
+                elif kind == "retry":
+                    self._retry_output()
+                elif kind == "config":
+                    self.cfg = decision[1]
+            clean = True
+        finally:
+            self.state = "stopping"
+            if clean:  # every rank is here: the last fold is persisted and published together
+                self.notifier.stopping("persisting and publishing before exit")
+                if self.unpersisted:
+                    self._persist()
+                if self.since_publish:
+                    self._publish()
+            if self.evaluation is not None:
+                self.evaluation.close()
+            if self.hub is not None:
+                self.hub.close()
+            self.state = "stopped" if clean else "failed"
+            self._write_status()
+            self.engine.close()
+            self._close_stores()
+        if self.lead:
+            log.info("stopped after folding %d checkpoint(s) on %d ranks", len(self.folded), self.world)
+        return 0
+
+    def _lead_retainer(self) -> Retainer:
+        keep, mode = self.cfg.state_path / "keep", self.cfg.keep_for_lawa
+        if mode != "copy" and self.cfg.watch.exists():
+            try:
+                probe_link(self.cfg.watch, keep)
+                mode = "link"
+            except UsageError:
+                if mode == "link":
+                    raise
+                log.warning("state folder %s is on another filesystem than %s: checkpoints LAWA still needs are "
+                            "copied, not hard-linked", keep, self.cfg.watch)
+                mode = "copy"
+        return Retainer(keep, mode="copy" if mode == "copy" else "link")
+
+    def _decide(self) -> tuple[Any, ...]:
+        """Rank 0: one turn of the single-process loop, up to the decision every rank then carries out."""
+        if self.stopping.is_set():
+            return ("stop",)
+        if self.reload.is_set():
+            self.reload.clear()
+            before = self.cfg
+            self._reload()
+            if self.cfg is not before:
+                return ("config", self.cfg)
+        self.wake.clear()
+        self.watcher.ensure()
+        if self.degraded is not None and time.monotonic() >= self._retry_at:
+            return ("retry",)
+        self._scan()
+        if self._ping is not None and time.monotonic() - self._last_ping >= self._ping:
+            self.notifier.watchdog()
+            self._last_ping = time.monotonic()
+        if self.queue and self.halted is None:
+            step = min(self.queue)
+            changed = [m for m in sorted(self.all_needs | set().union(*(a.needs() for a in self.averages)))
+                       if not self._readable(m)]
+            if changed:
+                self._halt(f"the retained copy of step {changed[0]}, which the averages read again, changed or "
+                           f"vanished after its fold; rebuilding the windows without it is not done across ranks")
+            else:
+                fingerprint, path = self.queue.pop(step)
+                return ("fold", step, fingerprint, str(path))
+        self._write_status()
+        timeout = self.cfg.poll_interval if self._ping is None else min(self.cfg.poll_interval, self._ping)
+        if self.degraded is not None:
+            timeout = min(timeout, max(0.05, self._retry_at - time.monotonic()))
+        self.wake.wait(timeout)
+        if self.wake.is_set() and not self.stopping.is_set():
+            self.stopping.wait(min(0.5, self.cfg.settle))
+        return ("idle",)
+
+    def _halt(self, what: str) -> None:
+        if self.halted is None:
+            log.error("%s. Under torchrun folding stops here; the published averages stay as they are. Run the "
+                      "daemon as one process on this state's checkpoints, or restart it with an empty state folder",
+                      what)
+        self.halted = what
+        self.state = "halted"
+
+    def _rewind(self, step: int, why: str, at: Path) -> None:
+        if self.cfg.on_rewind == "ignore":
+            super()._rewind(step, why, at)
+            return
+        self._halt(f"trainer rewind: {why}; rolling the averages back across ranks is not done yet")
+
+    def _retry_output(self) -> None:
+        if self.unpersisted:
+            self._persist()
+        self.since_publish = max(self.since_publish, 1)
+        self._publish()
+
+    def _write_status(self) -> None:
+        if self.lead:
+            super()._write_status()
+
+    def _needed(self) -> set[int]:
+        return super()._needed() | self.all_needs
+
+    # -- start: the newest generation every rank committed ----------------------------------------
+    def _recover(self) -> None:
+        assert self.ranks is not None
+        records = self.ranks.broadcast([(c.generation, c.world_size, c.parts) for c in self.commits.valid()]
+                                       if self.lead else None)
+        worlds = {w for _, w, _ in records}
+        if worlds and worlds != {self.world}:
+            raise RankError(f"the state in {self.cfg.state_path} was written by {max(worlds)} ranks and this run "
+                            f"has {self.world}: start the daemon with the same number of ranks (or another "
+                            "--state-dir)", exit_code=2)
+        chosen = 0
+        for generation, world, parts in reversed(records):
+            problem: str | None = None
+            try:
+                if not Commits.part_matches(Commit(generation, world, parts), self.rank, self.part):
+                    raise StateError(f"rank {self.rank}'s part of generation {generation} is missing or is not the "
+                                     "committed one", path=self.part)
+                self._load_state(at_most=generation)
+            except StateError as e:
+                problem = str(e)
+            failed = _first(self.ranks.gather(problem))
+            if failed is None:
+                chosen = generation
+                break
+            if self.lead:
+                log.warning("state generation %d cannot be loaded on every rank (rank %d: %s); trying the one before",
+                            generation, failed[0], failed[1])
+        else:
+            if records:
+                raise RankError(f"no committed state generation in {self.cfg.state_path} loads on every rank",
+                                exit_code=2)
+        self.committed = chosen
+        gone = self.store.discard_after(chosen)  # parts of generations never committed (a kill mid-commit)
+        if self.lead:
+            self.commits.discard_after(chosen)
+        if gone:
+            log.warning("rank %d: removed its part of generation(s) %s, never committed by every rank",
+                        self.rank, ", ".join(map(str, gone)))
+        if chosen == 0:
+            self._load_state(at_most=0)
+        elif self.lead:
+            log.info("resumed from state generation %d, committed by all %d ranks", chosen, self.world)
+
+    # -- folding -------------------------------------------------------------------------------
+    def _mine(self, ckpt: Checkpoint) -> Checkpoint:
+        """``ckpt`` with only this rank's tensors (the split is decided by the first checkpoint folded)."""
+        if not self.owner:
+            order = output_order([ckpt])
+            self.owner = assign_ranks([(n, ckpt.tensors[n].nbytes) for n in order], self.world)
+        for name in ckpt.tensors:  # a tensor the first checkpoint did not have: a fixed rank of its own
+            if name not in self.owner:
+                self.owner[name] = zlib.crc32(name.encode()) % self.world
+        return _view(ckpt, {n for n in ckpt.tensors if self.owner[n] == self.rank})
+
+    def _history(self, step: int) -> Checkpoint:
+        if self.lead:  # rank 0 knows the trajectory: it refuses retained bytes that changed
+            return super()._history(step)
+        return open_checkpoint(self.retainer.path(step), step=step, deepspeed_weights=self.cfg.deepspeed_weights)
+
+    def _history_mine(self, step: int) -> Checkpoint:
+        return self._mine(self._history(step))
+
+    def _my_needs(self) -> list[int]:
+        return sorted(set().union(*(a.needs() for a in self.averages)))
+
+    def _rollback(self) -> None:
+        """Back to the last committed generation, re-folding (this rank's part of) what was folded since."""
+        redo, folded, skipped = list(self.unpersisted), dict(self.folded), dict(self.skipped)
+        trajectory, rewinds = self.trajectory, self.rewinds
+        self._load_state()
+        self.trajectory, self.rewinds = trajectory, rewinds
+        for step in redo:
+            ckpt = self._mine(self._history(step))
+            ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
+            self.engine.fold(ckpt, self.averages, ident=step, history=self._history_mine)
+        self.folded, self.skipped, self.unpersisted = folded, skipped, redo
+        if redo:
+            self.last_step = redo[-1]
+
+    def _fold_ranks(self, step: int, fingerprint: str, where: str) -> None:
+        assert self.ranks is not None
+        path = Path(where)
+        self.state, self.folding = "folding", step
+        self._write_status()
+        started = time.perf_counter()
+        problem: tuple[str, int] | None = None
+        nbytes = 0
+        ckpt: Checkpoint | None = None
+        try:
+            ckpt = open_checkpoint(path, step=step, deepspeed_weights=self.cfg.deepspeed_weights)
+            if ckpt.fingerprint != fingerprint:
+                raise CkptavgError("changed after it was queued", path=path)
+            hooks.point("fold.start", step=step, path=path, watch=self.cfg.watch)
+            hooks.point("rank.fold", rank=self.rank, world_size=self.world, step=step)
+            mine = self._mine(ckpt)
+            ensure_placed(self.averages, mine.tensors.values(), engine=self.engine)
+            nbytes = self.engine.fold(mine, self.averages, ident=step, history=self._history_mine)
+        except Exception as e:  # a checkpoint that cannot be folded never stops the daemon
+            problem = _describe(e)
+            log.debug("rank %d could not fold step %d", self.rank, step, exc_info=True)
+        statuses = self.ranks.gather((problem, nbytes, self._my_needs()))
+        failed = _first([s[0] for s in statuses])
+        if failed is not None:
+            r, (text, _) = failed
+            self.last_error = f"step {step}: rank {r} of {self.world}: {text}"
+            if self.lead:
+                log.warning("skipping checkpoint step %d: rank %d of %d could not fold its part (%s); every rank "
+                            "rolled back to state generation %d: no rank holds any of step %d", step, r, self.world,
+                            text, self.committed, step)
+            self._rollback()
+            self.skipped[step] = fingerprint
+            self.state, self.folding = "watching", None
+            if self.lead:
+                self.retainer.release(step)
+            self._persist()  # the skip is part of the state: never retried after a restart
+            return
+        assert ckpt is not None
+        seconds = time.perf_counter() - started
+        total = sum(s[1] for s in statuses)
+        self.all_needs = set().union(*(s[2] for s in statuses))
+        previous = self.last_step
+        self.folded[step] = fingerprint
+        self.last_step = step
+        if self.lead:
+            for gap in (self.trajectory.gap_before(step, previous, sorted(self.folded)[:-1], self.skipped),
+                        self.trajectory.first_gap(sorted(self.folded))):
+                if gap is not None:
+                    log.warning("missed checkpoints: %s", gap.describe())
+        self.unpersisted.append(step)
+        self.since_publish += 1
+        self.last_fold = {"step": step, "bytes": total, "seconds": round(seconds, 3),
+                          "gbps": round(total / seconds / 1e9, 3) if seconds else None}
+        if self.lead:
+            log.info("folded step %d: %s in %.2f s on %d ranks into %s", step, format_bytes(total), seconds,
+                     self.world, ", ".join(a.name for a in self.averages if a.method.accepts(step)))
+        if len(self.unpersisted) >= self.cfg.persist_every:
+            self._persist()
+        if self.since_publish >= self.cfg.publish_every:
+            self._publish()
+        due = False
+        if self.evaluation is not None:
+            self.evaluation.note_checkpoint(_written_at(ckpt))
+            self.since_eval += 1
+            due = self.since_eval >= self.evaluation.cfg.every
+        if self.ranks.broadcast(due):
+            if self.since_publish:
+                self._publish()  # every rank: the evaluated folders are the published ones
+            if self.lead and not self.since_publish:  # (a failed publish: no round on stale folders)
+                self._schedule_eval(ckpt)
+        if self.lead:
+            self._release_unneeded()
+        self.state, self.folding = "watching", None
+        self._write_status()
+        self.notifier.status(f"folded step {step}; {len(self.queue)} queued")
+
+    # -- persisting: the two-phase commit ----------------------------------------------------------
+    def _persist(self) -> None:
+        assert self.ranks is not None
+        generation = self.committed + 1
+        hooks.point("state.before-persist", generation=generation)
+        self.all_needs = set().union(*self.ranks.gather(self._my_needs()))
+        extra = None
+        if self.lead:
+            extra = {"folded": {str(k): v for k, v in sorted(self.folded.items())},
+                     "skipped": {str(k): v for k, v in sorted(self.skipped.items())},
+                     "last_step": self.last_step, "trajectory": self.trajectory.to_json(),
+                     "rewinds": self.rewinds[-50:], "needs": sorted(self.all_needs)}
+        extra = {**self.ranks.broadcast(extra), "generation": generation, "world_size": self.world,
+                 "owner": dict(sorted(self.owner.items()))}
+        problem: tuple[str, int] | None = None
+        digest: str | None = None
+        try:  # phase one: this rank's part, durable
+            self.store.save(self.averages, extra, generation=generation)
+            digest = manifest_sha256(self.part, generation)
+            if digest is None:
+                raise OutputError("the manifest just written cannot be read back", path=self.part)
+        except (OSError, ValueError) as e:
+            problem = _describe(e)
+        statuses = self.ranks.gather((problem, digest))
+        failed = _first([s[0] for s in statuses])
+        if failed is None:  # phase two: the commit record
+            hooks.point("ranks.before-commit", rank=self.rank, world_size=self.world, generation=generation)
+            if self.lead:
+                try:
+                    self.commits.write(generation, [s[1] for s in statuses])
+                except OSError as e:
+                    failed = (0, _describe(e))
+            failed = self.ranks.broadcast(failed)
+        if failed is not None:
+            self.store.discard_after(self.committed)  # this rank's part of the generation is never valid
+            r, (text, _) = failed
+            self._degrade(f"cannot save the state in {self.cfg.state_path} (rank {r} of {self.world}): {text}")
+            return
+        self.committed = generation
+        self.unpersisted = []
+        self._gen_steps = [*self._gen_steps, (generation, self.last_step, extra["needs"])][-self.cfg.keep_generations:]
+        if self.since_publish == 0:
+            self._output_ok()
+
+    # -- publishing: every rank its shards, rank 0 the rest ------------------------------------------
+    def _publish(self) -> None:
+        assert self.ranks is not None
+        if self.last_step is None:
+            return
+        problem: tuple[str, int] | None = None
+        newest: Checkpoint | None = None
+        held: dict[str, list[tuple[str, torch.dtype, tuple[int, ...]]]] = {}
+        try:
+            newest = self._history(self.last_step)
+            held = {a.name: [(n, s.dtype, tuple(s.shape)) for n, s in a.slots.items()] for a in self.averages}
+        except Exception as e:  # noqa: BLE001 - said by every rank below
+            problem = _describe(e)
+        statuses = self.ranks.gather((problem, held))
+        failed = _first([s[0] for s in statuses])
+        stack = contextlib.ExitStack()  # rank 0: the staging version folders, removed unless published
+        plan: dict[str, tuple[str, str, Any]] = {}
+        if failed is None and self.lead:
+            assert newest is not None
+            try:
+                for avg in self.averages:
+                    where = {n: (r, dtype, shape) for r, s in enumerate(statuses) for n, dtype, shape in s[1][avg.name]}
+                    if not where:
+                        continue  # e.g. SWA before its start step
+                    order = [n for n in newest.tensors if n in where] + [n for n in where if n not in newest.tensors]
+                    specs = [TensorSpec(n, where[n][1], where[n][2]) for n in order]
+                    layout = _layout(specs, {n: where[n][0] for n in order}, self.world, DEFAULT_SHARD_BYTES,
+                                     newest.weights_name)
+                    target = self.cfg.output / avg.name
+                    version = next_version(target, avg.folded[-1].step if avg.folded else None)
+                    folder = stack.enter_context(AtomicDir(version))
+                    plan[avg.name] = (str(version), str(folder), layout)
+            except (OSError, CkptavgError) as e:
+                failed = (0, _describe(e))
+        failed, plan = self.ranks.broadcast((failed, plan))
+        try:
+            if failed is None:
+                problem = None
+                try:
+                    self._write_shards(plan, newest)
+                except Exception as e:  # noqa: BLE001 - said by every rank below
+                    problem = _describe(e)
+                failed = _first(self.ranks.gather(problem))
+            if failed is None and self.lead:
+                try:
+                    self._finish_versions(plan, newest, stack)
+                except (OSError, CkptavgError) as e:
+                    failed = (0, _describe(e))
+            if plan:
+                failed = self.ranks.broadcast(failed)
+        finally:
+            stack.__exit__(RuntimeError, RuntimeError("not published"), None)  # a no-op once renamed
+        if failed is not None:
+            r, (text, _) = failed
+            self._degrade(f"cannot publish into {self.cfg.output} (rank {r} of {self.world}): {text}")
+            return
+        self.since_publish = 0
+        if not self.unpersisted:
+            self._output_ok()
+
+    def _write_shards(self, plan: dict[str, tuple[str, str, Any]], newest: Checkpoint | None) -> None:
+        assert newest is not None
+        by_name = {a.name: a for a in self.averages}
+        for name, (_, folder, layout) in plan.items():
+            refs = layout.refs[self.rank]
+            if not refs:
+                continue
+            avg = by_name[name]
+            writer = ModelWriter(Path(folder), refs, max_shard_bytes=DEFAULT_SHARD_BYTES,
+                                 weights_name=newest.weights_name, aliases=newest.aliases, background=False,
+                                 files=layout.files[self.rank])
+            try:
+                for ref in refs:
+                    writer.write(ref.name, avg.result(ref.name).cpu())
+                writer.finish(index=False)  # rank 0 writes the index of every rank's shards
+            except BaseException:
+                writer.abort()
+                raise
+
+    def _finish_versions(self, plan: dict[str, tuple[str, str, Any]], newest: Checkpoint | None,
+                         stack: contextlib.ExitStack) -> None:
+        assert newest is not None
+        by_name = {a.name: a for a in self.averages}
+        for name, (_, folder, layout) in plan.items():
+            assembled = _Assembled(Path(folder), layout, newest.weights_name, newest.aliases)
+            finish_folder(Path(folder), by_name[name], assembled, newest=newest,  # type: ignore[arg-type]
+                          formats=[newest.format], extra={"daemon": True, "ranks": self.world})
+        stack.close()  # fsync every rank's files, rename each version folder into place
+        for name, (version, _, _) in plan.items():
+            point_published(self.cfg.output / name, Path(version))

@@ -1,0 +1,221 @@
+"""The daemon across ranks (``torchrun -m ckptavg watch``): real torchrun, gloo, CPU, 2 ranks.
+
+Each test starts ``python -m torch.distributed.run --standalone --nproc-per-node 2`` (what ``torchrun``
+runs) on a run of real HF-Trainer-like checkpoints, and compares every published tensor with the
+single-process daemon or the one-shot over the same checkpoints (``torch.equal``: bit-identical; the
+single-process daemon equals the one-shot bit for bit, tests/test_daemon.py). Faults are injected at the
+named hook points of :mod:`ckptavg.hooks` through tests/faultinject.py, in torchrun's first attempt
+only, and ``--max-restarts 1`` restarts every rank as a cluster scheduler would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_daemon import (
+    AVERAGES,
+    NAMES,
+    one_shot,
+    start_daemon,
+    status,
+    stop,
+    wait_for,
+    write_trainer_checkpoint,
+)
+from test_distributed import ROOT, env_plain, load_folder
+
+pytestmark = pytest.mark.slow
+
+STEPS = (100, 200, 300, 400, 500)
+
+
+def start_ranks(run: Path, out: Path, *extra: str, fault: str | None = None, restarts: int = 0,
+                nproc: int = 2) -> subprocess.Popen:
+    """``torchrun --standalone --nproc-per-node 2 [--max-restarts N] -m ckptavg watch RUN -o OUT ...``
+    (through the fault launcher with ``fault``)."""
+    env = env_plain()
+    target = ["-m", "ckptavg"]
+    if fault:
+        env["CKPTAVG_FAULT"] = fault
+        target = [str(ROOT / "tests" / "faultinject.py")]
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         f"--max-restarts={restarts}", "--monitor-interval=0.2", *target, "watch", str(run), "-o", str(out),
+         *AVERAGES, "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu", *extra],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def stop_ranks(proc: subprocess.Popen) -> str:
+    """SIGTERM to torchrun (what systemd or Slurm sends): it passes it on, every rank stops cleanly."""
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return err
+
+
+def folded_to(out: Path, step: int, pid: int | None = None):
+    def cond() -> bool:
+        st = status(out)
+        return (st.get("last_folded_step") == step and st.get("state") == "watching"
+                and (pid is None or st.get("pid") != pid))
+    return cond
+
+
+def assert_same_averages(a: Path, b: Path) -> None:
+    """Every tensor of every average, published by the ranks (a shard each) or by one process."""
+    for name in NAMES:
+        x, _ = load_folder(a / name)
+        y, _ = load_folder(b / name)
+        assert x.keys() == y.keys(), name
+        for k in x:
+            assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (name, k)
+
+
+def steps_of(out: Path) -> dict[str, list[int]]:
+    return {name: json.loads((out / name / "ckptavg.json").read_text())["steps"] for name in NAMES}
+
+
+def test_row121_two_ranks_are_bit_identical_to_the_single_process_daemon_and_resume(tmp_path):
+    """docs/FAULTS.md row 121: a 2-rank daemon (EMA, LAWA, SWA) over checkpoints that land before and while
+    it runs, stopped (SIGTERM to torchrun) and started again, publishes bit-identically to a single-process
+    daemon over the same checkpoints; each rank wrote its own shard, rank 0 the index and the card."""
+    run, out, archive = tmp_path / "run", tmp_path / "avg", tmp_path / "archive"
+    archive.mkdir()
+    for i, step in enumerate(STEPS[:2]):
+        write_trainer_checkpoint(run, step, i, archive)
+    ranks = start_ranks(run, out)
+    try:
+        assert wait_for(folded_to(out, 200), 60), status(out)
+        write_trainer_checkpoint(run, 300, 2, archive)
+        assert wait_for(folded_to(out, 300), 30), status(out)
+    finally:
+        err = stop_ranks(ranks)
+    assert status(out)["state"] == "stopped", err
+    assert "stopped after folding 3 checkpoint(s) on 2 ranks" in err
+    ranks = start_ranks(run, out)  # resumes from the committed generation: nothing folded again
+    try:
+        assert wait_for(lambda: status(out).get("state") == "watching", 60), status(out)
+        for i, step in enumerate(STEPS[3:], start=3):
+            write_trainer_checkpoint(run, step, i, archive)
+            shutil.rmtree(run / f"checkpoint-{step - 300}")  # the trainer rotates (save_total_limit=2)
+        assert wait_for(folded_to(out, 500), 60), status(out)
+    finally:
+        err2 = stop_ranks(ranks)
+    assert "resumed from state generation 3, committed by all 2 ranks" in err2
+    assert [err2.count(f"folded step {s}:") for s in STEPS] == [0, 0, 0, 1, 1], err2
+    st = status(out)
+    assert st["state"] == "stopped" and st["skipped"] == [] and st["averages"]["ema-150"]["folded"] == 5
+    assert steps_of(out) == {"ema-150": list(STEPS), "lawa-3": list(STEPS), "swa-400": [400, 500]}
+    _, index = load_folder(out / "ema-150")
+    assert len(set(index["weight_map"].values())) == 2  # one shard per rank
+    assert json.loads((out / "ema-150" / "ckptavg.json").read_text())["ranks"] == 2
+    assert not any(p.name.startswith(".") for p in run.rglob("*"))  # nothing written into the run
+
+    single = tmp_path / "single"
+    daemon = start_daemon(archive, single)
+    try:
+        assert wait_for(lambda: status(single).get("last_folded_step") == 500, 60)
+    finally:
+        code, serr = stop(daemon)
+    assert code == 0, serr
+    assert_same_averages(out, single)
+
+
+@pytest.mark.parametrize("fault, refolded", [
+    ("kill-rank-at=1:rank.fold:300", 1),  # rank 1 dies mid-fold of step 300
+    ("kill-rank-at=0:ranks.before-commit:3", 2),  # rank 0 dies with every part of generation 3 durable, no commit
+    ("kill-rank-at=1:state.before-manifest:3", 2),  # rank 1 dies writing its part of generation 3
+])
+def test_rows122_123_kill9_of_a_rank_then_the_elastic_restart_resumes_exactly_once(tmp_path, fault, refolded):
+    """docs/FAULTS.md rows 122 and 123: a rank exits 137 mid-fold (row 122), or mid-commit (row 123: rank 0
+    between every part being durable and the commit record; rank 1 between its accumulators and its part's
+    manifest). torchrun (--max-restarts 1) stops the other rank and restarts both; they resume from the
+    last committed generation, fold each checkpoint into the averages exactly once, and publish
+    bit-identically to the one-shot (= the single-process daemon) over the same checkpoints."""
+    run, out = tmp_path / "run", tmp_path / "avg"
+    for i, step in enumerate(STEPS):
+        write_trainer_checkpoint(run, step, i)
+    ranks = start_ranks(run, out, fault=fault, restarts=1)
+    try:
+        done = wait_for(folded_to(out, 500), 90)
+    finally:
+        err = stop_ranks(ranks)
+    assert done, err
+    assert "failed (exitcode: 137)" in err, err  # torchrun saw the kill, and restarted every rank
+    # the restarted ranks resumed from generation 2 (steps 100, 200) and folded 300 once more only if its
+    # first fold had been logged before the kill (the commit killed, not the fold)
+    assert "resumed from state generation 2, committed by all 2 ranks" in err, err
+    assert [err.count(f"folded step {s}:") for s in STEPS] == [1, 1, refolded, 1, 1], err
+    if refolded == 2:
+        assert "removed its part of generation(s) 3, never committed by every rank" in err
+    st = status(out)
+    assert st["state"] == "stopped" and st["averages"]["ema-150"]["folded"] == 5 and st["skipped"] == []
+    assert steps_of(out) == {"ema-150": list(STEPS), "lawa-3": list(STEPS), "swa-400": [400, 500]}
+    one_shot(run, tmp_path / "oneshot")
+    assert_same_averages(out, tmp_path / "oneshot")
+
+
+def test_row124_a_rank_that_cannot_read_its_part_rolls_every_rank_back(tmp_path):
+    """docs/FAULTS.md row 124: rank 1 cannot read its part of step 300 (an injected OSError) while rank 0
+    folds its own: every rank discards the fold and returns to generation 2, the daemon says so in one
+    line naming the rank, step 300 is skipped as the single-process daemon skips a checkpoint it cannot
+    fold, and the averages are the one-shot's without step 300 — never half of it."""
+    run, out, archive = tmp_path / "run", tmp_path / "avg", tmp_path / "archive"
+    archive.mkdir()
+    for i, step in enumerate(STEPS):
+        write_trainer_checkpoint(run, step, i, archive if step != 300 else None)
+    ranks = start_ranks(run, out, fault="fail-rank-fold=1:300")
+    try:
+        assert wait_for(folded_to(out, 500), 60), status(out)
+    finally:
+        err = stop_ranks(ranks)
+    line = ("skipping checkpoint step 300: rank 1 of 2 could not fold its part (OSError: injected I/O error "
+            "reading rank 1's part of step 300); every rank rolled back to state generation 2: no rank holds "
+            "any of step 300")
+    assert err.count(line) == 1, err
+    st = status(out)
+    assert st["skipped"] == [300] and "rank 1 of 2" in st["last_error"]
+    assert steps_of(out)["ema-150"] == [100, 200, 400, 500]
+    # generation 3 records the skip: every rank's accumulators are generation 2's, bit for bit
+    for rank in (0, 1):
+        part = out / ".ckptavg" / "ranks" / f"rank-{rank}"
+        g2, g3 = load_file(part / "accumulators-2.safetensors"), load_file(part / "accumulators-3.safetensors")
+        assert g2.keys() == g3.keys() and g2 and all(torch.equal(g2[k], g3[k]) for k in g2)
+    one_shot(archive, tmp_path / "oneshot")
+    assert_same_averages(out, tmp_path / "oneshot")
+
+
+def test_row125_another_world_size_or_a_single_process_state_is_refused(tmp_path):
+    """docs/FAULTS.md row 125: the state of a 2-rank daemon restarted on 1 rank, and a single-process
+    daemon's state folder given to a torchrun daemon, are refused with one line saying what to do; the
+    state is left as it was."""
+    run, out = tmp_path / "run", tmp_path / "avg"
+    write_trainer_checkpoint(run, 100, 0)
+    ranks = start_ranks(run, out)
+    try:
+        assert wait_for(folded_to(out, 100), 60), status(out)
+    finally:
+        stop_ranks(ranks)
+    before = sorted(p.name for p in (out / ".ckptavg" / "ranks").iterdir())
+    one = start_ranks(run, out, nproc=1)
+    _, err = one.communicate(timeout=60)
+    assert one.returncode != 0
+    assert "was written by 2 ranks and this run has 1: start the daemon with the same number of ranks" in err, err
+    assert sorted(p.name for p in (out / ".ckptavg" / "ranks").iterdir()) == before
+
+    single = tmp_path / "single"
+    daemon = start_daemon(run, single)
+    try:
+        assert wait_for(lambda: status(single).get("last_folded_step") == 100, 60)
+    finally:
+        stop(daemon)
+    two = start_ranks(run, single)
+    _, err = two.communicate(timeout=60)
+    assert two.returncode != 0
+    assert "holds the state of a single-process daemon; under torchrun the state is kept per rank" in err, err

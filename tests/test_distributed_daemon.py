@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,9 +68,9 @@ def folded_to(out: Path, step: int, pid: int | None = None):
     return cond
 
 
-def assert_same_averages(a: Path, b: Path) -> None:
+def assert_same_averages(a: Path, b: Path, names: tuple[str, ...] = tuple(NAMES)) -> None:
     """Every tensor of every average, published by the ranks (a shard each) or by one process."""
-    for name in NAMES:
+    for name in names:
         x, _ = load_folder(a / name)
         y, _ = load_folder(b / name)
         assert x.keys() == y.keys(), name
@@ -219,3 +220,44 @@ def test_row125_another_world_size_or_a_single_process_state_is_refused(tmp_path
     _, err = two.communicate(timeout=60)
     assert two.returncode != 0
     assert "holds the state of a single-process daemon; under torchrun the state is kept per rank" in err, err
+
+
+def test_row126_a_two_rank_daemon_folds_an_fsdp2_trainer_writing_dcp_as_it_trains(tmp_path):
+    """docs/FAULTS.md row 126: a 2-rank FSDP2 trainer (torchrun, gloo) saves model + optimizer with dcp.save
+    every 3 steps (tests/dcp_fsdp_trainer.py) while a 2-rank daemon (a second torchrun) folds the run as
+    it trains, each rank reading only its tensors of the DCP shards; the result equals, bit for bit, a
+    single-process daemon over the same checkpoints."""
+    run, ref, out, single = tmp_path / "run", tmp_path / "ref", tmp_path / "avg", tmp_path / "single"
+    run.mkdir()
+    ranks = start_ranks(run, out)
+    try:
+        trainer = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+             str(ROOT / "tests" / "dcp_fsdp_trainer.py"), str(run), str(ref), "--steps", "12", "--every", "3",
+             "--pause", "0.5"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**env_plain(), "PYTHONWARNINGS": "ignore"})
+        folded_while_training = 0
+        while trainer.poll() is None:
+            folded_while_training = max(folded_while_training, status(out).get("last_folded_step") or 0)
+            time.sleep(0.1)
+        log = trainer.stdout.read()  # type: ignore[union-attr]
+        assert trainer.returncode == 0, log
+        assert folded_while_training >= 3, "the daemon folded nothing while the trainer ran"
+        done = wait_for(folded_to(out, 12), 60)
+    finally:
+        err = stop_ranks(ranks)
+    assert done, err
+    assert status(out)["state"] == "stopped" and status(out)["skipped"] == [], err
+    assert [err.count(f"folded step {s}:") for s in (3, 6, 9, 12)] == [1, 1, 1, 1], err
+    daemon = start_daemon(run, single)
+    try:
+        assert wait_for(lambda: status(single).get("last_folded_step") == 12, 60)
+    finally:
+        code, serr = stop(daemon)
+    assert code == 0, serr
+    assert_same_averages(out, single, ("ema-150", "lawa-3"))
+    assert not (out / "swa-400").exists() and not (single / "swa-400").exists()  # its start step was not reached
+    x, _ = load_folder(out / "ema-150")
+    assert set(x) == {"embed.weight", "block.0.weight", "block.0.bias", "block.2.weight", "block.2.bias",
+                      "norm.weight", "norm.bias", "head.weight", "head.bias"}  # no optimizer or train_state

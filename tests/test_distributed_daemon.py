@@ -261,3 +261,45 @@ def test_row126_a_two_rank_daemon_folds_an_fsdp2_trainer_writing_dcp_as_it_train
     x, _ = load_folder(out / "ema-150")
     assert set(x) == {"embed.weight", "block.0.weight", "block.0.bias", "block.2.weight", "block.2.bias",
                       "norm.weight", "norm.bias", "head.weight", "head.bias"}  # no optimizer or train_state
+
+
+EVAL = '''
+import json, sys
+from pathlib import Path
+from safetensors.torch import load_file
+folder, name, step, calls = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+tensors = {}
+for f in sorted(folder.glob("*.safetensors")):  # every rank's shard of the published folder
+    tensors.update(load_file(f))
+with open(calls, "a") as out:
+    out.write(f"{name} {step}\\n")
+print(json.dumps({"val_loss": tensors["b"].float().abs().mean().item()}))
+'''
+
+
+def test_row121_evaluation_runs_once_on_rank_0_over_the_ranks_shards(tmp_path):
+    """docs/FAULTS.md row 121: with --eval, each candidate of a round is evaluated once (on rank 0, not once
+    per rank), on the published folder holding every rank's shard; each rank's state part holds only its
+    own tensors' accumulators, and together they hold every tensor once."""
+    run, out, calls, script = tmp_path / "run", tmp_path / "avg", tmp_path / "calls.txt", tmp_path / "ev.py"
+    script.write_text(EVAL)
+    for i, step in enumerate((100, 200)):
+        write_trainer_checkpoint(run, step, i)
+    ranks = start_ranks(run, out, "--eval", f"{sys.executable} {script} {{model_dir}} {{name}} {{step}} {calls}",
+                        "--metric", "val_loss")
+    try:
+        done = wait_for(lambda: (status(out).get("evaluation") or {}).get("last_evaluated_step") == 200, 90)
+    finally:
+        err = stop_ranks(ranks)
+    assert done, err
+    lines = calls.read_text().splitlines()
+    assert lines and len(lines) == len(set(lines)), lines  # never twice: one evaluator, not one per rank
+    assert {"raw 200", "ema-150 200", "lawa-3 200"} <= set(lines)
+    rows = [json.loads(x) for x in (out / ".ckptavg" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["candidate"] for r in rows if r["step"] == 200} == {"raw", "ema-150", "lawa-3"}
+    parts = []
+    for rank in (0, 1):
+        part = out / ".ckptavg" / "ranks" / f"rank-{rank}"
+        newest = max(int(p.stem.split("-")[1]) for p in part.glob("accumulators-*.safetensors"))
+        parts.append({k.split("/")[1] for k in load_file(part / f"accumulators-{newest}.safetensors")})
+    assert parts[0] and parts[1] and not parts[0] & parts[1] and parts[0] | parts[1] == {"w", "b", "n"}

@@ -25,9 +25,10 @@ its folding, persisting and publishing made collective:
   version into place and swaps ``OUT/<name>`` to it, as the single-process daemon does. Evaluation and
   the Hub upload run on rank 0 only, on the published folders.
 
-Not handled across ranks yet (the daemon says so and halts folding; the published averages stay): a
-trainer rewind with ``on_rewind = "rollback"``, and a retained checkpoint that changed after its fold
-(the single-process daemon rebuilds LAWA windows then).
+A trainer rewind is planned by rank 0 (the single-process choice of the generation to return to) and
+carried out by every rank on its part. Not handled across ranks yet (the daemon says so and halts
+folding; the published averages stay): a retained checkpoint that changed after its fold (the
+single-process daemon rebuilds LAWA windows then).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ from ckptavg.daemon.commit import Commit, Commits, manifest_sha256, part_folder
 from ckptavg.daemon.config import WatchConfig
 from ckptavg.daemon.notify import Notifier
 from ckptavg.daemon.retain import Retainer, probe_link
-from ckptavg.daemon.service import Service, _Quiet, _written_at, set_idle_io
+from ckptavg.daemon.service import Service, _newest_mtime_ns, _Quiet, _written_at, set_idle_io
 from ckptavg.daemon.trajectory import Trajectory
 from ckptavg.distributed import (
     DEFAULT_TIMEOUT,
@@ -120,6 +121,7 @@ class RankService(Service):
         self.all_needs: set[int] = set()  # the steps any rank's averages will read again (LAWA)
         self.timeout = timeout
         self.ranks: Ranks | None = None
+        self._pending_rewind: tuple[int, str, str] | None = None
         self._owner_lock = StateStore(cfg.state_path)  # rank 0: the whole state folder's lock
         if not self.lead:
             self.notifier = Notifier(address="")  # systemd hears rank 0 only
@@ -153,7 +155,7 @@ class RankService(Service):
             self.owner = {str(k): int(v) for k, v in extra["owner"].items()}
         self.all_needs = set(extra.get("needs", []))
         self._gen_steps = [(g.generation, g.extra.get("last_step"), list(g.extra.get("needs", [])))
-                           for g in self.store.history() if g.generation <= at_most]
+                           for g in self.store.history() if g.generation <= at_most][-self.cfg.keep_generations:]
 
     def _check_layout(self) -> None:
         if any(self.cfg.state_path.glob("manifest-*.json")):
@@ -226,6 +228,8 @@ class RankService(Service):
                     break
                 if kind == "fold":
                     self._fold_ranks(*decision[1:])
+                elif kind == "rewind":
+                    self._rewind_ranks(*decision[1:])
                 elif kind == "retry":
                     self._retry_output()
                 elif kind == "config":
@@ -280,6 +284,12 @@ class RankService(Service):
         if self.degraded is not None and time.monotonic() >= self._retry_at:
             return ("retry",)
         self._scan()
+        if self._pending_rewind is not None:
+            step, why, at = self._pending_rewind
+            self._pending_rewind = None
+            plan = self._plan_rewind(step, why)
+            if plan is not None:
+                return ("rewind", step, why, at, plan)
         if self._ping is not None and time.monotonic() - self._last_ping >= self._ping:
             self.notifier.watchdog()
             self._last_ping = time.monotonic()
@@ -310,11 +320,120 @@ class RankService(Service):
         self.halted = what
         self.state = "halted"
 
+    # -- rewinds: rank 0 plans, every rank rolls back ----------------------------------------------
     def _rewind(self, step: int, why: str, at: Path) -> None:
+        """Rank 0, from :meth:`_scan`: a rewind to carry out after the scan, on every rank."""
         if self.cfg.on_rewind == "ignore":
             super()._rewind(step, why, at)
             return
-        self._halt(f"trainer rewind: {why}; rolling the averages back across ranks is not done yet")
+        self._pending_rewind = (step, why, str(at))
+
+    def _plan_rewind(self, step: int, why: str) -> dict[str, Any] | None:
+        """Rank 0: where the rewind of ``step`` returns to (the single-process choice), or None when folding
+        stops (``rewind_too_far = "stop"``)."""
+        dropped = sorted(s for s in [*self.folded, *self.queue] if s >= step)
+        prefix = sorted(s for s in self.folded if s < step)
+        target = next(((g, ls) for g, ls, _ in reversed(self._gen_steps) if ls is None or ls < step), None)
+        base = target[1] if target is not None else None
+        refold = [s for s in prefix if base is None or s > base]
+        needs = next((n for g, _, n in self._gen_steps if target is not None and g == target[0]), [])
+        too_far = bool(prefix) and (target is None or any(not self._readable(s) for s in [*refold, *needs]))
+        if too_far and self.cfg.rewind_too_far == "stop":
+            super()._rewind_too_far(step, why, prefix)  # halts folding; nothing of the averages changes
+            return None
+        return {"dropped": dropped, "prefix": prefix, "target": target, "refold": refold, "too_far": too_far}
+
+    def _rewind_ranks(self, step: int, why: str, at: str, plan: dict[str, Any]) -> None:
+        """Every rank: :meth:`Service._rewind` (or its ``rewind_too_far = "restart"``), each rank re-folding only
+        its tensors; the commit records follow the discarded generations."""
+        if plan["too_far"]:
+            self._restart_ranks(step, why, plan["prefix"])
+            return
+        dropped, target, refold = plan["dropped"], plan["target"], plan["refold"]
+        saved = self.trajectory
+        if self.lead:
+            for s in list(self.queue):
+                if s >= step:
+                    self.queue.pop(s)
+            since = _newest_mtime_ns(Path(at))
+            newer = [s for s in dropped if s != step and since is not None and
+                     (self.trajectory.source_mtime_ns(s) or 0) >= since]  # the new trajectory, folded too early
+            self.trajectory.abandon([s for s in dropped if s not in newer])
+            self.trajectory.forget(newer)
+            saved = Trajectory.from_json(self.trajectory.to_json())
+        rewinds = [*self.rewinds]
+        kept = target[0] if target is not None else 0
+        if target is None:
+            self._reset_averages()
+        else:
+            self._load_state(at_most=kept)
+        self._discard_after(kept)
+        for s in dropped:
+            self.retainer.release(s)  # (rank 0: the others keep nothing)
+        self.trajectory, self.rewinds = saved, rewinds
+        self.skipped = {s: f for s, f in self.skipped.items() if s < step}
+        for s in refold:  # folded after that generation and before the resume point: still the trajectory
+            ckpt = self._history(s)
+            mine = self._mine(ckpt)
+            ensure_placed(self.averages, mine.tensors.values(), engine=self.engine)
+            self.engine.fold(mine, self.averages, ident=s, history=self._history_mine)
+            self.folded[s] = ckpt.fingerprint
+            self.last_step = s
+            self.unpersisted.append(s)
+        back = self.last_step
+        self.rewinds.append({"at": step, "back_to": back, "abandoned": dropped, "why": why, "time": self.clock()})
+        if self.lead:
+            log.warning("trainer rewind: %s. The averages are rolled back to step %s on every rank and the new "
+                        "trajectory is folded from there; %d folded step(s) of the old one are dropped (%s)", why,
+                        back if back is not None else "0 (empty)", len(dropped), ", ".join(map(str, dropped)) or "none")
+        self.last_error = f"rewind at step {step}: rolled back to step {back}"
+        self.since_publish = 1
+        self._persist()
+        self._publish()
+        self._unpublish_empty()
+        if self.lead:
+            self._release_unneeded()
+
+    def _restart_ranks(self, step: int, why: str, prefix: list[int]) -> None:
+        """``rewind_too_far = "restart"`` on every rank: the averages start again from what is on disk."""
+        if self.lead:
+            log.warning("%s, but no kept generation reaches back before it (keep_generations = %d). "
+                        "rewind_too_far = 'restart': the averages start again from the checkpoints still on disk "
+                        "(steps %s and earlier that were rotated away are not in them)", why,
+                        self.cfg.keep_generations, prefix[0])
+            self.trajectory.abandon(sorted(s for s in [*self.folded, *self.queue] if s >= step))
+            self.trajectory.forget(prefix)
+            self.queue.clear()
+            for s in self.retainer.steps():
+                self.retainer.release(s)
+            self.trajectory.gaps.clear()
+        self._discard_after(0)
+        self._reset_averages()
+        self.rewinds.append({"at": step, "back_to": None, "restarted": True, "why": why, "time": self.clock()})
+        self.last_error = f"rewind at step {step} beyond the kept generations: averages restarted"
+        self._persist()
+        self._unpublish_empty()
+        if self.lead:
+            self._release_unneeded()
+
+    def _discard_after(self, generation: int) -> None:
+        """Generations newer than ``generation`` are abandoned: the commit records first, then every part."""
+        if self.lead:
+            self.commits.discard_after(generation)
+        self.store.discard_after(generation)
+        self.committed = generation
+        self._gen_steps = [g for g in self._gen_steps if g[0] <= generation]
+
+    def _unpublish_empty(self) -> None:
+        """Every rank: an average no rank holds anything of is unpublished (rank 0 removes its link)."""
+        assert self.ranks is not None
+        held = set().union(*self.ranks.gather({a.name for a in self.averages if a.slots}))
+        if self.lead:
+            for avg in self.averages:
+                link = self.cfg.output / avg.name
+                if avg.name not in held and link.is_symlink():
+                    link.unlink()
+                    log.warning("unpublished %s: after the rollback it holds no checkpoint yet", link)
 
     def _retry_output(self) -> None:
         if self.unpersisted:

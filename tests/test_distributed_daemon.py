@@ -303,3 +303,69 @@ def test_row121_evaluation_runs_once_on_rank_0_over_the_ranks_shards(tmp_path):
         newest = max(int(p.stem.split("-")[1]) for p in part.glob("accumulators-*.safetensors"))
         parts.append({k.split("/")[1] for k in load_file(part / f"accumulators-{newest}.safetensors")})
     assert parts[0] and parts[1] and not parts[0] & parts[1] and parts[0] | parts[1] == {"w", "b", "n"}
+
+
+def test_row121_a_trainer_rewind_rolls_every_rank_back(tmp_path):
+    """docs/FAULTS.md row 121 (rewinds as in row 36): the trainer resumes from step 200 after 300 and 400 were
+    folded, re-writing them in place, then 500 follows. Rank 0 plans the rollback, every rank returns its part
+    to generation 2 and follows the new trajectory: the averages equal the one-shot over 100, 200, 300', 400',
+    500 bit for bit, as the single-process daemon's do."""
+    from test_daemon_trust import archive_of, rewrite_in_place
+
+    run, out, followed = tmp_path / "run", tmp_path / "avg", tmp_path / "followed"
+    run.mkdir()
+    followed.mkdir()
+    ranks = start_ranks(run, out)
+    try:
+        for i, step in enumerate((100, 200, 300, 400)):
+            archive_of(write_trainer_checkpoint(run, step, i), followed)
+        assert wait_for(folded_to(out, 400), 60), status(out)
+        for seed, step in ((10, 300), (11, 400)):  # the trainer resumed from checkpoint-200
+            rewrite_in_place(run / f"checkpoint-{step}", seed)
+            archive_of(run / f"checkpoint-{step}", followed)
+            time.sleep(0.5)
+        archive_of(write_trainer_checkpoint(run, 500, 12), followed)
+        done = wait_for(lambda: status(out).get("last_folded_step") == 500 and not status(out).get("queued")
+                        and status(out)["averages"]["ema-150"]["folded"] == 5, 60)
+    finally:
+        err = stop_ranks(ranks)
+    assert done, err
+    assert err.count("trainer rewind: step 300") == 1, err
+    st = status(out)
+    assert st["rewinds"][0]["at"] == 300 and st["rewinds"][0]["back_to"] == 200, st["rewinds"]
+    one_shot(followed, tmp_path / "oneshot")
+    assert_same_averages(out, tmp_path / "oneshot")
+
+
+def test_row121_a_run_folder_recreated_with_steps_restarting_empties_every_rank(tmp_path):
+    """docs/FAULTS.md row 121 (as row 36): the run folder is deleted and recreated, its steps start again at
+    100: every rank drops its part of the old run (nothing of it stays, SWA is unpublished until it holds
+    something again) and the averages equal the one-shot over the new run bit for bit."""
+    from test_daemon_trust import archive_of
+
+    run, out, second = tmp_path / "run", tmp_path / "avg", tmp_path / "second"
+    run.mkdir()
+    second.mkdir()
+    ranks = start_ranks(run, out)
+    try:
+        for i, step in enumerate(STEPS):
+            write_trainer_checkpoint(run, step, i)
+        assert wait_for(folded_to(out, 500), 60), status(out)
+        shutil.rmtree(run)
+        run.mkdir()
+        for i, step in enumerate((100, 200)):
+            archive_of(write_trainer_checkpoint(run, step, 20 + i), second)
+            time.sleep(0.3)
+        assert wait_for(lambda: status(out).get("last_folded_step") == 200 and status(out).get("rewinds"), 60), \
+            status(out)
+        assert not (out / "swa-400").exists()  # the old run's SWA is not shown while the new one has none
+        for i, step in enumerate((300, 400, 500)):
+            archive_of(write_trainer_checkpoint(run, step, 22 + i), second)
+        done = wait_for(lambda: status(out).get("last_folded_step") == 500 and
+                        status(out)["averages"]["ema-150"]["folded"] == 5, 60)
+    finally:
+        err = stop_ranks(ranks)
+    assert done, err
+    assert "trainer rewind" in err and "on every rank" in err
+    one_shot(second, tmp_path / "oneshot")
+    assert_same_averages(out, tmp_path / "oneshot")

@@ -26,9 +26,8 @@ its folding, persisting and publishing made collective:
   the Hub upload run on rank 0 only, on the published folders.
 
 A trainer rewind is planned by rank 0 (the single-process choice of the generation to return to) and
-carried out by every rank on its part. Not handled across ranks yet (the daemon says so and halts
-folding; the published averages stay): a retained checkpoint that changed after its fold (the
-single-process daemon rebuilds LAWA windows then).
+carried out by every rank on its part; a retained checkpoint that changed after its fold is found by
+rank 0 and every rank rebuilds its tensors' LAWA windows without it, as the single-process daemon does.
 """
 
 from __future__ import annotations
@@ -122,6 +121,7 @@ class RankService(Service):
         self.timeout = timeout
         self.ranks: Ranks | None = None
         self._pending_rewind: tuple[int, str, str] | None = None
+        self._views = False  # while repairing: _history gives this rank's view of a checkpoint
         self._owner_lock = StateStore(cfg.state_path)  # rank 0: the whole state folder's lock
         if not self.lead:
             self.notifier = Notifier(address="")  # systemd hears rank 0 only
@@ -295,14 +295,10 @@ class RankService(Service):
             self._last_ping = time.monotonic()
         if self.queue and self.halted is None:
             step = min(self.queue)
+            fingerprint, path = self.queue.pop(step)
             changed = [m for m in sorted(self.all_needs | set().union(*(a.needs() for a in self.averages)))
-                       if not self._readable(m)]
-            if changed:
-                self._halt(f"the retained copy of step {changed[0]}, which the averages read again, changed or "
-                           f"vanished after its fold; rebuilding the windows without it is not done across ranks")
-            else:
-                fingerprint, path = self.queue.pop(step)
-                return ("fold", step, fingerprint, str(path))
+                       if not self._readable(m)]  # repaired by every rank before the fold, as in one process
+            return ("fold", step, fingerprint, str(path), changed)
         self._write_status()
         timeout = self.cfg.poll_interval if self._ping is None else min(self.cfg.poll_interval, self._ping)
         if self.degraded is not None:
@@ -311,14 +307,6 @@ class RankService(Service):
         if self.wake.is_set() and not self.stopping.is_set():
             self.stopping.wait(min(0.5, self.cfg.settle))
         return ("idle",)
-
-    def _halt(self, what: str) -> None:
-        if self.halted is None:
-            log.error("%s. Under torchrun folding stops here; the published averages stay as they are. Run the "
-                      "daemon as one process on this state's checkpoints, or restart it with an empty state folder",
-                      what)
-        self.halted = what
-        self.state = "halted"
 
     # -- rewinds: rank 0 plans, every rank rolls back ----------------------------------------------
     def _rewind(self, step: int, why: str, at: Path) -> None:
@@ -504,8 +492,10 @@ class RankService(Service):
 
     def _history(self, step: int) -> Checkpoint:
         if self.lead:  # rank 0 knows the trajectory: it refuses retained bytes that changed
-            return super()._history(step)
-        return open_checkpoint(self.retainer.path(step), step=step, deepspeed_weights=self.cfg.deepspeed_weights)
+            ckpt = super()._history(step)
+        else:
+            ckpt = open_checkpoint(self.retainer.path(step), step=step, deepspeed_weights=self.cfg.deepspeed_weights)
+        return self._mine(ckpt) if self._views else ckpt
 
     def _history_mine(self, step: int) -> Checkpoint:
         return self._mine(self._history(step))
@@ -527,7 +517,20 @@ class RankService(Service):
         if redo:
             self.last_step = redo[-1]
 
-    def _fold_ranks(self, step: int, fingerprint: str, where: str) -> None:
+    def _repair(self, damaged: int) -> None:
+        """Every rank: :meth:`Service._repair` on its own tensors (the window members it re-reads are its views)."""
+        said = logging.getLogger("ckptavg.daemon.service")
+        level = said.level
+        if not self.lead:
+            said.setLevel(logging.ERROR)  # rank 0 says it once
+        self._views = True
+        try:
+            super()._repair(damaged)
+        finally:
+            self._views = False
+            said.setLevel(level)
+
+    def _fold_ranks(self, step: int, fingerprint: str, where: str, changed: list[int]) -> None:
         assert self.ranks is not None
         path = Path(where)
         self.state, self.folding = "folding", step
@@ -542,6 +545,8 @@ class RankService(Service):
                 raise CkptavgError("changed after it was queued", path=path)
             hooks.point("fold.start", step=step, path=path, watch=self.cfg.watch)
             hooks.point("rank.fold", rank=self.rank, world_size=self.world, step=step)
+            for member in changed:
+                self._repair(member)
             mine = self._mine(ckpt)
             ensure_placed(self.averages, mine.tensors.values(), engine=self.engine)
             nbytes = self.engine.fold(mine, self.averages, ident=step, history=self._history_mine)

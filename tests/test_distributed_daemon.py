@@ -297,6 +297,11 @@ def test_row121_evaluation_runs_once_on_rank_0_over_the_ranks_shards(tmp_path):
     assert {"raw 200", "ema-150 200", "lawa-3 200"} <= set(lines)
     rows = [json.loads(x) for x in (out / ".ckptavg" / "metrics.jsonl").read_text().splitlines()]
     assert {r["candidate"] for r in rows if r["step"] == 200} == {"raw", "ema-150", "lawa-3"}
+    assert_disjoint_parts(out)
+
+
+def assert_disjoint_parts(out: Path) -> None:
+    """Each rank's newest state part holds accumulators of its own tensors only; together, every tensor."""
     parts = []
     for rank in (0, 1):
         part = out / ".ckptavg" / "ranks" / f"rank-{rank}"
@@ -369,3 +374,37 @@ def test_row121_a_run_folder_recreated_with_steps_restarting_empties_every_rank(
     assert "trainer rewind" in err and "on every rank" in err
     one_shot(second, tmp_path / "oneshot")
     assert_same_averages(out, tmp_path / "oneshot")
+
+
+def test_row121_a_retained_copy_rewritten_after_its_fold_is_repaired_on_every_rank(tmp_path):
+    """docs/FAULTS.md row 121 (as row 37): checkpoint-100 is re-written in place through the retained hard
+    link and rotated away while the daemon is down; LAWA-3 would subtract it when 400 arrives. Rank 0 finds
+    it, says so once, and every rank rebuilds its tensors' windows from 200, 300 and 400: the averages
+    equal, bit for bit, the single-process daemon's through the same events."""
+    from test_daemon_trust import rewrite_in_place
+
+    outs = {}
+    for kind in ("ranks", "single"):
+        run, out = tmp_path / kind / "run", tmp_path / kind / "avg"
+        run.mkdir(parents=True)
+        for i, step in enumerate((100, 200, 300)):
+            write_trainer_checkpoint(run, step, i)
+        proc = start_ranks(run, out) if kind == "ranks" else start_daemon(run, out)
+        try:
+            assert wait_for(lambda out=out: status(out).get("last_folded_step") == 300, 60), status(out)
+        finally:
+            stop_ranks(proc) if kind == "ranks" else stop(proc)
+        rewrite_in_place(run / "checkpoint-100", seed=99)  # changes the retained hard link too
+        shutil.rmtree(run / "checkpoint-100")  # rotated away: only the daemon's (changed) copy is left
+        write_trainer_checkpoint(run, 400, 3)
+        proc = start_ranks(run, out) if kind == "ranks" else start_daemon(run, out)
+        try:
+            done = wait_for(lambda out=out: status(out).get("last_folded_step") == 400
+                            and status(out)["state"] == "watching", 60)
+        finally:
+            err = stop_ranks(proc) if kind == "ranks" else stop(proc)[1]
+        assert done, err
+        assert err.count("the retained copy of step 100 changed after it was folded") == 1, err
+        outs[kind] = out
+    assert_same_averages(outs["ranks"], outs["single"])
+    assert_disjoint_parts(outs["ranks"])

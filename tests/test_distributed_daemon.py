@@ -128,12 +128,13 @@ def test_row121_two_ranks_are_bit_identical_to_the_single_process_daemon_and_res
     assert_same_averages(out, single)
 
 
-@pytest.mark.parametrize("fault, refolded", [
-    ("kill-rank-at=1:rank.fold:300", 1),  # rank 1 dies mid-fold of step 300
-    ("kill-rank-at=0:ranks.before-commit:3", 2),  # rank 0 dies with every part of generation 3 durable, no commit
-    ("kill-rank-at=1:state.before-manifest:3", 2),  # rank 1 dies writing its part of generation 3
+@pytest.mark.parametrize("fault, refolded, extra", [
+    ("kill-rank-at=1:rank.fold:300", 1, ()),  # rank 1 dies mid-fold of step 300
+    ("kill-rank-at=0:ranks.before-commit:3", 2, ()),  # rank 0 dies with every part of generation 3 durable
+    ("kill-rank-at=1:state.before-manifest:3", 2, ()),  # rank 1 dies writing its part of generation 3
+    ("kill-rank-at=1:rank.fold:300", 1, ("--memory-budget", "1KB")),  # accumulators in each rank's disk store
 ])
-def test_rows122_123_kill9_of_a_rank_then_the_elastic_restart_resumes_exactly_once(tmp_path, fault, refolded):
+def test_rows122_123_kill9_of_a_rank_then_the_elastic_restart_resumes_exactly_once(tmp_path, fault, refolded, extra):
     """docs/FAULTS.md rows 122 and 123: a rank exits 137 mid-fold (row 122), or mid-commit (row 123: rank 0
     between every part being durable and the commit record; rank 1 between its accumulators and its part's
     manifest). torchrun (--max-restarts 1) stops the other rank and restarts both; they resume from the
@@ -142,7 +143,7 @@ def test_rows122_123_kill9_of_a_rank_then_the_elastic_restart_resumes_exactly_on
     run, out = tmp_path / "run", tmp_path / "avg"
     for i, step in enumerate(STEPS):
         write_trainer_checkpoint(run, step, i)
-    ranks = start_ranks(run, out, fault=fault, restarts=1)
+    ranks = start_ranks(run, out, *extra, fault=fault, restarts=1)
     try:
         done = wait_for(folded_to(out, 500), 90)
     finally:
@@ -158,6 +159,8 @@ def test_rows122_123_kill9_of_a_rank_then_the_elastic_restart_resumes_exactly_on
     st = status(out)
     assert st["state"] == "stopped" and st["averages"]["ema-150"]["folded"] == 5 and st["skipped"] == []
     assert steps_of(out) == {"ema-150": list(STEPS), "lawa-3": list(STEPS), "swa-400": [400, 500]}
+    if extra:
+        assert (out / ".ckptavg" / "ranks" / "rank-1" / "store").is_dir()
     one_shot(run, tmp_path / "oneshot")
     assert_same_averages(out, tmp_path / "oneshot")
 

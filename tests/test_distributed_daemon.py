@@ -129,10 +129,10 @@ def test_row121_two_ranks_are_bit_identical_to_the_single_process_daemon_and_res
 
 
 @pytest.mark.parametrize("fault, refolded, extra", [
-    ("kill-rank-at=1:rank.fold:300", 1, ()),  # rank 1 dies mid-fold of step 300
-    ("kill-rank-at=0:ranks.before-commit:3", 2, ()),  # rank 0 dies with every part of generation 3 durable
-    ("kill-rank-at=1:state.before-manifest:3", 2, ()),  # rank 1 dies writing its part of generation 3
-    ("kill-rank-at=1:rank.fold:300", 1, ("--memory-budget", "1KB")),  # accumulators in each rank's disk store
+    pytest.param("kill-rank-at=1:rank.fold:300", 1, (), id="rank1-mid-fold"),
+    pytest.param("kill-rank-at=0:ranks.before-commit:3", 2, (), id="rank0-mid-commit"),  # every part durable
+    pytest.param("kill-rank-at=1:state.before-manifest:3", 2, (), id="rank1-mid-part"),  # writing its part
+    pytest.param("kill-rank-at=1:rank.fold:300", 1, ("--memory-budget", "1KB"), id="rank1-mid-fold-disk-store"),
 ])
 def test_rows122_123_kill9_of_a_rank_then_the_elastic_restart_resumes_exactly_once(tmp_path, fault, refolded, extra):
     """docs/FAULTS.md rows 122 and 123: a rank exits 137 mid-fold (row 122), or mid-commit (row 123: rank 0

@@ -175,6 +175,13 @@ class RankService(Service):
                     self._lock_output()
                 self.store.lock()
             return self._run_ranks()
+        except RuntimeError as e:  # the process group broke: another rank died (torchrun restarts them all)
+            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "gloo" not in text.lower() and "connection" not in text.lower():
+                raise
+            raise RankError(f"rank {self.rank} of {self.world} lost the other ranks ({text[:200]}); the state stays "
+                            f"at committed generation {self.committed}, from which torchrun's restart "
+                            "(--max-restarts) resumes") from e
         finally:
             self.watcher.stop()
             self.store.unlock()

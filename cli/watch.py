@@ -8,6 +8,7 @@ import click
 
 from ckptavg.averaging.methods import METHODS
 from ckptavg.cli.methodflags import DerivedOptionsCommand, watch_averages, watch_flags
+from ckptavg.daemon.commit import refuse_ranks_state
 from ckptavg.daemon.config import config_from_flags, load_config
 from ckptavg.daemon.service import Service
 from ckptavg.distributed import launch_from_env
@@ -108,4 +109,5 @@ def watch(run: Path | None, output: Path | None, config_path: Path | None, state
         from ckptavg.daemon.ranks import RankService
 
         raise SystemExit(RankService(cfg, launch=launch, config_path=config_path).run())
+    refuse_ranks_state(cfg.state_path)
     raise SystemExit(Service(cfg, config_path=config_path).run())

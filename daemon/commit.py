@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ckptavg.errors import StateError
+from ckptavg.errors import StateError, UsageError
 from ckptavg.writing.atomic import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-__all__ = ["COMMIT_SCHEMA", "Commit", "Commits", "part_folder"]
+__all__ = ["COMMIT_SCHEMA", "Commit", "Commits", "part_folder", "refuse_ranks_state"]
 
 COMMIT_SCHEMA = 1
 _COMMIT = re.compile(r"^commit-(\d+)\.json$")
@@ -42,6 +42,14 @@ _CHECKSUM = "commit_sha256"
 def part_folder(state: Path, rank: int) -> Path:
     """Where rank ``rank`` keeps its part of the state."""
     return Path(state) / "ranks" / f"rank-{rank}"
+
+
+def refuse_ranks_state(state: Path) -> None:
+    """A single-process daemon must not start over on a torchrun daemon's state (it would not see it)."""
+    if (Path(state) / "ranks").is_dir():
+        raise UsageError(f"the state folder {state} holds the state of a daemon run under torchrun (its ranks/ "
+                         "folder); a single process would start over beside it",
+                         hint="start it with torchrun and the same number of ranks, or give another --state-dir")
 
 
 def manifest_sha256(part: Path, generation: int) -> str | None:

@@ -212,6 +212,11 @@ def test_row125_another_world_size_or_a_single_process_state_is_refused(tmp_path
     assert one.returncode != 0
     assert "was written by 2 ranks and this run has 1: start the daemon with the same number of ranks" in err, err
     assert sorted(p.name for p in (out / ".ckptavg" / "ranks").iterdir()) == before
+    alone = start_daemon(run, out)  # nor does one process start over beside the ranks' state
+    _, err = alone.communicate(timeout=60)
+    assert alone.returncode == 2 and "holds the state of a daemon run under torchrun" in err, err
+    assert sorted(p.name for p in (out / ".ckptavg" / "ranks").iterdir()) == before
+    assert not list((out / ".ckptavg").glob("manifest-*.json"))
 
     single = tmp_path / "single"
     daemon = start_daemon(run, single)

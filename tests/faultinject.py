@@ -12,7 +12,7 @@ faults named in ``CKPTAVG_FAULT`` installed at the named points of :mod:`ckptavg
 ``fail-rank=R``                  rank R of a distributed one-shot fails (OSError) writing its first tensor
 ``kill-rank=R``                  rank R of a distributed one-shot exits 137 writing its first tensor
 ``kill-rank-at=R:POINT:N``       rank R of the distributed daemon exits 137 at hook POINT when its ``step`` or
-                                 ``generation`` is N, in torchrun's first attempt only (``TORCHELASTIC_RESTART_COUNT``
+                                 ``generation`` is N (``*``: the first time), in torchrun's first attempt only (``TORCHELASTIC_RESTART_COUNT``
                                  0: the restarted ranks run on)
 ``fail-rank-fold=R:STEP``        rank R of the distributed daemon cannot read its part of STEP (an OSError)
 
@@ -63,10 +63,11 @@ def install_from_env(spec: str) -> None:
         elif name == "kill-rank-at":
             who, point, when = value.split(":")
 
-            def kill_at(who: int = int(who), when: int = int(when), **ctx: object) -> None:
+            def kill_at(who: int = int(who), when: int | None = None if when == "*" else int(when),
+                        **ctx: object) -> None:
                 here = ctx.get("rank", int(os.environ.get("RANK", "0")))
                 first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-                if first and here == who and when in (ctx.get("step"), ctx.get("generation")):
+                if first and here == who and (when is None or when in (ctx.get("step"), ctx.get("generation"))):
                     os._exit(137)
             hooks.install(point, kill_at)
         elif name == "fail-rank-fold":

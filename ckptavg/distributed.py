@@ -180,7 +180,15 @@ class Ranks:
             raise UsageError("this torch was built without torch.distributed; run without torchrun")
         self._own = not dist.is_initialized()
         if self._own:
-            dist.init_process_group(backend="gloo", timeout=timeout)
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+            if attempt is None:
+                dist.init_process_group(backend="gloo", timeout=timeout)
+            else:  # torchrun: the rendezvous store outlives a restart; the keys of an attempt are its own
+                store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
+                                                   timeout=timeout))
+                store.set_timeout(timeout)
+                dist.init_process_group(backend="gloo", store=dist.PrefixStore(f"ckptavg/attempt-{attempt}", store),
+                                        rank=launch.rank, world_size=launch.world_size, timeout=timeout)
 
     @property
     def rank(self) -> int:

@@ -19,6 +19,11 @@ Points (``context`` keyword arguments in brackets):
     a published average is complete in its version folder; ``OUT/<name>`` is not swapped to it yet.
 ``rank.write`` [rank, world_size, tensor]
     a rank of a distributed one-shot (torchrun) has averaged one of its tensors and is about to write it.
+``rank.fold`` [rank, world_size, step]
+    a rank of the distributed daemon (torchrun) is about to fold its tensors of the checkpoint ``step``;
+``ranks.before-commit`` [rank, world_size, generation]
+    every rank's part of a distributed daemon's state generation is durable; rank 0 has not written the
+    commit record that makes the generation valid.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 
 __all__ = ["POINTS", "clear", "install", "point"]
 
-POINTS = ("fold.start", "state.before-persist", "state.before-manifest", "publish.before-rename", "rank.write")
+POINTS = ("fold.start", "state.before-persist", "state.before-manifest", "publish.before-rename", "rank.write",
+          "rank.fold", "ranks.before-commit")
 
 _installed: dict[str, Callable[..., None]] = {}
 

@@ -9,8 +9,10 @@ import click
 
 from ckptavg.averaging.methods import METHODS
 from ckptavg.cli.methodflags import DerivedOptionsCommand, watch_averages, watch_flags
+from ckptavg.daemon.commit import refuse_ranks_state
 from ckptavg.daemon.config import config_from_flags, load_config
 from ckptavg.daemon.service import Service
+from ckptavg.distributed import launch_from_env
 from ckptavg.errors import UsageError
 from ckptavg.reading.remote import looks_like_url, parse_storage_options
 
@@ -122,6 +124,12 @@ def watch(run: str | None, output: Path | None, config_path: Path | None, state_
         if not tables:
             raise UsageError(f"ask for at least one average: {flags}")
         cfg = config_from_flags(str(run), str(output), tables, **options)
+    launch = launch_from_env()
+    if launch is not None:  # started by torchrun: this rank's part (README "Beyond one machine")
+        from ckptavg.daemon.ranks import RankService
+
+        raise SystemExit(RankService(cfg, launch=launch, config_path=config_path).run())
+    refuse_ranks_state(cfg.state_path)
     raise SystemExit(Service(cfg, config_path=config_path).run())
 
 

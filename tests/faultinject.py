@@ -11,6 +11,10 @@ faults named in ``CKPTAVG_FAULT`` installed at the named points of :mod:`ckptavg
 ``poison-step=STEP``             the fold of STEP fails with an unexpected RuntimeError (an engine bug)
 ``fail-rank=R``                  rank R of a distributed one-shot fails (OSError) writing its first tensor
 ``kill-rank=R``                  rank R of a distributed one-shot exits 137 writing its first tensor
+``kill-rank-at=R:POINT:N``       rank R of the distributed daemon exits 137 at hook POINT when its ``step`` or
+                                 ``generation`` is N (``*``: the first time), in torchrun's first attempt only (``TORCHELASTIC_RESTART_COUNT``
+                                 0: the restarted ranks run on)
+``fail-rank-fold=R:STEP``        rank R of the distributed daemon cannot read its part of STEP (an OSError)
 
 Only the tests use this; shipped code merely names the points.
 """
@@ -56,6 +60,23 @@ def install_from_env(spec: str) -> None:
                         os._exit(137)
                     raise OSError(f"injected I/O error writing {tensor!r}")
             hooks.install("rank.write", fail)
+        elif name == "kill-rank-at":
+            who, point, when = value.split(":")
+
+            def kill_at(who: int = int(who), when: int | None = None if when == "*" else int(when),
+                        **ctx: object) -> None:
+                here = ctx.get("rank", int(os.environ.get("RANK", "0")))
+                first = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+                if first and here == who and (when is None or when in (ctx.get("step"), ctx.get("generation"))):
+                    os._exit(137)
+            hooks.install(point, kill_at)
+        elif name == "fail-rank-fold":
+            who, when = (int(v) for v in value.split(":"))
+
+            def fail_fold(who: int = who, when: int = when, **ctx: object) -> None:
+                if ctx["rank"] == who and ctx["step"] == when:
+                    raise OSError(f"injected I/O error reading rank {who}'s part of step {when}")
+            hooks.install("rank.fold", fail_fold)
         elif name == "crash-before-persist":
             hooks.install("state.before-persist", _crash)
         elif name == "crash-before-manifest":

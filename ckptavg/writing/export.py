@@ -63,7 +63,7 @@ from ckptavg.writing.atomic import AtomicDir, fsync_dir, is_orphan, remove_orpha
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_PUBLISH_GRACE", "DEFAULT_SHARD_BYTES", "ModelWriter", "copy_meta_files", "expire_versions",
-           "plan_shards", "publish_average", "remove_publish_orphans", "versions_dir", "write_index"]
+           "next_version", "plan_shards", "point_published", "publish_average", "remove_publish_orphans", "versions_dir", "write_index"]
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
 WRITE_QUEUE_BYTES = 64 << 20  # finished bytes waiting for the writer thread, at most
@@ -386,14 +386,7 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
     if not grace >= 0:
         raise ValueError(f"grace must be >= 0 seconds, not {grace!r}")
     target = Path(target)
-    versions = versions_dir(target)
-    try:
-        _mkdirs(versions)
-        numbers = [n for p in versions.iterdir() if (n := _number(p.name)) is not None]
-    except OSError as e:
-        raise OutputError(f"cannot create the versions folder: {e.strerror or e}", path=versions) from e
-    step = avg.folded[-1].step if avg.folded else None
-    version = versions / (f"v{max(numbers, default=0) + 1:06d}" + (f"-step{step}" if step is not None else ""))
+    version = next_version(target, avg.folded[-1].step if avg.folded else None)
 
     order = [n for n in newest.tensors if n in avg.slots] + [n for n in avg.slots if n not in newest.tensors]
     refs = [TensorSpec(n, avg.slots[n].dtype, avg.slots[n].shape) for n in order]
@@ -407,13 +400,30 @@ def publish_average(avg: Average, target: Path, *, newest: Checkpoint, max_shard
             writer.abort()
             raise
         finish_folder(folder, avg, writer, newest=newest, formats=[newest.format], extra=extra)
+    point_published(target, version, grace=grace)
+    return version
+
+
+def next_version(target: Path, step: int | None) -> Path:
+    """The folder the next version of the published average ``target`` is built as (not created)."""
+    versions = versions_dir(target)
+    try:
+        _mkdirs(versions)
+        numbers = [n for p in versions.iterdir() if (n := _number(p.name)) is not None]
+    except OSError as e:
+        raise OutputError(f"cannot create the versions folder: {e.strerror or e}", path=versions) from e
+    return versions / (f"v{max(numbers, default=0) + 1:06d}" + (f"-step{step}" if step is not None else ""))
+
+
+def point_published(target: Path, version: Path, *, grace: float = DEFAULT_PUBLISH_GRACE) -> None:
+    """Swap ``target`` (``OUT/<name>``) to the complete ``version`` folder with one rename, then expire the
+    versions replaced more than ``grace`` seconds ago."""
     hooks.point("publish.before-rename", target=target)  # the new version is complete; OUT/<name> is unchanged
     try:
         _point_at(target, version)
     except OSError as e:
         raise OutputError(f"could not publish: {e.strerror or e}", path=target) from e
     expire_versions(target, grace=grace)
-    return version
 
 
 def _point_at(target: Path, version: Path) -> None:

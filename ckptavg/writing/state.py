@@ -173,14 +173,20 @@ class StateStore:
             out.append(GenerationInfo(gen, manifest["extra"]))
         return out
 
-    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None) -> int:
+    def save(self, averages: Sequence[Average], extra: dict[str, Any] | None = None, *,
+             generation: int | None = None) -> int:
         """Commit a new generation holding ``averages`` and ``extra`` (JSON-able); returns its number.
+
+        ``generation``: its number (newer than every generation on disk; default the next one) — the
+        distributed daemon numbers every rank's part of one generation alike.
 
         Then removes the generations beyond the newest ``keep``: of the older ones, only those whose
         manifest verifies count toward ``keep`` (a damaged one is no fallback), and one of a newer
         schema is never removed."""
         gens = self.generations()
-        gen = self.next_generation()
+        gen = self.next_generation() if generation is None else generation
+        if gens and gen <= gens[-1]:
+            raise ValueError(f"generation {gen} is not newer than the saved generation {gens[-1]}")
         self.folder.mkdir(parents=True, exist_ok=True)
         name = f"accumulators-{gen}.safetensors"
         entries: list[tuple[str, torch.Tensor, Any]] = []

@@ -313,8 +313,10 @@ class _Layout:
         return [*(f for files in self.files for f in files), *(f for f, _ in self.cut.values())]
 
 
-def _layout(plan: Sequence[TensorRef], parts: Mapping[str, Sequence[Part]], world: int, max_shard_bytes: int,
-            weights_name: str) -> _Layout:
+def _layout(plan: Sequence[TensorRef | TensorSpec], parts: Mapping[str, Sequence[Part] | int], world: int,
+            max_shard_bytes: int, weights_name: str) -> _Layout:
+    """The files of one average across ranks; ``parts``: each tensor's parts, or the one rank holding it whole."""
+    parts = {n: [Part(p, 0, 0)] if isinstance(p, int) else p for n, p in parts.items()}
     refs: list[list[TensorRef]] = [[] for _ in range(world)]
     cut_after: list[list[TensorRef]] = [[] for _ in range(world)]  # numbered after the files of their first rank
     for ref in plan:
@@ -421,9 +423,10 @@ class _Assembled:
             write_index(self.folder, self.weights_name, self.weight_map, self.total_bytes)
 
 
-def _view(c: Checkpoint, names: set[str], cut: Mapping[str, Part]) -> Checkpoint:
+def _view(c: Checkpoint, names: set[str], cut: Mapping[str, Part] | None = None) -> Checkpoint:
     """``c`` with only the tensors ``names`` and this rank's ``cut`` parts (flat element ranges): what this rank
     reads of it."""
+    cut = cut or {}
     return replace(c, tensors={n: (r.narrow(cut[n].lo, cut[n].hi) if n in cut else r)
                                for n, r in c.tensors.items() if n in names or n in cut})
 

@@ -7,6 +7,7 @@ Checkpoints are real files written by the real writers (``safetensors.torch.save
 from __future__ import annotations
 
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -164,6 +165,19 @@ class CliResult:
 
     def __repr__(self) -> str:
         return f"CliResult(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+@pytest.fixture(autouse=True)
+def _logging_levels_restored():
+    """An in-process CLI run configures logging for a whole process (``configure_logging``: the root logger's
+    and the ``ckptavg`` logger's levels, warnings captured); put the levels back after every test, so a later
+    test's ``caplog.set_level`` sees the records it counts whatever ran before it."""
+    root, ours = logging.getLogger(), logging.getLogger("ckptavg")
+    levels = (root.level, ours.level)
+    yield
+    root.setLevel(levels[0])
+    ours.setLevel(levels[1])
+    logging.captureWarnings(False)
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Benchmark of the one-shot average across ranks (``torchrun -m ckptavg average``) on this machine.
 
-    python benchmarks/distributed.py [--size 200MB] [--count 5] [--ranks 1,2] [--workdir DIR]
+    python benchmarks/distributed.py [--size 200MB] [--count 5] [--ranks 1,2] [--cores-per-rank K] [--workdir DIR]
 
 Generates ``--count`` synthetic Llama-layout bf16 checkpoints of ``--size`` each (``gen.py``; kept in
 ``--workdir`` for reuse), then prints a markdown table:
@@ -16,6 +16,8 @@ Generates ``--count`` synthetic Llama-layout bf16 checkpoints of ``--size`` each
 The averages run with a warm page cache (the inputs are read once before each run). Every rank runs
 ``--threads`` arithmetic threads (default 1). The machine, its core count and the load from others are
 printed with the table: on a small shared machine two ranks compete for the same cores.
+``--cores-per-rank K`` runs each launch under ``taskset`` on ``RANKS x K`` CPUs, so that one rank cannot spread
+over the cores that two ranks divide: the scaling of the split itself on a machine with few cores.
 """
 
 from __future__ import annotations
@@ -83,9 +85,12 @@ def read_all(files: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
-def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], threads: int) -> dict:
+def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], threads: int,
+              cores_per_rank: int | None = None) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(Path(__file__)),
            "--child", "average", *map(str, folders), *methods, "--threads", str(threads), "-o", str(out), "--force"]
+    if cores_per_rank:  # the whole launch on n x cores_per_rank CPUs: one rank gets no more cores than each of n
+        cmd = ["taskset", "-c", f"0-{n * cores_per_rank - 1}", *cmd]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=1800)
@@ -98,7 +103,8 @@ def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], thread
         rss[d["rank"]] = d["rss"]
     m = re.search(r"averaged .* in ([\d.]+) s", r.stderr)
     inner = float(m.group(1)) if m else wall
-    shares = [m.group(1) for m in re.finditer(r"rank \d+ of \d+: \d+ of \d+ tensors, ([\d.]+ [KMG]?B) of", r.stderr)]
+    shares = [m.group(1) for m in re.finditer(
+        r"rank \d+ of \d+: \d+ of \d+ tensors(?: and a part of \d+ cut across ranks)?, ([\d.]+ [KMG]?B) of", r.stderr)]
     return {"wall": wall, "inner": inner, "rss": [rss[k] for k in sorted(rss)], "shares": shares}
 
 
@@ -114,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="arithmetic threads per rank")
     p.add_argument("--methods", default="ema:2000", help="comma-separated --method values, all in one read")
     p.add_argument("--repeat", type=int, default=2, help="runs per rank count (the best is reported)")
+    p.add_argument("--cores-per-rank", type=int, default=None,
+                   help="run each launch on RANKS x this many CPUs (taskset), so that one rank does not spread over "
+                        "the cores the other rank counts divide: the scaling of the split itself")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ckptavg-bench-dist")
     opts = p.parse_args(argv)
 
@@ -141,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         best = None
         for _ in range(opts.repeat):
             read_all(files)  # warm
-            got = run_ranks(n, folders, opts.workdir / "out", methods, opts.threads)
+            got = run_ranks(n, folders, opts.workdir / "out", methods, opts.threads, opts.cores_per_rank)
             if best is None or got["inner"] < best["inner"]:
                 best = got
         assert best is not None
@@ -151,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
 
     load = os.getloadavg()
     print(f"Inputs: {opts.count} x {model_bytes / 1e6:.0f} MB bf16 ({total / 1e9:.2f} GB), methods {opts.methods}, "
-          f"{opts.threads} arithmetic thread(s) per rank; {os.cpu_count()} CPU cores, load average "
+          f"{opts.threads} arithmetic thread(s) per rank; {os.cpu_count()} CPU cores"
+          + (f", each launch on {opts.cores_per_rank} CPU(s) per rank (taskset)" if opts.cores_per_rank else "")
+          + ", load average "
           f"{load[0]:.1f} at the end.\n")
     print(f"Read alone (1 process, pread, 16 MiB buffer): cold page cache {total / cold / 1e9:.2f} GB/s, "
           f"warm {total / warm / 1e9:.2f} GB/s.\n")

@@ -360,9 +360,12 @@ def test_peak_memory_of_a_soup_of_four_is_the_engines_bound(tmp_path):
         del state
     (tmp_path / "stream_eval.py").write_text(STREAM_EVAL)
     model_mb = n_tensors * numel * 4 / 2**20
-    avg_kb, _ = peak_kb("average", *members, "-o", tmp_path / "avg", cwd=tmp_path)
-    soup_kb, out = peak_kb("soup", *members, "--eval-python", "stream_eval.py:evaluate", "--json", "-o",
-                           tmp_path / "soup", cwd=tmp_path)
+    # each the lower of two runs: how far the reader runs ahead of the arithmetic (up to the read-ahead window)
+    # depends on the machine's load, and one busy run moved a peak by 85 MiB
+    avg_kb = min(peak_kb("average", *members, "-o", tmp_path / f"avg{i}", cwd=tmp_path)[0] for i in range(2))
+    soups = [peak_kb("soup", *members, "--eval-python", "stream_eval.py:evaluate", "--json", "-o",
+                     tmp_path / f"soup{i}", cwd=tmp_path) for i in range(2)]
+    soup_kb, out = min(soups, key=lambda r: r[0])
     rec = json.loads(out)
     print(f"peak RSS: soup of 4 x {model_mb:.0f} MiB: {soup_kb / 1024:.0f} MiB; `ckptavg average` of the same: "
           f"{avg_kb / 1024:.0f} MiB")

@@ -51,7 +51,7 @@ from ckptavg.averaging.placement import ensure_placed
 from ckptavg.daemon.commit import Commit, Commits, manifest_sha256, part_folder
 from ckptavg.daemon.config import WatchConfig
 from ckptavg.daemon.notify import Notifier
-from ckptavg.daemon.retain import Retainer, probe_link
+from ckptavg.daemon.retain import Retainer
 from ckptavg.daemon.service import Service, _newest_mtime_ns, _Quiet, _written_at, set_idle_io
 from ckptavg.daemon.trajectory import Trajectory
 from ckptavg.distributed import (
@@ -201,7 +201,7 @@ class RankService(Service):
         with self.ranks.agree("starting"):
             self.engine = Engine(device=rank_device(cfg.device or "auto", self.launch), progress=_Quiet())
             if self.lead:
-                self.retainer = self._lead_retainer()
+                self.retainer = self._make_retainer()
                 self._remove_orphans()
             else:
                 self.retainer = _KeptCopies(cfg.state_path / "keep")
@@ -261,20 +261,6 @@ class RankService(Service):
         if self.lead:
             log.info("stopped after folding %d checkpoint(s) on %d ranks", len(self.folded), self.world)
         return 0
-
-    def _lead_retainer(self) -> Retainer:
-        keep, mode = self.cfg.state_path / "keep", self.cfg.keep_for_lawa
-        if mode != "copy" and self.cfg.watch.exists():
-            try:
-                probe_link(self.cfg.watch, keep)
-                mode = "link"
-            except UsageError:
-                if mode == "link":
-                    raise
-                log.warning("state folder %s is on another filesystem than %s: checkpoints LAWA still needs are "
-                            "copied, not hard-linked", keep, self.cfg.watch)
-                mode = "copy"
-        return Retainer(keep, mode="copy" if mode == "copy" else "link")
 
     def _decide(self) -> tuple[Any, ...]:
         """Rank 0: one turn of the single-process loop, up to the decision every rank then carries out."""

@@ -220,19 +220,7 @@ class Service:
         torch.set_num_threads(self.cfg.threads)
         if self.cfg.ionice_idle and not set_idle_io():
             log.info("idle I/O priority is not available here; reading at normal priority")
-        keep = self.cfg.state_path / "keep"
-        mode = self.cfg.keep_for_lawa
-        if mode != "copy" and self.cfg.watch.exists():
-            try:
-                probe_link(self.cfg.watch, keep)
-                mode = "link"
-            except UsageError:
-                if mode == "link":
-                    raise
-                log.warning("state folder %s is on another filesystem than %s: checkpoints LAWA still needs are "
-                            "copied, not hard-linked", keep, self.cfg.watch)
-                mode = "copy"
-        self.retainer = Retainer(keep, mode="copy" if mode == "copy" else "link")
+        self.retainer = self._make_retainer()
         self.engine = Engine(device=self.cfg.device, progress=_Quiet())
         self._remove_orphans()
         self._load_state()
@@ -295,6 +283,22 @@ class Service:
             self._close_stores()
         log.info("stopped after folding %d checkpoint(s)", len(self.folded))
         return 0
+
+    def _make_retainer(self) -> Retainer:
+        """Where checkpoints LAWA still needs are kept: hard links into ``STATE/keep`` where the state folder shares
+        the run's filesystem (``keep_for_lawa``), copies otherwise."""
+        keep, mode = self.cfg.state_path / "keep", self.cfg.keep_for_lawa
+        if mode != "copy" and self.cfg.watch.exists():
+            try:
+                probe_link(self.cfg.watch, keep)
+                mode = "link"
+            except UsageError:
+                if mode == "link":
+                    raise
+                log.warning("state folder %s is on another filesystem than %s: checkpoints LAWA still needs are "
+                            "copied, not hard-linked", keep, self.cfg.watch)
+                mode = "copy"
+        return Retainer(keep, mode="copy" if mode == "copy" else "link")
 
     def _remove_orphans(self) -> None:
         """Staging folders a crash left beside the published averages (they never replaced anything)."""

@@ -240,20 +240,9 @@ def _open_folder(folder: Path, *, state_key: str | None, strip_prefix: str | Non
     if (dcp_folder := dcp.find_dcp_folder(folder)) is not None:
         return _from_index(folder, dcp.index_dcp(dcp_folder, state_key=state_key, strip_prefix=strip_prefix, meta_dir=folder))
     entries = sorted(p.name for p in folder.iterdir() if not is_noise(p.name))
-    st_indexes = [n for n in entries if n.endswith(".safetensors.index.json")]
-    if st_indexes:
-        chosen = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]
-        if len(st_indexes) > 1 and chosen != "model.safetensors.index.json":
-            raise UnknownFormatError(f"holds several safetensors indexes ({', '.join(st_indexes)})", path=folder,
-                                     hint="pass the index file you want instead of the folder")
-        return _from_safetensors(folder, "safetensors-sharded", folder / chosen, folder, chosen[: -len(".safetensors.index.json")])
-    singles = [n for n in entries if n.endswith(".safetensors")]
-    if singles:
-        chosen = "model.safetensors" if "model.safetensors" in singles else (singles[0] if len(singles) == 1 else None)
-        if chosen is None:
-            raise UnknownFormatError(f"holds several .safetensors files and no index ({', '.join(singles)})", path=folder,
-                                     hint="pass the file you want instead of the folder")
-        return _from_safetensors(folder, "safetensors", folder / chosen, folder, chosen[: -len(".safetensors")])
+    if (weights := st.choose_weights(entries, folder)) is not None:
+        kind, chosen, weights_name = weights
+        return _from_safetensors(folder, kind, folder / chosen, folder, weights_name)
     bin_indexes = [n for n in entries if n.endswith((".bin.index.json", ".pt.index.json"))]
     if bin_indexes:
         idx = pkl.index_pickle_sharded(folder / bin_indexes[0], state_key=state_key, strip_prefix=strip_prefix)

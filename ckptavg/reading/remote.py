@@ -273,19 +273,24 @@ class ObjectStore:
 
     def listing(self, path: str) -> dict[str, dict[str, Any]]:
         """The entries directly under ``path``, by name, listed afresh (no cached listing: polling relies on it)."""
-        self.fs.invalidate_cache(path)
-        try:
-            entries = self.fs.ls(path, detail=True)
-        except FileNotFoundError:
-            return {}
-        except Exception as e:  # the client's errors (network, credentials, options): one line
-            raise self._unreachable(e, path) from e
+        entries = self._list(self.fs.ls, path)
         out = {}
         for e in entries:
             name = str(e["name"]).rstrip("/").rsplit("/", 1)[-1]
             if name and str(e["name"]).rstrip("/") != path.rstrip("/"):
                 out[name] = e
         return out
+
+    def _list(self, call: Any, path: str) -> Any:
+        """``call(path, detail=True)`` (``fs.ls``, ``fs.find``) on a fresh listing: nothing there is empty, the
+        client's errors (network, credentials, options) are one line."""
+        self.fs.invalidate_cache(path)
+        try:
+            return call(path, detail=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as e:  # the client's errors (network, credentials, options): one line
+            raise self._unreachable(e, path) from e
 
     def _unreachable(self, error: BaseException, path: str) -> CheckpointError:
         if isinstance(error, PermissionError):
@@ -298,13 +303,7 @@ class ObjectStore:
     def tree(self, path: str) -> dict[str, dict[str, dict[str, Any]]]:
         """Every object under ``path`` in one paginated listing (``fs.find``), grouped by the entry directly under
         ``path``: ``{"checkpoint-500": {"model.safetensors": {...}, ...}, "step_9.safetensors": {"": {...}}}``."""
-        self.fs.invalidate_cache(path)
-        try:
-            found = self.fs.find(path, detail=True)
-        except FileNotFoundError:
-            return {}
-        except Exception as e:  # the client's errors (network, credentials, options): one line
-            raise self._unreachable(e, path) from e
+        found = self._list(self.fs.find, path)
         prefix = path.rstrip("/") + "/"
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for full, entry in found.items():
@@ -518,13 +517,9 @@ def _index_entries(store: ObjectStore, path: str, where: ObjectPath, top: Mappin
                    entries: dict[str, dict[str, Any]], names: list[str],
                    side: concurrent.futures.Future | None) -> tuple[ObjectPath, FormatIndex, str]:
     if is_dir(top):
-        st_indexes = [n for n in names if n.endswith(".safetensors.index.json")]
-        singles = [n for n in names if n.endswith(".safetensors")]
-        if st_indexes:
-            chosen = "model.safetensors.index.json" if "model.safetensors.index.json" in st_indexes else st_indexes[0]
-            if len(st_indexes) > 1 and chosen != "model.safetensors.index.json":
-                raise UnknownFormatError(f"holds several safetensors indexes ({', '.join(st_indexes)})", path=where,
-                                         hint="pass the index file you want instead of the folder")
+        weights = st.choose_weights(names, where)
+        kind, chosen, weights_name = weights if weights is not None else ("", "", "")
+        if kind == "safetensors-sharded":
             index_where = store.location(f"{path}/{chosen}")
             weight_map = st.parse_index_json(store.read_whole(f"{path}/{chosen}", int(entries[chosen]["size"])),
                                              index_where)
@@ -541,15 +536,9 @@ def _index_entries(store: ObjectStore, path: str, where: ObjectPath, top: Mappin
                                     header.path, chosen)
                 tensors.update(header.tensors)
             tensors = {name: tensors[name] for name in weight_map}
-            kind, weights_name = "safetensors-sharded", chosen[: -len(".safetensors.index.json")]
-        elif singles:
-            chosen = "model.safetensors" if "model.safetensors" in singles else (singles[0] if len(singles) == 1 else None)
-            if chosen is None:
-                raise UnknownFormatError(f"holds several .safetensors files and no index ({', '.join(singles)})",
-                                         path=where, hint="pass the file you want instead of the folder")
+        elif kind == "safetensors":
             headers = _headers(store, [(f"{path}/{chosen}", entries[chosen])])
             tensors = dict(headers[0].tensors)
-            kind, weights_name = "safetensors", chosen[: -len(".safetensors")]
         elif any(n.endswith(PICKLE_SUFFIXES) for n in names):
             raise UnsupportedCheckpointError(
                 "holds pickle weights (.bin/.pt/.ckpt); they are not read from object storage (a pickle is "

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,32 @@ _HEADER_LEN = struct.Struct("<Q")
 _U64_MAX = (1 << 64) - 1
 _I64_MAX = (1 << 63) - 1
 
-__all__ = ["MAX_HEADER_BYTES", "SafetensorsHeader", "index_file", "index_sharded", "read_header"]
+__all__ = ["MAX_HEADER_BYTES", "SafetensorsHeader", "choose_weights", "index_file", "index_sharded", "read_header"]
+
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def choose_weights(names: Sequence[str], where: Any) -> tuple[str, str, str] | None:
+    """Which safetensors file of a folder holding ``names`` (on disk or in object storage) holds the model:
+    ``("safetensors-sharded", index, weights_name)`` for a shard index (``model.safetensors.index.json`` first),
+    else ``("safetensors", file, weights_name)`` for one file (``model.safetensors`` first); None without any.
+    Several indexes, or several files and no index, without the standard name: :class:`UnknownFormatError`
+    naming ``where``."""
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    if indexes:
+        chosen = "model.safetensors.index.json" if "model.safetensors.index.json" in indexes else indexes[0]
+        if len(indexes) > 1 and chosen != "model.safetensors.index.json":
+            raise UnknownFormatError(f"holds several safetensors indexes ({', '.join(indexes)})", path=where,
+                                     hint="pass the index file you want instead of the folder")
+        return "safetensors-sharded", chosen, chosen[: -len(INDEX_SUFFIX)]
+    singles = [n for n in names if n.endswith(".safetensors")]
+    if not singles:
+        return None
+    chosen = "model.safetensors" if "model.safetensors" in singles else (singles[0] if len(singles) == 1 else None)
+    if chosen is None:
+        raise UnknownFormatError(f"holds several .safetensors files and no index ({', '.join(singles)})", path=where,
+                                 hint="pass the file you want instead of the folder")
+    return "safetensors", chosen, chosen[: -len(".safetensors")]
 
 
 class SafetensorsHeader:

@@ -60,6 +60,32 @@ def archive_of(folder: Path, archive: Path) -> None:
 
 # -- rewinds (row 36) --------------------------------------------------------------------------------------------
 
+def drive_rewind(run: Path, out: Path, followed: Path, timeout: float) -> bool:
+    """The trainer of row 36, beside a running daemon: 100-400 are folded, then it resumes from checkpoint-200,
+    re-writing 300 and 400 in place, and 500 follows; every version is also copied into ``followed`` (the
+    trajectory the averages must equal). True once 500 is folded as the fifth checkpoint."""
+    for i, step in enumerate((100, 200, 300, 400)):
+        archive_of(write_trainer_checkpoint(run, step, i), followed)
+    assert wait_for(folded_to(out, 400), timeout), status(out)
+    for seed, step in ((10, 300), (11, 400)):  # the trainer resumed from checkpoint-200
+        rewrite_in_place(run / f"checkpoint-{step}", seed)
+        archive_of(run / f"checkpoint-{step}", followed)
+        time.sleep(0.5)
+    archive_of(write_trainer_checkpoint(run, 500, 12), followed)
+    return wait_for(lambda: status(out).get("last_folded_step") == 500 and not status(out).get("queued")
+                    and status(out)["averages"]["ema-150"]["folded"] == 5, timeout)
+
+
+def assert_rewound(out: Path, err: str, followed: Path, oneshot: Path, same) -> None:
+    """After :func:`drive_rewind`: one rewind said, at 300 back to 200, and the averages ``same`` as the
+    one-shot over the trajectory followed."""
+    assert err.count("trainer rewind: step 300") == 1, err
+    st = status(out)
+    assert st["rewinds"][0]["at"] == 300 and st["rewinds"][0]["back_to"] == 200, st["rewinds"]
+    one_shot(followed, oneshot)
+    same(out, oneshot)
+
+
 def test_rewind_in_place_rolls_back_and_follows_the_new_trajectory(tmp_path):
     """Resume from step 200 after 300 and 400 were folded: 300 and 400 are re-written in place with new values,
     then 500 follows. The averages equal the one-shot over 100, 200, 300', 400', 500 — never a mix."""
@@ -68,24 +94,11 @@ def test_rewind_in_place_rolls_back_and_follows_the_new_trajectory(tmp_path):
     followed.mkdir()
     daemon = start_daemon(run, out)
     try:
-        for i, step in enumerate((100, 200, 300, 400)):
-            archive_of(write_trainer_checkpoint(run, step, i), followed)
-        assert wait_for(folded_to(out, 400), 30), status(out)
-        for seed, step in ((10, 300), (11, 400)):  # the trainer resumed from checkpoint-200
-            rewrite_in_place(run / f"checkpoint-{step}", seed)
-            archive_of(run / f"checkpoint-{step}", followed)
-            time.sleep(0.5)
-        archive_of(write_trainer_checkpoint(run, 500, 12), followed)
-        assert wait_for(lambda: status(out).get("last_folded_step") == 500 and
-                        status(out)["averages"]["ema-150"]["folded"] == 5, 30), status(out)
+        assert drive_rewind(run, out, followed, 30), status(out)
     finally:
         code, err = stop(daemon)
     assert code == 0, err
-    assert err.count("trainer rewind: step 300") == 1, err
-    st = status(out)
-    assert st["rewinds"][0]["at"] == 300 and st["rewinds"][0]["back_to"] == 200, st["rewinds"]
-    one_shot(followed, tmp_path / "oneshot")
-    assert_same(out, tmp_path / "oneshot")
+    assert_rewound(out, err, followed, tmp_path / "oneshot", assert_same)
 
 
 def test_run_folder_recreated_with_steps_restarting(tmp_path):

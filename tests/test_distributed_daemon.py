@@ -331,31 +331,18 @@ def test_row121_a_trainer_rewind_rolls_every_rank_back(tmp_path):
     folded, re-writing them in place, then 500 follows. Rank 0 plans the rollback, every rank returns its part
     to generation 2 and follows the new trajectory: the averages equal the one-shot over 100, 200, 300', 400',
     500 bit for bit, as the single-process daemon's do."""
-    from test_daemon_trust import archive_of, rewrite_in_place
+    from test_daemon_trust import assert_rewound, drive_rewind
 
     run, out, followed = tmp_path / "run", tmp_path / "avg", tmp_path / "followed"
     run.mkdir()
     followed.mkdir()
     ranks = start_ranks(run, out)
     try:
-        for i, step in enumerate((100, 200, 300, 400)):
-            archive_of(write_trainer_checkpoint(run, step, i), followed)
-        assert wait_for(folded_to(out, 400), 60), status(out)
-        for seed, step in ((10, 300), (11, 400)):  # the trainer resumed from checkpoint-200
-            rewrite_in_place(run / f"checkpoint-{step}", seed)
-            archive_of(run / f"checkpoint-{step}", followed)
-            time.sleep(0.5)
-        archive_of(write_trainer_checkpoint(run, 500, 12), followed)
-        done = wait_for(lambda: status(out).get("last_folded_step") == 500 and not status(out).get("queued")
-                        and status(out)["averages"]["ema-150"]["folded"] == 5, 60)
+        done = drive_rewind(run, out, followed, 60)
     finally:
         err = stop_ranks(ranks)
     assert done, err
-    assert err.count("trainer rewind: step 300") == 1, err
-    st = status(out)
-    assert st["rewinds"][0]["at"] == 300 and st["rewinds"][0]["back_to"] == 200, st["rewinds"]
-    one_shot(followed, tmp_path / "oneshot")
-    assert_same_averages(out, tmp_path / "oneshot")
+    assert_rewound(out, err, followed, tmp_path / "oneshot", assert_same_averages)
 
 
 def test_row121_a_run_folder_recreated_with_steps_restarting_empties_every_rank(tmp_path):

@@ -12,6 +12,7 @@ target text; the expected metrics, the greedy decisions and the weights are reco
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -333,8 +334,11 @@ MEASURE = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], c
 
 def peak_kb(*args: object, cwd: Path) -> tuple[int, str]:
     """Run ``ckptavg ARGS`` as its own process; its peak RSS (kB) and stdout."""
+    # one malloc arena: what the peak then measures is the tensors held, not how many 64 MiB per-thread arenas
+    # glibc happened to open for the reader, writer and evaluation threads (timing-dependent, tens of MiB)
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
     p = subprocess.run([sys.executable, "-c", MEASURE, sys.executable, "-m", "ckptavg.cli.main", *map(str, args)],
-                       capture_output=True, text=True, timeout=300, cwd=cwd, check=False)
+                       capture_output=True, text=True, timeout=300, cwd=cwd, check=False, env=env)
     assert p.returncode == 0, p.stderr
     out, peak = p.stdout.rsplit("PEAK_KB ", 1)
     return int(peak), out

@@ -41,6 +41,9 @@ else:  # pragma: no cover
 @click.option("--deepspeed-weights", type=click.Choice(["fp32", "module"]), default=None,
               help="DeepSpeed checkpoints: the fp32 master weights (default) or the module's bf16/fp16 weights.")
 @click.option("--accum-dtype", metavar="float32|float64", help="Accumulator dtype (default float32).")
+@click.option("--on-shape-change", type=click.Choice(["error", "reset"]), default=None,
+              help="A tensor whose shape or dtype changes: skip that checkpoint with an error (default), or restart "
+                   "the tensor's averages there.")
 @click.option("--memory-budget", metavar="SIZE",
               help="Host memory for accumulators (e.g. 8GiB); averages beyond it live in STATE/store on disk.")
 @click.option("--eval", "eval_command", metavar="CMD",
@@ -61,7 +64,7 @@ else:  # pragma: no cover
 def watch(run: str | None, output: Path | None, config_path: Path | None, state_dir: Path | None, device: str | None, poll: str | None,
           poll_interval: float | None, settle: float | None, marker: str | None, publish_every: int | None,
           persist_every: int | None, rules: tuple[str, ...], threads: int | None, deepspeed_weights: str | None,
-          accum_dtype: str | None,
+          accum_dtype: str | None, on_shape_change: str | None,
           memory_budget: str | None, eval_command: str | None, eval_python: str | None,
           eval_hf_perplexity: str | None, metric: str | None, mode: str | None, eval_every: int | None,
           eval_timeout: float | None, hub_repo: str | None, hub_revision: str | None, hub_private: bool | None,
@@ -79,7 +82,8 @@ def watch(run: str | None, output: Path | None, config_path: Path | None, state_
     options = {"state_dir": str(state_dir) if state_dir else None, "device": device, "poll": poll,
                "poll_interval": poll_interval, "settle": settle, "marker": marker, "publish_every": publish_every,
                "persist_every": persist_every, "memory_budget": memory_budget, "rules": list(rules) or None,
-               "threads": threads, "accum_dtype": accum_dtype, "deepspeed_weights": deepspeed_weights}
+               "threads": threads, "accum_dtype": accum_dtype, "deepspeed_weights": deepspeed_weights,
+               "on_shape_change": on_shape_change}
     evaluators = {k: v for k, v in (("command", eval_command), ("function", eval_python),
                                     ("data", eval_hf_perplexity)) if v is not None}
     if len(evaluators) > 1:

@@ -8,10 +8,14 @@ its folding, persisting and publishing made collective:
   in one decision — fold step S (its retained path and header fingerprint), retry the output, take a new
   configuration (SIGHUP), stop, or nothing yet — which it broadcasts (gloo, a small object) to every rank;
 * **every rank folds** — the same checkpoints in the same order, but only its own tensors: the split of
-  the one-shot (:func:`~ckptavg.distributed.assign_ranks`, contiguous runs of the output order balanced
-  by bytes), decided from the first checkpoint folded and kept in the state. So each rank reads only its
-  byte ranges and holds only its part of the accumulators, and every tensor gets exactly the arithmetic
-  of the single-process daemon: the result is bit-identical. After a fold the ranks exchange how it went;
+  the one-shot (:func:`~ckptavg.distributed.assign_parts`, contiguous runs of the output order balanced
+  by bytes, a tensor larger than a quarter of a share cut into flat element ranges where the shares'
+  boundaries fall inside it), decided from the first checkpoint folded and kept in the state. So each
+  rank reads only its byte ranges and holds only its part of the accumulators, and every element gets
+  exactly the arithmetic of the single-process daemon: the result is bit-identical. A cut tensor that
+  changes shape or dtype is refused as one process refuses it, or under ``--on-shape-change reset`` is
+  cut anew in the same proportions, its averages restarting there on every rank. After a fold the ranks
+  exchange how it went;
   if any rank failed (a read error, NaN/Inf in its tensors), **every** rank rolls back to the last
   committed generation and the checkpoint is skipped, as the single-process daemon skips it: never a
   half-folded average;
@@ -21,7 +25,8 @@ its folding, persisting and publishing made collective:
   generation that is committed and whose every part verifies, and removes newer parts: a kill -9 of any
   rank at any moment, followed by torchrun's restart of all ranks, resumes exactly once;
 * **publishing** — every rank writes its shards of each average into one staging version folder rank 0
-  created; rank 0 writes the shard index, config files, ``ckptavg.json`` and model card, renames the
+  created (a cut tensor: its own file, laid out by rank 0, each rank writing its part's bytes in place);
+  rank 0 writes the shard index, config files, ``ckptavg.json`` and model card, renames the
   version into place and swaps ``OUT/<name>`` to it, as the single-process daemon does. Evaluation and
   the Hub upload run on rank 0 only, on the published folders.
 
@@ -34,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import time
@@ -57,16 +63,20 @@ from ckptavg.daemon.trajectory import Trajectory
 from ckptavg.distributed import (
     DEFAULT_TIMEOUT,
     Launch,
+    Part,
     RankError,
     Ranks,
     _Assembled,
+    _CutFiles,
     _describe,
     _layout,
+    _shard_metadata,
     _view,
-    assign_ranks,
+    assign_parts,
     rank_device,
 )
-from ckptavg.errors import CkptavgError, OutputError, StateError, UsageError
+from ckptavg.dtypes import short_name
+from ckptavg.errors import CkptavgError, OutputError, StateError, TensorMismatchError, UsageError
 from ckptavg.oneshot import AverageSpec, build_averages
 from ckptavg.reading.checkpoint import Checkpoint, open_checkpoint
 from ckptavg.reading.formats.refs import TensorSpec
@@ -116,7 +126,8 @@ class RankService(Service):
         self.store = StateStore(self.part, keep=cfg.keep_generations + 1)
         self.commits = Commits(cfg.state_path, keep=cfg.keep_generations)
         self.committed = 0  # the newest generation every rank has committed
-        self.owner: dict[str, int] = {}  # tensor -> rank
+        self.owner: dict[str, list[Part]] = {}  # tensor -> its parts (one: the rank holding it whole)
+        self.cut_as: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}  # a cut tensor: the shape and dtype cut
         self.all_needs: set[int] = set()  # the steps any rank's averages will read again (LAWA)
         self.timeout = timeout
         self.ranks: Ranks | None = None
@@ -151,11 +162,14 @@ class RankService(Service):
         self.trajectory = Trajectory.from_json(extra.get("trajectory"))
         self.rewinds = list(extra.get("rewinds", []))
         self.unpersisted = []
-        if extra.get("owner"):
-            self.owner = {str(k): int(v) for k, v in extra["owner"].items()}
+        self.owner, self.cut_as = _owner_from_json(extra.get("owner") or {}, extra.get("cut_as") or {})
         self.all_needs = set(extra.get("needs", []))
         self._gen_steps = [(g.generation, g.extra.get("last_step"), list(g.extra.get("needs", [])))
                            for g in self.store.history() if g.generation <= at_most][-self.cfg.keep_generations:]
+
+    def _reset_averages(self) -> None:
+        super()._reset_averages()
+        self.owner, self.cut_as = {}, {}  # the next checkpoint folded decides the split anew
 
     def _check_layout(self) -> None:
         if any(self.cfg.state_path.glob("manifest-*.json")):
@@ -355,7 +369,7 @@ class RankService(Service):
         self.skipped = {s: f for s, f in self.skipped.items() if s < step}
         for s in refold:  # folded after that generation and before the resume point: still the trajectory
             ckpt = self._history(s)
-            mine = self._mine(ckpt)
+            mine = self._mine(ckpt, folding=True)
             ensure_placed(self.averages, mine.tensors.values(), engine=self.engine)
             self.engine.fold(mine, self.averages, ident=s, history=self._history_mine)
             self.folded[s] = ckpt.fingerprint
@@ -473,15 +487,78 @@ class RankService(Service):
             log.info("resumed from state generation %d, committed by all %d ranks", chosen, self.world)
 
     # -- folding -------------------------------------------------------------------------------
-    def _mine(self, ckpt: Checkpoint) -> Checkpoint:
-        """``ckpt`` with only this rank's tensors (the split is decided by the first checkpoint folded)."""
+    def _mine(self, ckpt: Checkpoint, *, folding: bool = False) -> Checkpoint:
+        """``ckpt`` with only this rank's tensors and parts (the split is decided by the first checkpoint folded);
+        ``folding``: ``ckpt`` is being folded, so a cut tensor that changed is dealt with by the shape policy."""
         if not self.owner:
-            order = output_order([ckpt])
-            self.owner = assign_ranks([(n, ckpt.tensors[n].nbytes) for n in order], self.world)
-        for name in ckpt.tensors:  # a tensor the first checkpoint did not have: a fixed rank of its own
-            if name not in self.owner:
-                self.owner[name] = zlib.crc32(name.encode()) % self.world
-        return _view(ckpt, {n for n in ckpt.tensors if self.owner[n] == self.rank})
+            self._assign(ckpt)
+        other: set[str] = set()  # cut tensors at another shape than this split's: not in the view
+        for name, ref in ckpt.tensors.items():
+            if name not in self.owner:  # a tensor the first checkpoint did not have: a fixed rank of its own
+                self.owner[name] = [Part(zlib.crc32(name.encode()) % self.world, 0, ref.numel)]
+            elif name in self.cut_as and (ref.offset is None or (tuple(ref.shape), ref.dtype) != self.cut_as[name]):
+                if folding:
+                    self._cut_changed(ckpt, name)
+                else:  # an earlier checkpoint (a LAWA member leaving): its averages restarted since
+                    other.add(name)
+        whole = {n for n in ckpt.tensors if n not in self.cut_as and self.owner[n][0].rank == self.rank}
+        cut = {n: p for n in ckpt.tensors if n in self.cut_as and n not in other
+               for p in self.owner[n] if p.rank == self.rank}
+        return _view(ckpt, whole, cut)
+
+    def _assign(self, ckpt: Checkpoint) -> None:
+        """The split, from the first checkpoint folded (every rank computes the same, integer arithmetic)."""
+        refs = ckpt.tensors
+        self.owner = assign_parts([(n, refs[n].nbytes, refs[n].numel, refs[n].offset is not None)
+                                   for n in output_order([ckpt])], self.world)
+        self.cut_as = {n: (tuple(refs[n].shape), refs[n].dtype) for n, ps in self.owner.items() if len(ps) > 1}
+        if self.lead:
+            per_elem = {n: r.nbytes / max(1, r.numel) for n, r in refs.items()}
+            for r in range(self.world):
+                whole = [n for n, ps in self.owner.items() if n not in self.cut_as and ps[0].rank == r]
+                parts = [(n, p) for n in self.cut_as for p in self.owner[n] if p.rank == r]
+                nbytes = sum(refs[n].nbytes for n in whole) + sum((p.hi - p.lo) * per_elem[n] for n, p in parts)
+                log.info("rank %d of %d: %d of %d tensors%s, %s of %s per checkpoint", r, self.world, len(whole),
+                         len(refs), f" and a part of {len(parts)} cut across ranks" if parts else "",
+                         format_bytes(int(nbytes)), format_bytes(ckpt.nbytes))
+
+    def _cut_changed(self, ckpt: Checkpoint, name: str) -> None:
+        """A tensor cut across ranks changed shape or dtype (or is no longer a byte range) in ``ckpt``, being
+        folded: refused as one process refuses a changed tensor, or (``--on-shape-change reset``, or no average
+        holds it) cut anew in the same proportions, with its averages restarting here on every rank."""
+        ref = ckpt.tensors[name]
+        shape, dtype = self.cut_as[name]
+        held = [a for a in self.averages if name in a.slots]
+        if self.cfg.on_shape_change == "reset" or not held:
+            old = self.owner[name]
+            numel = math.prod(shape)
+            if ref.offset is not None and ref.numel > 1:
+                parts = [Part(p.rank, p.lo * ref.numel // numel, p.hi * ref.numel // numel) for p in old]
+                parts = [p for p in parts if p.hi > p.lo]
+            else:
+                parts = [Part(old[0].rank, 0, ref.numel)]
+            self.owner[name] = parts
+            if len(parts) > 1:
+                self.cut_as[name] = (tuple(ref.shape), ref.dtype)
+            else:
+                del self.cut_as[name]
+            for a in held:
+                a.drop(name)
+            if self.lead:
+                log.warning("%s: tensor %r changed from %s %s to %s %s; its averages restart here (cut across "
+                            "ranks anew)", ckpt.path, name, list(shape), short_name(dtype), list(ref.shape),
+                            short_name(ref.dtype))
+            return
+        if ref.offset is None:
+            what = "is no longer a byte range of its file (another format?)"
+            hint = f"it was cut across ranks at {list(shape)}; start the daemon on a new --state-dir"
+        elif tuple(ref.shape) != shape:
+            what = f"changed shape from {list(shape)} to {list(ref.shape)}"
+            hint = "use --on-shape-change reset to restart its average (progressive training)"
+        else:
+            what = f"changed dtype from {short_name(dtype)} to {short_name(ref.dtype)}"
+            hint = "use --on-shape-change reset to restart its average"
+        raise TensorMismatchError(what, path=ckpt.path, tensor=name, hint=hint)
 
     def _history(self, step: int) -> Checkpoint:
         if self.lead:  # rank 0 knows the trajectory: it refuses retained bytes that changed
@@ -503,7 +580,7 @@ class RankService(Service):
         self._load_state()
         self.trajectory, self.rewinds = trajectory, rewinds
         for step in redo:
-            ckpt = self._mine(self._history(step))
+            ckpt = self._mine(self._history(step), folding=True)
             ensure_placed(self.averages, ckpt.tensors.values(), engine=self.engine)
             self.engine.fold(ckpt, self.averages, ident=step, history=self._history_mine)
         self.folded, self.skipped, self.unpersisted = folded, skipped, redo
@@ -540,7 +617,7 @@ class RankService(Service):
             hooks.point("rank.fold", rank=self.rank, world_size=self.world, step=step)
             for member in changed:
                 self._repair(member)
-            mine = self._mine(ckpt)
+            mine = self._mine(ckpt, folding=True)
             ensure_placed(self.averages, mine.tensors.values(), engine=self.engine)
             nbytes = self.engine.fold(mine, self.averages, ident=step, history=self._history_mine)
         except Exception as e:  # a checkpoint that cannot be folded never stops the daemon
@@ -614,7 +691,7 @@ class RankService(Service):
                      "last_step": self.last_step, "trajectory": self.trajectory.to_json(),
                      "rewinds": self.rewinds[-50:], "needs": sorted(self.all_needs)}
         extra = {**self.ranks.broadcast(extra), "generation": generation, "world_size": self.world,
-                 "owner": dict(sorted(self.owner.items()))}
+                 **_owner_to_json(self.owner, self.cut_as)}
         problem: tuple[str, int] | None = None
         digest: str | None = None
         try:  # phase one: this rank's part, durable
@@ -666,16 +743,24 @@ class RankService(Service):
             assert newest is not None
             try:
                 for avg in self.averages:
-                    where = {n: (r, dtype, shape) for r, s in enumerate(statuses) for n, dtype, shape in s[1][avg.name]}
+                    where = {n: (r, dtype, shape) for r, s in enumerate(statuses) for n, dtype, shape in s[1][avg.name]
+                             if n not in self.cut_as}
+                    for n in {n for s in statuses for n, _, _ in s[1][avg.name] if n in self.cut_as}:
+                        holders = {r for r, s in enumerate(statuses) for m, _, _ in s[1][avg.name] if m == n}
+                        if holders != {p.rank for p in self.owner[n]}:
+                            raise CkptavgError(f"internal: the parts of tensor {n!r} of {avg.name} are held by ranks "
+                                               f"{sorted(holders)}, cut for ranks {[p.rank for p in self.owner[n]]}")
+                        where[n] = (-1, *self.cut_as[n][::-1])
                     if not where:
                         continue  # e.g. SWA before its start step
                     order = [n for n in newest.tensors if n in where] + [n for n in where if n not in newest.tensors]
                     specs = [TensorSpec(n, where[n][1], where[n][2]) for n in order]
-                    layout = _layout(specs, {n: where[n][0] for n in order}, self.world, DEFAULT_SHARD_BYTES,
-                                     newest.weights_name)
+                    layout = _layout(specs, {n: self.owner[n] if n in self.cut_as else where[n][0] for n in order},
+                                     self.world, DEFAULT_SHARD_BYTES, newest.weights_name)
                     target = self.cfg.output / avg.name
                     version = next_version(target, avg.folded[-1].step if avg.folded else None)
                     folder = stack.enter_context(AtomicDir(version))
+                    _CutFiles(folder, layout, _shard_metadata(newest.aliases, layout)).create()
                     plan[avg.name] = (str(version), str(folder), layout)
             except (OSError, CkptavgError) as e:
                 failed = (0, _describe(e))
@@ -709,20 +794,30 @@ class RankService(Service):
         assert newest is not None
         by_name = {a.name: a for a in self.averages}
         for name, (_, folder, layout) in plan.items():
-            refs = layout.refs[self.rank]
-            if not refs:
-                continue
             avg = by_name[name]
-            writer = ModelWriter(Path(folder), refs, max_shard_bytes=DEFAULT_SHARD_BYTES,
-                                 weights_name=newest.weights_name, aliases=newest.aliases, background=False,
-                                 files=layout.files[self.rank])
-            try:
-                for ref in refs:
-                    writer.write(ref.name, avg.result(ref.name).cpu())
-                writer.finish(index=False)  # rank 0 writes the index of every rank's shards
-            except BaseException:
-                writer.abort()
-                raise
+            refs = layout.refs[self.rank]
+            if refs:
+                writer = ModelWriter(Path(folder), refs, max_shard_bytes=DEFAULT_SHARD_BYTES,
+                                     weights_name=newest.weights_name, aliases=newest.aliases, background=False,
+                                     files=layout.files[self.rank])
+                try:
+                    for ref in refs:
+                        writer.write(ref.name, avg.result(ref.name).cpu())
+                    writer.finish(index=False)  # rank 0 writes the index of every rank's shards
+                except BaseException:
+                    writer.abort()
+                    raise
+            parts = [(n, p) for n in layout.cut for p in self.owner[n] if p.rank == self.rank]
+            if parts:  # this rank's parts of the tensors cut across ranks, in place in the files rank 0 laid out
+                files = _CutFiles(Path(folder), layout, _shard_metadata(newest.aliases, layout))
+                try:
+                    for n, p in parts:
+                        files.start(n, p.lo)
+                        files.write(n, avg.result(n).cpu())
+                    files.finish()
+                except BaseException:
+                    files.close()
+                    raise
 
     def _finish_versions(self, plan: dict[str, tuple[str, str, Any]], newest: Checkpoint | None,
                          stack: contextlib.ExitStack) -> None:
@@ -735,3 +830,16 @@ class RankService(Service):
         stack.close()  # fsync every rank's files, rename each version folder into place
         for name, (version, _, _) in plan.items():
             point_published(self.cfg.output / name, Path(version))
+
+
+def _owner_to_json(owner: dict[str, list[Part]], cut_as: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+    """The split, as the state keeps it: a whole tensor's rank, a cut tensor's parts and the shape it was cut at."""
+    return {"owner": {n: [[p.rank, p.lo, p.hi] for p in ps] if n in cut_as else ps[0].rank
+                      for n, ps in sorted(owner.items())},
+            "cut_as": {n: [list(shape), short_name(dtype)] for n, (shape, dtype) in sorted(cut_as.items())}}
+
+
+def _owner_from_json(owner: dict[str, Any], cut_as: dict[str, Any]) -> tuple[dict[str, list[Part]], dict]:
+    parts = {str(n): [Part(int(v), 0, 0)] if isinstance(v, int) else [Part(*map(int, p)) for p in v]
+             for n, v in owner.items()}
+    return parts, {str(n): (tuple(int(d) for d in shape), getattr(torch, dtype)) for n, (shape, dtype) in cut_as.items()}

@@ -23,13 +23,13 @@ AVERAGES = ["--ema", "150", "--lawa", "3", "--swa-start", "400"]
 NAMES = ["ema-150", "lawa-3", "swa-400"]
 
 
-def write_trainer_checkpoint(run: Path, step: int, seed: int, archive: Path | None = None) -> Path:
-    """What an HF Trainer leaves: weights, optimizer, and trainer_state.json last."""
+def write_trainer_checkpoint(run: Path, step: int, seed: int, archive: Path | None = None, *, rows: int = 96) -> Path:
+    """What an HF Trainer leaves: weights, optimizer, and trainer_state.json last (``rows``: of ``w``)."""
     final = run / f"checkpoint-{step}"
     tmp = run / f"tmp-checkpoint-{step}"
     tmp.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
-    save_file({"w": torch.randn(96, 32, generator=g).to(torch.bfloat16), "b": torch.randn(32, generator=g),
+    save_file({"w": torch.randn(rows, 32, generator=g).to(torch.bfloat16), "b": torch.randn(32, generator=g),
                "n": torch.tensor([step])}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     torch.save({}, tmp / "optimizer.pt")
     (tmp / "config.json").write_text(json.dumps({"model_type": "test", "step": step}))

@@ -317,13 +317,59 @@ def test_row121_evaluation_runs_once_on_rank_0_over_the_ranks_shards(tmp_path):
 
 
 def assert_disjoint_parts(out: Path) -> None:
-    """Each rank's newest state part holds accumulators of its own tensors only; together, every tensor."""
-    parts = []
+    """Each rank's newest state part holds accumulators of its own tensors and parts only; together, every
+    element once: ``w`` (98% of the bytes) is cut across the ranks (flat element ranges, as the one-shot cuts
+    it), ``b`` and ``n`` are whole on one rank."""
+    held = []
     for rank in (0, 1):
         part = out / ".ckptavg" / "ranks" / f"rank-{rank}"
         newest = max(int(p.stem.split("-")[1]) for p in part.glob("accumulators-*.safetensors"))
-        parts.append({k.split("/")[1] for k in load_file(part / f"accumulators-{newest}.safetensors")})
-    assert parts[0] and parts[1] and not parts[0] & parts[1] and parts[0] | parts[1] == {"w", "b", "n"}
+        accs = load_file(part / f"accumulators-{newest}.safetensors")
+        held.append({k.split("/")[1]: v.numel() for k, v in accs.items() if k.startswith("ema-150/")})
+        extra = json.loads((part / f"manifest-{newest}.json").read_text())["extra"]
+        assert extra["cut_as"] == {"w": [[96, 32], "bfloat16"]}, extra
+        (r0, lo0, hi0), (r1, lo1, hi1) = extra["owner"]["w"]
+        assert (r0, r1, lo0, hi0 == lo1, hi1) == (0, 1, 0, True, 96 * 32), extra["owner"]
+    assert held[0]["w"] == hi0 and held[1]["w"] == hi1 - lo1, held
+    assert {"b", "n"} <= held[0].keys() ^ held[1].keys(), held  # whole, on one rank each
+
+
+@pytest.mark.parametrize("policy", ["error", "reset"])
+def test_row127_a_tensor_cut_across_ranks_that_changes_shape_is_handled_as_one_process_does(tmp_path, policy):
+    """docs/FAULTS.md row 127: ``w``, cut across the 2 ranks, grows from 96 to 128 rows at step 300 (progressive
+    training). Under ``--on-shape-change error`` both daemons skip the grown checkpoints naming the tensor and
+    the change; under ``reset`` the ranks cut ``w`` anew in the same proportions and restart its averages
+    there. Either way the published averages equal the single-process daemon's bit for bit."""
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    run = tmp_path / "run"
+    for i, step in enumerate(STEPS[:4]):
+        write_trainer_checkpoint(run, step, i, archive, rows=96 if step < 300 else 128)
+    flags = ("--on-shape-change", policy)
+    errs = {}
+    for kind, out in (("ranks", tmp_path / "avg"), ("single", tmp_path / "single")):
+        proc = start_ranks(run, out, *flags) if kind == "ranks" else start_daemon(archive, out, *flags)
+        try:
+            done = wait_for(lambda out=out: status(out).get("state") == "watching" and (
+                status(out).get("last_folded_step") == 400 or 400 in (status(out).get("skipped") or [])), 60)
+        finally:
+            errs[kind] = stop_ranks(proc) if kind == "ranks" else stop(proc)[1]
+        assert done, (status(out), errs[kind])
+    st = status(tmp_path / "avg")
+    if policy == "error":
+        assert st["skipped"] == [300, 400] == status(tmp_path / "single")["skipped"], st
+        assert "changed shape from [96, 32] to [128, 32]" in errs["ranks"] and "'w'" in errs["ranks"], errs["ranks"]
+        assert "--on-shape-change reset" in errs["ranks"]
+        names = tuple(NAMES[:2])  # SWA starts at 400: skipped
+    else:
+        assert st["skipped"] == [] and st["last_folded_step"] == 400, st
+        assert errs["ranks"].count("tensor 'w' changed from [96, 32] bfloat16 to [128, 32] bfloat16; its averages "
+                                   "restart here") == 1, errs["ranks"]
+        extra = json.loads(max((tmp_path / "avg" / ".ckptavg" / "ranks" / "rank-1").glob("manifest-*.json"),
+                               key=lambda p: int(p.stem.split("-")[1])).read_text())["extra"]
+        assert extra["cut_as"] == {"w": [[128, 32], "bfloat16"]} and extra["owner"]["w"][1][2] == 128 * 32, extra
+        names = tuple(NAMES)
+    assert_same_averages(tmp_path / "avg", tmp_path / "single", names)
 
 
 def test_row121_a_trainer_rewind_rolls_every_rank_back(tmp_path):

@@ -384,7 +384,9 @@ def sweep_grid(steps: list[int]) -> list[str]:
 
 
 def task_sweep(args: dict) -> dict:
-    """``ckptavg sweep``'s fold against the same averages one by one, in one process, page cache warm.
+    """``ckptavg sweep``'s fold against the same averages one by one, in one process, page cache warm, and
+    with ``cold`` also with the inputs dropped from the page cache before every pass (read from storage, as
+    checkpoints larger than the page cache always are).
 
     Timed (medians of ``repeat``): the engine's read pass alone (every tensor read, folded into nothing),
     the sweep's fold of K averages from one read, and each average's fold alone (K passes); with
@@ -432,6 +434,24 @@ def task_sweep(args: dict) -> dict:
             each.append([fold(engine, [p]) for p in points])  # each average alone, as ckptavg average runs it
         done = sum(engine.bytes_read().values()) + sum(swe.bytes_read().values()) - before
         out["read_ratio"] = done / out["bytes"] / (repeat * (3 + len(points)))
+        if args.get("cold"):  # each pass reads the inputs from storage: the page cache dropped before it
+            files = [f for d in folders for f in checkpoint_files(d)]
+
+            def cold(engine: Any, pts: list) -> float:
+                drop_cache(files)
+                left = resident_bytes(files)
+                if left is not None:
+                    out.setdefault("cold_resident", []).append(left)
+                return fold(engine, pts)
+
+            read_c, sweep_c, each_c = [], [], []
+            for _ in range(repeat):
+                read_c.append(cold(engine, []))
+                sweep_c.append(cold(swe, points))
+                each_c.append([cold(engine, [p]) for p in points])
+            out["read_cold"], out["sweep_cold"] = statistics.median(read_c), statistics.median(sweep_c)
+            out["each_cold"] = [statistics.median(col) for col in zip(*each_c)]
+            out["each_total_cold"] = sum(out["each_cold"])
     out["sweep_one_thread"] = statistics.median(sweep1)
     out["read"], out["sweep"] = statistics.median(read), statistics.median(sweep)
     out["each"] = [statistics.median(col) for col in zip(*each)]

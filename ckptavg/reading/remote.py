@@ -165,6 +165,7 @@ def _filesystem(url: str, options: Mapping[str, Any]) -> tuple[Any, str]:
         raise UsageError(f"reading {scheme}:// needs the {package or 'fsspec implementation of it'}"
                          + (" package" if package else ""),
                          hint="pip install 'ckptavg[s3]'" if package == "s3fs" else
+                         "pip install 'ckptavg[gcs]'" if package == "gcsfs" else
                          f"pip install {package}" if package else f"install fsspec's {scheme} implementation") from None
     except ValueError as e:
         raise UsageError(f"{redact_url(url)}: {scrub(str(e))}", hint="a storage URL fsspec knows: s3://, gs://, ...") from None

@@ -453,6 +453,46 @@ def test_row132_dcp_over_s3_is_bit_identical_to_local(s3, tmp_path):
     assert ready.state == "waiting" and ".metadata" in ready.reason
 
 
+def test_row132_one_tensors_dcp_chunks_in_object_storage_are_fetched_together(s3, tmp_path):
+    """docs/FAULTS.md row 132: a DCP tensor saved as 4 chunks (a 2x2 grid, as 4 ranks write it) in object storage:
+    its chunks are fetched at once (each is a round trip), not one after another; assembled bit for bit."""
+    from test_dcp import handmade
+
+    from ckptavg.reading.fileio import FileCache
+
+    endpoint, fs = s3
+    grid = torch.randn(6, 4, 3, generator=torch.Generator().manual_seed(0))
+    handmade(tmp_path / "run" / "step-7", {
+        "grid": (grid, [((0, 0, 0), (3, 2, 3)), ((0, 2, 0), (3, 2, 3)), ((3, 0, 0), (3, 2, 3)), ((3, 2, 0), (3, 2, 3))])})
+    upload(fs, tmp_path / "run", "grid")
+    ckpt = open_checkpoint(f"s3://{BUCKET}/grid/step-7", storage_options={"endpoint_url": endpoint})
+
+    class Watched(FileCache):
+        """Counts the reads in flight at once (each held 0.2 s, as a slow store would)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.now = self.most = 0
+            self.lock = threading.Lock()
+
+        def read(self, *args, **kw):
+            with self.lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            try:
+                time.sleep(0.2)
+                return super().read(*args, **kw)
+            finally:
+                with self.lock:
+                    self.now -= 1
+
+    files = Watched()
+    with ckpt.reader(files) as reader:
+        got = reader.read("grid")
+    assert torch.equal(got, grid)
+    assert files.most >= 2, files.most  # one after another would be 1
+
+
 def test_a_watch_url_in_the_config_file_is_mirrored_beside_the_state(tmp_path, ckptavg):
     """`watch = "s3://..."` and a `[storage]` table in the daemon's TOML: the daemon watches its local mirror
     beside the state folder, with the table's options (secret values remembered, never printed); an output URL

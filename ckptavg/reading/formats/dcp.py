@@ -35,6 +35,7 @@ entry (torchtitan), loaded with ``weights_only=True``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import logging
@@ -62,7 +63,7 @@ from ckptavg.errors import (
     UnsafePickleError,
     UnsupportedCheckpointError,
 )
-from ckptavg.reading.fileio import FileCache, FileIdentity, identify, open_regular
+from ckptavg.reading.fileio import FileCache, FileIdentity, ObjectIdentity, identify, open_regular
 from ckptavg.reading.formats import pickle as pkl
 from ckptavg.reading.formats.refs import FormatIndex, TensorRef
 
@@ -80,6 +81,7 @@ MAX_METADATA_BYTES = 1 << 30
 _CHUNK_PICKLE_LIMIT = 1 << 20
 # a bytes entry read for the step (train_state.step): a torch.save of an int
 _STEP_ENTRY_LIMIT = 1 << 20
+_REMOTE_CHUNK_READS = 8  # object storage: one tensor's chunks fetched at once (each a round trip)
 
 _NOT_MODEL = re.compile(r"^(optim|lr_sched|sched|dataloader|train_state$|trainer_state$|rng)", re.IGNORECASE)
 _RANK_METADATA = re.compile(r"^__\d+\.metadata$")
@@ -513,7 +515,8 @@ def _decode(raw: torch.Tensor, path: Path, fqn: str) -> Any:
 
 
 class _ChunkSource:
-    """Reads a DCP tensor: its chunks, one at a time, copied into one full tensor. Keeps nothing between reads."""
+    """Reads a DCP tensor: its chunks copied into one full tensor (on disk one at a time; in object storage,
+    where each is a round trip, up to ``_REMOTE_CHUNK_READS`` fetched at once). Keeps nothing between reads."""
 
     def __init__(self, specs: dict[str, _Tensor], files: FileCache) -> None:
         self._specs = specs
@@ -535,6 +538,13 @@ class _ChunkSource:
         if len(full) == 1 and full[0].sizes == spec.shape:
             return self._chunk(spec, full[0]).contiguous()
         out = torch.empty(spec.shape, dtype=spec.dtype)
+        if len(full) > 1 and any(isinstance(c.identity, ObjectIdentity) for c in full):
+            with concurrent.futures.ThreadPoolExecutor(min(_REMOTE_CHUNK_READS, len(full)),
+                                                       thread_name_prefix="ckptavg-dcp-chunk") as pool:
+                chunks = zip(full, pool.map(lambda c: self._chunk(spec, c), full))
+                for c, t in chunks:
+                    out[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = t
+            return out
         for c in full:
             out[tuple(slice(o, o + s) for o, s in zip(c.offsets, c.sizes))] = self._chunk(spec, c)
         return out

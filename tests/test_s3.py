@@ -453,6 +453,32 @@ def test_row132_dcp_over_s3_is_bit_identical_to_local(s3, tmp_path):
     assert ready.state == "waiting" and ".metadata" in ready.reason
 
 
+def test_row117_headers_longer_than_the_first_read_are_fetched_whole(s3, tmp_path, monkeypatch):
+    """docs/FAULTS.md row 117: a safetensors header is read with the first bytes of its object (one round trip);
+    one longer than that read (here 3000 tensors, ~200 KB of header, and a 1 KiB first read) is completed by a
+    second ranged read: the same tensors and bytes as the local file, in a sharded checkpoint with a small shard."""
+    from ckptavg.reading import remote
+
+    endpoint, fs = s3
+    big = {f"model.layers.{i}.self_attn.some_rather_long_parameter_name.weight": torch.full((2,), float(i))
+           for i in range(3000)}
+    small = {"lm_head.weight": torch.arange(6, dtype=torch.bfloat16)}
+    local = write_checkpoint(tmp_path / "run" / "checkpoint-10", {**big, **small}, "sharded", step=10,
+                             shard_bytes=24_000)
+    upload(fs, tmp_path / "run", "bighead")
+    monkeypatch.setattr(remote, "HEAD_BYTES", 1024)
+    got = open_checkpoint(f"s3://{BUCKET}/bighead/checkpoint-10", storage_options={"endpoint_url": endpoint})
+    want = open_checkpoint(local)
+    assert got.tensors.keys() == want.tensors.keys()
+    for name, ref in want.tensors.items():
+        assert (got.tensors[name].offset, got.tensors[name].nbytes, got.tensors[name].shape) == \
+            (ref.offset, ref.nbytes, ref.shape), name
+    with got.reader() as r:
+        assert torch.equal(r.read("model.layers.2999.self_attn.some_rather_long_parameter_name.weight"),
+                           torch.full((2,), 2999.0))
+        assert torch.equal(r.read("lm_head.weight"), small["lm_head.weight"])
+
+
 def test_row132_one_tensors_dcp_chunks_in_object_storage_are_fetched_together(s3, tmp_path):
     """docs/FAULTS.md row 132: a DCP tensor saved as 4 chunks (a 2x2 grid, as 4 ranks write it) in object storage:
     its chunks are fetched at once (each is a round trip), not one after another; assembled bit for bit."""

@@ -363,21 +363,32 @@ def is_dir(entry: Mapping[str, Any]) -> bool:
     return entry.get("type") == "directory"
 
 
+HEAD_BYTES = 64 << 10  # read first from every safetensors object: its length prefix and, mostly, its whole header
+
+
 def _headers(store: ObjectStore, files: Sequence[tuple[str, Mapping[str, Any]]]) -> list[st.SafetensorsHeader]:
-    """Every file's safetensors header: all length prefixes in one batch of ranged reads, then all headers."""
+    """Every file's safetensors header: the first ``HEAD_BYTES`` of every file in one batch of ranged reads (the
+    length prefix and, for all but the largest headers, the whole header: one round trip), then the rest of any
+    header longer than that in a second batch."""
     idents = [store.identity(path, entry) for path, entry in files]
     for (path, _), ident in zip(files, idents):
         if ident.size < 8:
             raise TruncatedFileError(f"object is {ident.size} bytes, too short for a safetensors header",
                                      path=store.location(path), hint="the upload is incomplete")
-    prefixes = _fetch_many(store, [(path, 0, 8) for path, _ in files])
-    lengths = []
-    for (path, _), ident, prefix in zip(files, idents, prefixes):
-        (n,) = struct.unpack("<Q", bytes(prefix))
+    heads = [bytes(h) for h in _fetch_many(store, [(path, 0, min(ident.size, HEAD_BYTES))
+                                                   for (path, _), ident in zip(files, idents)])]
+    rest = []
+    for (path, _), ident, head in zip(files, idents, heads):
+        (n,) = struct.unpack("<Q", head[:8])
         st.check_header_length(n, ident.size, store.location(path))
-        lengths.append(n)
-    raws = _fetch_many(store, [(path, 8, 8 + n) for (path, _), n in zip(files, lengths)])
-    return [st.header_from_bytes(store.location(path), ident, bytes(raw))
+        if 8 + n > len(head):
+            rest.append((path, len(head), 8 + n))
+    more = iter(_fetch_many(store, rest)) if rest else iter(())
+    raws = []
+    for head in heads:
+        (n,) = struct.unpack("<Q", head[:8])
+        raws.append(head[8:8 + n] if 8 + n <= len(head) else head[8:] + bytes(next(more)))
+    return [st.header_from_bytes(store.location(path), ident, raw)
             for (path, _), ident, raw in zip(files, idents, raws)]
 
 

@@ -57,6 +57,7 @@ from ckptavg.averaging.placement import ensure_placed
 from ckptavg.daemon.commit import Commit, Commits, manifest_sha256, part_folder
 from ckptavg.daemon.config import WatchConfig
 from ckptavg.daemon.notify import Notifier
+from ckptavg.daemon.remote import start_mirror, stop_mirror
 from ckptavg.daemon.retain import Retainer
 from ckptavg.daemon.service import Service, _newest_mtime_ns, _Quiet, _written_at, set_idle_io
 from ckptavg.daemon.trajectory import Trajectory
@@ -181,12 +182,16 @@ class RankService(Service):
     def run(self) -> int:
         self._check_ownership()
         self.ranks = Ranks(self.launch, timeout=self.timeout)
+        mirror = None
         try:
             with self.ranks.agree("taking the state folder"):
                 if self.lead:
                     self._check_layout()
                     self._owner_lock.lock()
                     self._lock_output()
+                    # a run in object storage: rank 0 mirrors it beside the state for its scan; every rank reads
+                    # the checkpoints it folds from the retained copies in STATE/keep, as for a local run
+                    mirror = start_mirror(self.cfg, wake=self.wake)
                 self.store.lock()
             return self._run_ranks()
         except RuntimeError as e:  # the process group broke: another rank died (torchrun restarts them all)
@@ -197,6 +202,7 @@ class RankService(Service):
                             f"at committed generation {self.committed}, from which torchrun's restart "
                             "(--max-restarts) resumes") from e
         finally:
+            stop_mirror(mirror)
             self.watcher.stop()
             self.store.unlock()
             self._owner_lock.unlock()

@@ -37,11 +37,11 @@ pytestmark = pytest.mark.slow
 STEPS = (100, 200, 300, 400, 500)
 
 
-def start_ranks(run: Path, out: Path, *extra: str, fault: str | None = None, restarts: int = 0,
-                nproc: int = 2) -> subprocess.Popen:
+def start_ranks(run: Path | str, out: Path, *extra: str, fault: str | None = None, restarts: int = 0,
+                nproc: int = 2, env: dict | None = None) -> subprocess.Popen:
     """``torchrun --standalone --nproc-per-node 2 [--max-restarts N] -m ckptavg watch RUN -o OUT ...``
     (through the fault launcher with ``fault``)."""
-    env = env_plain()
+    env = {**(env or env_plain())}
     target = ["-m", "ckptavg"]
     if fault:
         env["CKPTAVG_FAULT"] = fault

@@ -351,6 +351,46 @@ def test_row130_torchrun_over_s3_is_bit_identical_to_one_process(s3, tmp_path):
         _assert_same_tensors(tmp_path / "ranks" / name, tmp_path / "one" / name)
 
 
+@pytest.mark.slow
+def test_row134_torchrun_daemon_over_s3_equals_the_single_process_daemon(s3, tmp_path):
+    """docs/FAULTS.md row 134: `torchrun --nproc-per-node 2 -m ckptavg watch s3://bucket/run`: rank 0 mirrors the
+    bucket beside the state, every rank folds its part from the retained copies while the trainer uploads and
+    rotates (keeping 2); the published averages equal the single-process daemon's over the same checkpoints."""
+    from test_distributed import env_plain
+    from test_distributed_daemon import assert_same_averages, folded_to, start_ranks, stop_ranks
+
+    endpoint, fs = s3
+    local_run, archive, out = tmp_path / "trainer", tmp_path / "archive", tmp_path / "avg"
+    archive.mkdir()
+    env = {**env_plain(), "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    steps = (100, 200, 300, 400)
+    ranks = start_ranks(f"s3://{BUCKET}/run", out, env=env)
+    try:
+        for i, step in enumerate(steps):
+            path = write_trainer_checkpoint(local_run, step, seed=i, archive=archive)
+            files = sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json")  # trainer_state.json last
+            for f in files:
+                fs.put(str(f), f"{BUCKET}/run/{path.name}/{f.name}")
+            for old in sorted(fs.ls(f"{BUCKET}/run", refresh=True))[:-2]:  # save_total_limit = 2
+                fs.rm(old, recursive=True)
+            assert wait_for(folded_to(out, step), 60), (step, status(out))
+    finally:
+        err = stop_ranks(ranks)
+    assert "stopped after folding 4 checkpoint(s) on 2 ranks" in err, err[-3000:]
+    assert [err.count(f"folded step {s}:") for s in steps] == [1, 1, 1, 1]
+    single = tmp_path / "single"
+    proc = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "watch", str(archive), "-o", str(single),
+                             *AVERAGES, "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: status(single).get("last_folded_step") == 400, 60)
+    finally:
+        code, serr = stop(proc)
+    assert code == 0, serr
+    assert_same_averages(out, single)
+
+
 def _assert_same_tensors(a: Path, b: Path) -> None:
     from test_distributed import load_folder
 

@@ -1,6 +1,9 @@
-"""Benchmark of the one-shot average across ranks (``torchrun -m ckptavg average``) on this machine.
+"""Benchmark of averaging across ranks on this machine: the one-shot (``torchrun -m ckptavg average``), or with
+``--daemon`` the daemon (``torchrun -m ckptavg watch``) folding the same checkpoints one by one.
 
     python benchmarks/distributed.py [--size 200MB] [--count 5] [--ranks 1,2] [--cores-per-rank K] [--workdir DIR]
+    python benchmarks/distributed.py --daemon --methods ema:2000,lawa:3 ...   # the daemon: every fold's own seconds,
+                                                                             # RSS with the accumulators held
 
 Generates ``--count`` synthetic Llama-layout bf16 checkpoints of ``--size`` each (``gen.py``; kept in
 ``--workdir`` for reuse), then prints a markdown table:
@@ -108,6 +111,60 @@ def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], thread
     return {"wall": wall, "inner": inner, "rss": [rss[k] for k in sorted(rss)], "shares": shares}
 
 
+def run_daemon_ranks(n: int, run: Path, out: Path, methods: list[str], threads: int, last_step: int,
+                     cores_per_rank: int | None = None) -> dict:
+    """``torchrun -m ckptavg watch RUN`` over the checkpoints already in RUN: every fold's own seconds (rank 0's
+    ``folded step ... in S s`` lines, persisting and publishing not included), the time from start to the last
+    fold, and each rank's peak RSS once it is stopped (SIGTERM, as systemd or Slurm stop it)."""
+    import shutil
+    import signal
+
+    shutil.rmtree(out, ignore_errors=True)
+    flags = [x for m in methods[1::2] for x in _watch_flag(m)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(Path(__file__)),
+           "--child", "watch", str(run), "-o", str(out), *flags, "--threads", str(threads), "--settle", "0.1",
+           "--poll-interval", "0.2", "--device", "cpu"]
+    if cores_per_rank:
+        cmd = ["taskset", "-c", f"0-{n * cores_per_rank - 1}", *cmd]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    status = out / ".ckptavg" / "status.json"
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        while True:
+            try:
+                if json.loads(status.read_text()).get("last_folded_step") == last_step:
+                    break
+            except (OSError, ValueError):
+                pass
+            if proc.poll() is not None or time.perf_counter() - t0 > 1800:
+                raise SystemExit(f"the {n}-rank daemon stopped or stalled:\n{proc.communicate()[1][-3000:]}")
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    rss = {}
+    for m in re.finditer(re.escape(RSS_MARK) + r"(\{[^}]*\})", stdout):
+        d = json.loads(m.group(1))
+        rss[d["rank"]] = d["rss"]
+    folds = [float(m.group(1)) for m in re.finditer(r"folded step \d+: .* in ([\d.]+) s on", stderr)]
+    shares = [m.group(1) for m in re.finditer(
+        r"rank \d+ of \d+: \d+ of \d+ tensors(?: and a part of \d+ cut across ranks)?, ([\d.]+ [KMG]?B) of", stderr)]
+    return {"wall": wall, "inner": sum(folds), "folds": len(folds), "rss": [rss[k] for k in sorted(rss)],
+            "shares": shares}
+
+
+def _watch_flag(method: str) -> list[str]:
+    """``ema:2000`` as the watch command's flag (``--ema 2000``)."""
+    name, _, value = method.partition(":")
+    flag = {"swa": "--swa-start"}.get(name, f"--{name}")
+    return [flag, value] if value else [flag]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
@@ -123,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cores-per-rank", type=int, default=None,
                    help="run each launch on RANKS x this many CPUs (taskset), so that one rank does not spread over "
                         "the cores the other rank counts divide: the scaling of the split itself")
+    p.add_argument("--daemon", action="store_true",
+                   help="the daemon (`torchrun -m ckptavg watch`) folding the checkpoints one by one, instead of the "
+                        "one-shot: GB/s over the folds' own seconds, peak RSS with every average's accumulators held")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ckptavg-bench-dist")
     opts = p.parse_args(argv)
 
@@ -141,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     _, warm = read_all(files)
     model_bytes = total // opts.count  # bf16 bytes of one checkpoint
     methods = [x for m in opts.methods.split(",") for x in ("--method", m)]
-    n_avg = len(opts.methods.split(","))
-    accum = model_bytes * 2 * n_avg  # fp32 accumulators of every average, whole model
+    from ckptavg.averaging.methods import METHODS
+
+    buffers = sum(len(METHODS[m.split(":")[0]].buffers) for m in opts.methods.split(","))  # LAWA keeps two
+    accum = model_bytes * 2 * buffers  # fp32 accumulators of every average, whole model
 
     rows = []
     base = None
@@ -150,7 +212,11 @@ def main(argv: list[str] | None = None) -> int:
         best = None
         for _ in range(opts.repeat):
             read_all(files)  # warm
-            got = run_ranks(n, folders, opts.workdir / "out", methods, opts.threads, opts.cores_per_rank)
+            if opts.daemon:
+                got = run_daemon_ranks(n, inputs, opts.workdir / "out", methods, opts.threads,
+                                       int(folders[-1].name.split("-")[1]), opts.cores_per_rank)
+            else:
+                got = run_ranks(n, folders, opts.workdir / "out", methods, opts.threads, opts.cores_per_rank)
             if best is None or got["inner"] < best["inner"]:
                 best = got
         assert best is not None
@@ -166,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{load[0]:.1f} at the end.\n")
     print(f"Read alone (1 process, pread, 16 MiB buffer): cold page cache {total / cold / 1e9:.2f} GB/s, "
           f"warm {total / warm / 1e9:.2f} GB/s.\n")
-    print("| ranks | input bytes per rank | wall (torchrun) | rank 0: start → publish | GB/s folded "
+    print(f"{'The daemon (torchrun -m ckptavg watch), the checkpoints folded one by one' if opts.daemon else 'The one-shot (torchrun -m ckptavg average)'}:\n")
+    timed = "start → last fold | sum of the folds" if opts.daemon else "wall (torchrun) | rank 0: start → publish"
+    print(f"| ranks | input bytes per rank | {timed} | GB/s folded "
           "| fraction of linear | peak RSS per rank | fp32 accumulators / ranks |")
     print("|---|---|---|---|---|---|---|---|")
     for n, best, rate, frac in rows:

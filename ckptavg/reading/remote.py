@@ -377,17 +377,14 @@ def _headers(store: ObjectStore, files: Sequence[tuple[str, Mapping[str, Any]]])
                                      path=store.location(path), hint="the upload is incomplete")
     heads = [bytes(h) for h in _fetch_many(store, [(path, 0, min(ident.size, HEAD_BYTES))
                                                    for (path, _), ident in zip(files, idents)])]
-    rest = []
+    lengths = []
     for (path, _), ident, head in zip(files, idents, heads):
         (n,) = struct.unpack("<Q", head[:8])
         st.check_header_length(n, ident.size, store.location(path))
-        if 8 + n > len(head):
-            rest.append((path, len(head), 8 + n))
-    more = iter(_fetch_many(store, rest)) if rest else iter(())
-    raws = []
-    for head in heads:
-        (n,) = struct.unpack("<Q", head[:8])
-        raws.append(head[8:8 + n] if 8 + n <= len(head) else head[8:] + bytes(next(more)))
+        lengths.append(n)
+    rest = [(path, len(head), 8 + n) for (path, _), head, n in zip(files, heads, lengths) if 8 + n > len(head)]
+    more = iter(_fetch_many(store, rest) if rest else ())
+    raws = [head[8:8 + n] if 8 + n <= len(head) else head[8:] + bytes(next(more)) for head, n in zip(heads, lengths)]
     return [st.header_from_bytes(store.location(path), ident, raw)
             for (path, _), ident, raw in zip(files, idents, raws)]
 

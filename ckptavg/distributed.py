@@ -71,7 +71,7 @@ from ckptavg.writing.export import DEFAULT_SHARD_BYTES, ModelWriter, finish_fold
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Launch", "Part", "RankError", "Ranks", "assign_parts", "assign_ranks", "average_on_ranks", "launch_from_env", "shard_names"]
+__all__ = ["Launch", "Part", "RankError", "Ranks", "assign_parts", "average_on_ranks", "launch_from_env", "shard_names"]
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)  # the longest a rank waits for the others at an exchange
 
@@ -228,22 +228,6 @@ class Ranks:
             self._dist.destroy_process_group()
 
 
-def assign_ranks(sizes: Sequence[tuple[str, int]], world_size: int) -> dict[str, int]:
-    """Tensors (name, bytes), in output order, to ranks: ``world_size`` contiguous runs balanced by bytes.
-    A tensor goes to the rank whose equal share of the total holds the middle of its bytes; a rank's load
-    is at most its share plus half of each of its two boundary tensors. Deterministic."""
-    total = sum(b for _, b in sizes)
-    out: dict[str, int] = {}
-    before = 0
-    for name, nbytes in sizes:
-        if total == 0:
-            out[name] = min(world_size - 1, len(out) * world_size // max(1, len(sizes)))
-        else:
-            out[name] = min(world_size - 1, (2 * before + nbytes) * world_size // (2 * total))
-        before += nbytes
-    return out
-
-
 @dataclass(frozen=True)
 class Part:
     """A rank's part of one output tensor: its flat elements ``[lo, hi)``."""
@@ -254,10 +238,11 @@ class Part:
 
 
 def assign_parts(tensors: Sequence[tuple[str, int, int, bool]], world_size: int) -> dict[str, list[Part]]:
-    """Tensors ``(name, bytes read, numel, cuttable)``, in output order, to ranks: the whole tensor to the rank
-    whose equal share holds the middle of its bytes (:func:`assign_ranks`), except that a cuttable tensor (byte
-    ranges, one shape and dtype in every input) larger than a quarter of a share is cut where the shares'
-    boundaries fall inside it, each part going to the rank whose share holds its middle. A part smaller than an
+    """Tensors ``(name, bytes read, numel, cuttable)``, in output order, to ranks: ``world_size`` contiguous runs
+    balanced by bytes, the whole tensor to the rank whose equal share of the total holds the middle of its bytes
+    (a rank's load is at most its share plus half of each of its two boundary tensors), except that a cuttable
+    tensor (byte ranges, one shape and dtype in every input) larger than a quarter of a share is cut where the
+    shares' boundaries fall inside it, each part going to the rank whose share holds its middle. A part smaller than an
     eighth of a share stays with its neighbour. So a rank reads its share give or take that, even when one
     tensor (an embedding) is most of the model. Integer arithmetic only: every rank computes the same parts."""
     total = sum(t[1] for t in tensors)

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_model
 
 from ckptavg import distributed
-from ckptavg.distributed import Part, assign_parts, assign_ranks, launch_from_env, shard_names
+from ckptavg.distributed import Part, assign_parts, launch_from_env, shard_names
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ["--method", "ema:150", "--method", "lawa:3", "--method", "swa:200", "--method", "uniform",
@@ -128,14 +128,21 @@ def test_a_subprocess_of_a_torchrun_trainer_averages_plainly(tmp_path):
     assert "ranks" not in json.loads((tmp_path / "out" / "ckptavg.json").read_text())
 
 
+def assign_whole(sizes: list[tuple[str, int]], world: int) -> dict[str, int]:
+    """Whole tensors only (none cuttable): each tensor's one rank."""
+    parts = assign_parts([(n, b, b, False) for n, b in sizes], world)
+    assert all(len(ps) == 1 for ps in parts.values())
+    return {n: ps[0].rank for n, ps in parts.items()}
+
+
 def test_assignment_is_contiguous_and_balanced_by_bytes():
     sizes = [("emb", 1000), *[(f"l{i}", 100) for i in range(20)], ("head", 1000)]
-    owner = assign_ranks(sizes, 2)
+    owner = assign_whole(sizes, 2)
     ranks = [owner[n] for n, _ in sizes]
     assert ranks == sorted(ranks)  # contiguous runs in output order
     loads = [sum(b for n, b in sizes if owner[n] == r) for r in range(2)]
     assert loads == [2000, 2000]
-    three = assign_ranks(sizes, 3)
+    three = assign_whole(sizes, 3)
     loads = [sum(b for n, b in sizes if three[n] == r) for r in range(3)]
     assert max(loads) <= 4000 / 3 + 1000  # a share plus at most one tensor
     assert shard_names([1, 0, 2]) == [["model-00001-of-00003.safetensors"], [],
@@ -162,7 +169,7 @@ def test_a_tensor_larger_than_a_share_is_cut_where_the_shares_end():
         loads = [sum((p.hi - p.lo) * per[n] for n, p in flat if p.rank == r) for r in range(world)]
         assert max(loads) <= total / world + 400_000 + 4, (world, loads)  # a share, give or take the block tensor
     assert [p.rank for p in assign_parts(tensors, 2)["embed"]] == [0, 1]
-    before = assign_ranks([(t[0], t[1]) for t in tensors], 2)
+    before = assign_whole([(t[0], t[1]) for t in tensors], 2)
     assert before["embed"] == 0 and before["head"] == 1  # whole tensors: rank 0 would read 80% of the bytes
     # a tensor that cannot be cut stays whole with the rank holding its middle
     assert assign_parts([("embed", 8_000_000, 2_000_000, False), *tensors[1:]], 2)["embed"] == [Part(0, 0, 2_000_000)]

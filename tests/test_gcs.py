@@ -6,16 +6,19 @@ over HTTP, as tests/test_s3.py does for S3."""
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-from test_daemon import AVERAGES, NAMES, assert_same, one_shot, status, stop, wait_for, write_trainer_checkpoint
-from test_s3 import assert_same_outputs, make_local_run, run_oneshot
+from test_daemon import start_daemon, status, stop, wait_for, write_trainer_checkpoint
+from test_s3 import (
+    assert_each_step_folded_once_as_the_one_shot,
+    assert_same_outputs,
+    make_local_run,
+    run_oneshot,
+    upload_as_trainer,
+)
 
 from ckptavg.errors import UsageError
 from ckptavg.reading.checkpoint import open_checkpoint
@@ -84,24 +87,17 @@ def test_row133_daemon_watching_gcs_with_rotation_equals_local(gcs, tmp_path):
     local_run, archive, out = tmp_path / "trainer", tmp_path / "archive", tmp_path / "avg"
     archive.mkdir()
     steps = [100, 200, 300, 400]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ckptavg.cli.main", "watch", f"gs://{BUCKET}/run", "-o", str(out), *AVERAGES,
-         "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu", "--storage-option",
-         f"endpoint_url={endpoint}", "--storage-option", "token=anon"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ})
+    proc = start_daemon(f"gs://{BUCKET}/run", out, "--storage-option", f"endpoint_url={endpoint}",
+                        "--storage-option", "token=anon")
     try:
         for i, step in enumerate(steps):
             path = write_trainer_checkpoint(local_run, step, seed=i, archive=archive)
-            files = sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json")
-            for f in files[:-1]:
-                fs.put(str(f), f"{BUCKET}/run/{path.name}/{f.name}")
-            if i == 0:  # mid-save: the daemon waits for trainer_state.json
+
+            def mid_save() -> None:  # the daemon waits for trainer_state.json
                 time.sleep(1.0)
                 assert status(out).get("last_folded_step") is None
-            fs.put(str(files[-1]), f"{BUCKET}/run/{path.name}/{files[-1].name}")
-            fs.invalidate_cache()
-            for old in sorted(fs.ls(f"{BUCKET}/run", refresh=True))[:-2]:  # save_total_limit = 2
-                fs.rm(old, recursive=True)
+
+            upload_as_trainer(fs, path, f"{BUCKET}/run", before_last=mid_save if i == 0 else None)
             assert wait_for(lambda s=step: status(out).get("last_folded_step") == s, timeout=30), (step, status(out))
         code, err = stop(proc)
     finally:
@@ -109,15 +105,7 @@ def test_row133_daemon_watching_gcs_with_rotation_equals_local(gcs, tmp_path):
             proc.kill()
             proc.communicate()
     assert code == 0, err
-    assert "Traceback" not in err
-    assert status(out)["skipped"] == []
-    assert err.count("folded step") == len(steps)
-    one_shot(archive, tmp_path / "oneshot")
-    assert_same(out, tmp_path / "oneshot")
-    for name in NAMES:
-        inputs = json.loads((out / name / "ckptavg.json").read_text())["inputs"]
-        assert len({i["step"] for i in inputs}) == len(inputs)
-    assert not list(Path(out / ".ckptavg-mirror").glob("*/optimizer.pt"))  # no optimizer state downloaded
+    assert_each_step_folded_once_as_the_one_shot(out, err, steps, archive, tmp_path)
 
 
 @pytest.mark.parametrize("scheme, hint", [("gs", "pip install 'ckptavg[gcs]'"), ("s3", "pip install 'ckptavg[s3]'"),

@@ -15,6 +15,7 @@ import textwrap
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -22,7 +23,17 @@ import pytest
 import torch
 from conftest import tiny_state, write_checkpoint
 from safetensors.torch import load_file
-from test_daemon import AVERAGES, NAMES, assert_same, one_shot, status, stop, wait_for, write_trainer_checkpoint
+from test_daemon import (
+    AVERAGES,
+    NAMES,
+    assert_same,
+    one_shot,
+    start_daemon,
+    status,
+    stop,
+    wait_for,
+    write_trainer_checkpoint,
+)
 
 from ckptavg.averaging.engine import Engine
 from ckptavg.errors import UnsupportedCheckpointError, UsageError
@@ -278,6 +289,42 @@ def start_s3_daemon(url: str, out: Path, endpoint: str, *extra: str) -> subproce
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
+def upload_as_trainer(fs, path: Path, run: str, *, before_last: Callable[[], None] | None = None) -> None:
+    """Checkpoint folder ``path`` uploaded into the bucket run ``run`` in the HF Trainer's order (weights first,
+    trainer_state.json last; ``before_last`` runs in between), then the trainer's rotation (save_total_limit = 2)."""
+    files = sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json")
+    for f in files[:-1]:
+        fs.put(str(f), f"{run}/{path.name}/{f.name}")
+    if before_last is not None:
+        before_last()
+    fs.put(str(files[-1]), f"{run}/{path.name}/{files[-1].name}")
+    fs.invalidate_cache()
+    for old in sorted(fs.ls(run, refresh=True))[:-2]:
+        fs.rm(old, recursive=True)
+
+
+def assert_each_step_folded_once_as_the_one_shot(out: Path, err: str, steps, archive: Path, tmp_path: Path) -> None:
+    """A daemon that watched a bucket run: nothing skipped, each step folded once, the averages equal to the one-shot
+    over the same checkpoints, and no optimizer state downloaded into its mirror."""
+    assert "Traceback" not in err
+    assert status(out)["skipped"] == []
+    assert err.count("folded step") == len(steps)  # each checkpoint folded once
+    one_shot(archive, tmp_path / "oneshot")
+    assert_same(out, tmp_path / "oneshot")
+    for name in NAMES:
+        inputs = json.loads((out / name / "ckptavg.json").read_text())["inputs"]
+        assert len({i["step"] for i in inputs}) == len(inputs)  # nothing folded twice
+    assert not list((out / ".ckptavg-mirror").glob("*/optimizer.pt"))  # no optimizer state was downloaded
+
+
+def s3_env(endpoint: str) -> dict[str, str]:
+    """A child process's environment that finds the S3 server through the provider's own chain (no option)."""
+    from test_distributed import env_plain
+
+    return {**env_plain(), "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+
+
 @pytest.mark.slow
 def test_row120_daemon_watching_s3_with_rotation_equals_local(s3, tmp_path):
     """docs/FAULTS.md row 120: `ckptavg watch s3://bucket/run` folds checkpoints as they are uploaded and ends
@@ -292,18 +339,13 @@ def test_row120_daemon_watching_s3_with_rotation_equals_local(s3, tmp_path):
     try:
         for i, step in enumerate(steps):
             path = write_trainer_checkpoint(local_run, step, seed=i, archive=archive)
-            # upload in the HF Trainer's order: weights first, trainer_state.json last
-            files = sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json")
-            for f in files[:-1]:
-                fs.put(str(f), f"{BUCKET}/run/{path.name}/{f.name}")
-            if i == 0:  # mid-save: the daemon waits for trainer_state.json (several polls pass)
+
+            def mid_save(path=path) -> None:  # the daemon waits for trainer_state.json (several polls pass)
                 time.sleep(1.0)
                 assert status(out).get("last_folded_step") is None
                 assert not (out / ".ckptavg-mirror" / path.name).exists()
-            fs.put(str(files[-1]), f"{BUCKET}/run/{path.name}/{files[-1].name}")
-            listed = sorted(fs.ls(f"{BUCKET}/run", refresh=True))
-            for old in listed[:-2]:  # save_total_limit = 2
-                fs.rm(old, recursive=True)
+
+            upload_as_trainer(fs, path, f"{BUCKET}/run", before_last=mid_save if i == 0 else None)
             assert wait_for(lambda s=step: status(out).get("last_folded_step") == s, timeout=30), (step, status(out))
         mirror = out / ".ckptavg-mirror"
         # the mirror follows the bucket's rotation at its next poll
@@ -315,16 +357,8 @@ def test_row120_daemon_watching_s3_with_rotation_equals_local(s3, tmp_path):
             proc.kill()
             proc.communicate()
     assert code == 0, err
-    assert "Traceback" not in err
-    st = status(out)
-    assert st["skipped"] == [] and st["averages"]["ema-150"]["folded"] == len(steps)
-    assert err.count("folded step") == len(steps)  # each checkpoint folded once
-    one_shot(archive, tmp_path / "oneshot")
-    assert_same(out, tmp_path / "oneshot")
-    for name in NAMES:
-        inputs = json.loads((out / name / "ckptavg.json").read_text())["inputs"]
-        assert len({i["step"] for i in inputs}) == len(inputs)  # nothing folded twice
-    assert not list(mirror.glob("*/optimizer.pt"))  # no optimizer state was downloaded
+    assert status(out)["averages"]["ema-150"]["folded"] == len(steps)
+    assert_each_step_folded_once_as_the_one_shot(out, err, steps, archive, tmp_path)
 
 
 @pytest.mark.slow
@@ -332,13 +366,12 @@ def test_row130_torchrun_over_s3_is_bit_identical_to_one_process(s3, tmp_path):
     """docs/FAULTS.md row 130: `torchrun --nproc-per-node 2 -m ckptavg average s3://...` (gloo, CPU): each rank
     reads only its own tensors' byte ranges from the S3 server, found through AWS_ENDPOINT_URL (the provider's own
     chain, no option); the outputs equal the single-process one-shot over the same local files, bit for bit."""
-    from test_distributed import env_plain, make_run, plain, torchrun
+    from test_distributed import make_run, plain, torchrun
 
     endpoint, fs = s3
     run = make_run(tmp_path)
     upload(fs, run, "dist")
-    env = {**env_plain(), "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+    env = s3_env(endpoint)
     r = torchrun(2, "average", f"s3://{BUCKET}/dist", "--last", "4", "--method", "ema:150", "--method", "lawa:2",
                  "--device", "cpu", "-o", tmp_path / "ranks", env=env)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -356,33 +389,23 @@ def test_row134_torchrun_daemon_over_s3_equals_the_single_process_daemon(s3, tmp
     """docs/FAULTS.md row 134: `torchrun --nproc-per-node 2 -m ckptavg watch s3://bucket/run`: rank 0 mirrors the
     bucket beside the state, every rank folds its part from the retained copies while the trainer uploads and
     rotates (keeping 2); the published averages equal the single-process daemon's over the same checkpoints."""
-    from test_distributed import env_plain
     from test_distributed_daemon import assert_same_averages, folded_to, start_ranks, stop_ranks
 
     endpoint, fs = s3
     local_run, archive, out = tmp_path / "trainer", tmp_path / "archive", tmp_path / "avg"
     archive.mkdir()
-    env = {**env_plain(), "AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
     steps = (100, 200, 300, 400)
-    ranks = start_ranks(f"s3://{BUCKET}/run", out, env=env)
+    ranks = start_ranks(f"s3://{BUCKET}/run", out, env=s3_env(endpoint))
     try:
         for i, step in enumerate(steps):
-            path = write_trainer_checkpoint(local_run, step, seed=i, archive=archive)
-            files = sorted(path.iterdir(), key=lambda p: p.name == "trainer_state.json")  # trainer_state.json last
-            for f in files:
-                fs.put(str(f), f"{BUCKET}/run/{path.name}/{f.name}")
-            for old in sorted(fs.ls(f"{BUCKET}/run", refresh=True))[:-2]:  # save_total_limit = 2
-                fs.rm(old, recursive=True)
+            upload_as_trainer(fs, write_trainer_checkpoint(local_run, step, seed=i, archive=archive), f"{BUCKET}/run")
             assert wait_for(folded_to(out, step), 60), (step, status(out))
     finally:
         err = stop_ranks(ranks)
     assert "stopped after folding 4 checkpoint(s) on 2 ranks" in err, err[-3000:]
     assert [err.count(f"folded step {s}:") for s in steps] == [1, 1, 1, 1]
     single = tmp_path / "single"
-    proc = subprocess.Popen([sys.executable, "-m", "ckptavg.cli.main", "watch", str(archive), "-o", str(single),
-                             *AVERAGES, "--settle", "0.1", "--poll-interval", "0.2", "--device", "cpu"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_daemon(archive, single)
     try:
         assert wait_for(lambda: status(single).get("last_folded_step") == 400, 60)
     finally:

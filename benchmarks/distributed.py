@@ -88,27 +88,38 @@ def read_all(files: list[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - t0
 
 
-def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], threads: int,
-              cores_per_rank: int | None = None) -> dict:
+def launch(n: int, args: list[str], threads: int, cores_per_rank: int | None) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of ``torchrun`` on ``n`` ranks, each running the ckptavg CLI with ``args``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(Path(__file__)),
-           "--child", "average", *map(str, folders), *methods, "--threads", str(threads), "-o", str(out), "--force"]
+           "--child", *args, "--threads", str(threads)]
     if cores_per_rank:  # the whole launch on n x cores_per_rank CPUs: one rank gets no more cores than each of n
         cmd = ["taskset", "-c", f"0-{n * cores_per_rank - 1}", *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    return cmd, {**os.environ, "OMP_NUM_THREADS": str(threads)}
+
+
+def rank_report(stdout: str, stderr: str) -> tuple[list[int], list[str]]:
+    """Each rank's peak RSS (its child's last line) and the bytes rank 0 says each rank reads."""
+    rss = {}
+    for m in re.finditer(re.escape(RSS_MARK) + r"(\{[^}]*\})", stdout):
+        d = json.loads(m.group(1))
+        rss[d["rank"]] = d["rss"]
+    shares = [m.group(1) for m in re.finditer(
+        r"rank \d+ of \d+: \d+ of \d+ tensors(?: and a part of \d+ cut across ranks)?, ([\d.]+ [KMG]?B) of", stderr)]
+    return [rss[k] for k in sorted(rss)], shares
+
+
+def run_ranks(n: int, folders: list[Path], out: Path, methods: list[str], threads: int,
+              cores_per_rank: int | None = None) -> dict:
+    cmd, env = launch(n, ["average", *map(str, folders), *methods, "-o", str(out), "--force"], threads, cores_per_rank)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False, timeout=1800)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"{n} rank(s) failed:\n{r.stderr[-3000:]}")
-    rss = {}
-    for m in re.finditer(re.escape(RSS_MARK) + r"(\{[^}]*\})", r.stdout):
-        d = json.loads(m.group(1))
-        rss[d["rank"]] = d["rss"]
     m = re.search(r"averaged .* in ([\d.]+) s", r.stderr)
     inner = float(m.group(1)) if m else wall
-    shares = [m.group(1) for m in re.finditer(
-        r"rank \d+ of \d+: \d+ of \d+ tensors(?: and a part of \d+ cut across ranks)?, ([\d.]+ [KMG]?B) of", r.stderr)]
-    return {"wall": wall, "inner": inner, "rss": [rss[k] for k in sorted(rss)], "shares": shares}
+    rss, shares = rank_report(r.stdout, r.stderr)
+    return {"wall": wall, "inner": inner, "rss": rss, "shares": shares}
 
 
 def run_daemon_ranks(n: int, run: Path, out: Path, methods: list[str], threads: int, last_step: int,
@@ -121,12 +132,8 @@ def run_daemon_ranks(n: int, run: Path, out: Path, methods: list[str], threads: 
 
     shutil.rmtree(out, ignore_errors=True)
     flags = [x for m in methods[1::2] for x in _watch_flag(m)]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(Path(__file__)),
-           "--child", "watch", str(run), "-o", str(out), *flags, "--threads", str(threads), "--settle", "0.1",
-           "--poll-interval", "0.2", "--device", "cpu"]
-    if cores_per_rank:
-        cmd = ["taskset", "-c", f"0-{n * cores_per_rank - 1}", *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    cmd, env = launch(n, ["watch", str(run), "-o", str(out), *flags, "--settle", "0.1", "--poll-interval", "0.2",
+                          "--device", "cpu"], threads, cores_per_rank)
     status = out / ".ckptavg" / "status.json"
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -147,15 +154,9 @@ def run_daemon_ranks(n: int, run: Path, out: Path, methods: list[str], threads: 
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    rss = {}
-    for m in re.finditer(re.escape(RSS_MARK) + r"(\{[^}]*\})", stdout):
-        d = json.loads(m.group(1))
-        rss[d["rank"]] = d["rss"]
     folds = [float(m.group(1)) for m in re.finditer(r"folded step \d+: .* in ([\d.]+) s on", stderr)]
-    shares = [m.group(1) for m in re.finditer(
-        r"rank \d+ of \d+: \d+ of \d+ tensors(?: and a part of \d+ cut across ranks)?, ([\d.]+ [KMG]?B) of", stderr)]
-    return {"wall": wall, "inner": sum(folds), "folds": len(folds), "rss": [rss[k] for k in sorted(rss)],
-            "shares": shares}
+    rss, shares = rank_report(stdout, stderr)
+    return {"wall": wall, "inner": sum(folds), "folds": len(folds), "rss": rss, "shares": shares}
 
 
 def _watch_flag(method: str) -> list[str]:
@@ -234,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
           f"warm {total / warm / 1e9:.2f} GB/s.\n")
     print(f"{'The daemon (torchrun -m ckptavg watch), the checkpoints folded one by one' if opts.daemon else 'The one-shot (torchrun -m ckptavg average)'}:\n")
     timed = "start → last fold | sum of the folds" if opts.daemon else "wall (torchrun) | rank 0: start → publish"
-    print(f"| ranks | input bytes per rank | {timed} | GB/s folded "
+    per = "input bytes per rank, each checkpoint" if opts.daemon else "input bytes per rank"
+    print(f"| ranks | {per} | {timed} | GB/s folded "
           "| fraction of linear | peak RSS per rank | fp32 accumulators / ranks |")
     print("|---|---|---|---|---|---|---|---|")
     for n, best, rate, frac in rows:

@@ -749,14 +749,21 @@ class RankService(Service):
             assert newest is not None
             try:
                 for avg in self.averages:
-                    where = {n: (r, dtype, shape) for r, s in enumerate(statuses) for n, dtype, shape in s[1][avg.name]
-                             if n not in self.cut_as}
-                    for n in {n for s in statuses for n, _, _ in s[1][avg.name] if n in self.cut_as}:
-                        holders = {r for r, s in enumerate(statuses) for m, _, _ in s[1][avg.name] if m == n}
-                        if holders != {p.rank for p in self.owner[n]}:
+                    held_by: dict[str, list[tuple[int, torch.dtype, tuple[int, ...]]]] = {}
+                    for r, st in enumerate(statuses):
+                        for n, dtype, shape in st[1][avg.name]:
+                            held_by.setdefault(n, []).append((r, dtype, shape))
+                    where = {}  # tensor -> (its rank, or -1 if cut; dtype; whole shape)
+                    for n, holders in held_by.items():
+                        if n not in self.cut_as:
+                            where[n] = holders[-1]
+                            continue
+                        if {r for r, _, _ in holders} != {p.rank for p in self.owner[n]}:
                             raise CkptavgError(f"internal: the parts of tensor {n!r} of {avg.name} are held by ranks "
-                                               f"{sorted(holders)}, cut for ranks {[p.rank for p in self.owner[n]]}")
-                        where[n] = (-1, *self.cut_as[n][::-1])
+                                               f"{sorted(r for r, _, _ in holders)}, cut for ranks "
+                                               f"{[p.rank for p in self.owner[n]]}")
+                        shape, dtype = self.cut_as[n]
+                        where[n] = (-1, dtype, shape)
                     if not where:
                         continue  # e.g. SWA before its start step
                     order = [n for n in newest.tensors if n in where] + [n for n in where if n not in newest.tensors]

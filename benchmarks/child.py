@@ -389,7 +389,9 @@ def task_sweep(args: dict) -> dict:
     checkpoints larger than the page cache always are).
 
     Timed (medians of ``repeat``): the engine's read pass alone (every tensor read, folded into nothing),
-    the sweep's fold of K averages from one read, and each average's fold alone (K passes); with
+    the sweep's fold of K averages from one read (as ``ckptavg sweep`` runs it: every core on the arithmetic;
+    and with fold workers instead), and each average's fold alone (K passes, each the faster of ``ckptavg
+    average``'s threads and every core); with
     ``write``, also the sweep writing its K model folders (:func:`fold_grid`) against K one-shot runs.
     Outputs go to a discarding sink in the fold-only rows: what is measured is reading and folding.
     """
@@ -420,20 +422,25 @@ def task_sweep(args: dict) -> dict:
 
     out: dict[str, Any] = {"k_averages": len(points), "grid": [p.name for p in points], "bytes": sum(c.nbytes for c in ckpts)}
     device = args.get("device", "cpu")
-    workers = max(1, available_cpus() - 1)  # as ckptavg sweep runs: fold workers share the averages of a piece
-    out["fold_workers"] = workers
-    with Engine(device=device) as engine, Engine(device=device, fold_workers=workers) as swe:
+    cores = available_cpus()
+    out["threads"] = cores  # as ckptavg sweep runs: one fold thread, every core on the arithmetic
+    # the averages one by one as ``ckptavg average`` runs each (all cores but one on the arithmetic, one
+    # for the reader) and on every core: the baseline takes, per average, the faster of the two
+    with Engine(device=device) as engine, Engine(device=device, threads=cores) as swe, \
+            Engine(device=device, fold_workers=cores) as workers:
+        out["average_threads"] = engine.threads
         fold(engine, [])  # warm-up: allocator, threads
         fold(swe, points)
-        read, sweep, sweep1, each = [], [], [], []
-        before = sum(engine.bytes_read().values()) + sum(swe.bytes_read().values())
+        fold(workers, points)
+        read, sweep, sweep_w, each = [], [], [], []
+        before = sum(sum(e.bytes_read().values()) for e in (engine, swe, workers))
         for _ in range(repeat):
             read.append(fold(engine, []))
             sweep.append(fold(swe, points))
-            sweep1.append(fold(engine, points))  # the same sweep on the calling thread alone
-            each.append([fold(engine, [p]) for p in points])  # each average alone, as ckptavg average runs it
-        done = sum(engine.bytes_read().values()) + sum(swe.bytes_read().values()) - before
-        out["read_ratio"] = done / out["bytes"] / (repeat * (3 + len(points)))
+            sweep_w.append(fold(workers, points))  # fold workers: each folds its share of the averages
+            each.append([min(fold(engine, [p]), fold(swe, [p])) for p in points])
+        done = sum(sum(e.bytes_read().values()) for e in (engine, swe, workers)) - before
+        out["read_ratio"] = done / out["bytes"] / (repeat * (3 + 2 * len(points)))
         if args.get("cold"):  # each pass reads the inputs from storage: the page cache dropped before it
             files = [f for d in folders for f in checkpoint_files(d)]
 
@@ -448,11 +455,11 @@ def task_sweep(args: dict) -> dict:
             for _ in range(repeat):
                 read_c.append(cold(engine, []))
                 sweep_c.append(cold(swe, points))
-                each_c.append([cold(engine, [p]) for p in points])
+                each_c.append([min(cold(engine, [p]), cold(swe, [p])) for p in points])
             out["read_cold"], out["sweep_cold"] = statistics.median(read_c), statistics.median(sweep_c)
             out["each_cold"] = [statistics.median(col) for col in zip(*each_c)]
             out["each_total_cold"] = sum(out["each_cold"])
-    out["sweep_one_thread"] = statistics.median(sweep1)
+    out["sweep_workers"] = statistics.median(sweep_w)
     out["read"], out["sweep"] = statistics.median(read), statistics.median(sweep)
     out["each"] = [statistics.median(col) for col in zip(*each)]
     out["each_total"] = sum(out["each"])
@@ -461,7 +468,7 @@ def task_sweep(args: dict) -> dict:
         sw, ew = [], []
         for _ in range(repeat):
             t0 = time.perf_counter()
-            with Engine(device=device, fold_workers=workers) as swe:
+            with Engine(device=device, threads=cores) as swe:
                 fold_grid(ckpts, points, root / "sweep", engine=swe, force=True)
             sw.append(time.perf_counter() - t0)
             t0 = time.perf_counter()

@@ -424,22 +424,23 @@ class Bench:
                                "device": self.o.device, "write": write, "out": str(self.work / "out" / "sweep"),
                                "cold": self.o.cold}, logdir=self.logs)
         e, total, n = r.result, files_bytes(self.files), r.result["k_averages"]
-        row.label = f"ckptavg sweep: {n} averages from one read (fold, {e['fold_workers']} fold threads)"
+        row.label = f"ckptavg sweep: {n} averages from one read (fold, {e['threads']} arithmetic threads)"
         row.warm.append(e["sweep"])
         row.rss = r.rss
         row.extra.update(e)
         self.cold_residency += e.get("cold_resident", [])
         if "sweep_cold" in e:
             row.cold.append(e["sweep_cold"])
-        one = self.row("sweep-1", f"ckptavg sweep: {n} averages from one read (fold, one thread)", "ckptavg",
-                       bytes=total, floor_bytes=total)
-        one.warm.append(e["sweep_one_thread"])
+        workers = self.row("sweep-workers", f"ckptavg sweep --fold-workers {e['threads']}: {n} averages from one "
+                           "read (fold)", "ckptavg", bytes=total, floor_bytes=total)
+        workers.warm.append(e["sweep_workers"])
         read = self.row("sweep-read", "ckptavg engine read pass alone (no average)", "ckptavg", bytes=total,
                         floor_bytes=total)
         read.warm.append(e["read"])
         if "read_cold" in e:
             read.cold.append(e["read_cold"])
-        each = self.row("sweep-each", f"the same {n} averages one by one (fold)", "ckptavg", bytes=n * total,
+        each = self.row("sweep-each", f"the same {n} averages one by one (fold; each at its faster of "
+                        f"{e['average_threads']} and {e['threads']} threads)", "ckptavg", bytes=n * total,
                         floor_bytes=n * total)
         each.warm.append(e["each_total"])
         if "each_total_cold" in e:
@@ -572,8 +573,8 @@ class Bench:
             add(f"sweep >= 4x faster than the {n} averages one by one, page cache warm",
                 f"warm {e['each_total'] / e['sweep']:.2f}x"
                 + (f"; written: {e['each_write'] / e['sweep_write']:.2f}x" if e.get("sweep_write") else ""),
-                e["each_total"] / e["sweep"] >= 4, f"{e['fold_workers']} fold threads (one thread: "
-                f"{e['each_total'] / e['sweep_one_thread']:.2f}x); each checkpoint byte read {e['read_ratio']:.2f}x "
+                e["each_total"] / e["sweep"] >= 4, f"{e['threads']} arithmetic threads (--fold-workers "
+                f"{e['threads']}: {e['each_total'] / e['sweep_workers']:.2f}x); each checkpoint byte read {e['read_ratio']:.2f}x "
                 "in every pass; warm, the averages' own arithmetic is most of the time")
         return out
 

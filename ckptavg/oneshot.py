@@ -119,22 +119,24 @@ def order_checkpoints(
     return ordered, (None if weights is None else [w for _, w in kept])  # type: ignore[misc]
 
 
-def final_members(ckpts: Sequence[Checkpoint], avg: Average) -> dict[str, frozenset] | None:
+def final_members(ckpts: Sequence[Checkpoint], avg: Average) -> dict[str, tuple[frozenset, int]] | None:
     """Per tensor, the positions (the idents one-shot folds with) of the inputs that end in the average's
-    final state, for a method that says (:meth:`Method.final_members`; LAWA: the tensor's last window).
-    The other inputs are folded with NaN/Inf as 0. None: the method keeps every input."""
+    final state, for a method that says (:meth:`Method.final_members`; LAWA: the tensor's last window), and
+    how many inputs fold into it. The other inputs are folded with NaN/Inf as 0. None: the method keeps
+    every input."""
     occurrences: dict[str, list[int]] = {}
     for i, c in enumerate(ckpts):
         if avg.method.accepts(c.step):
             for name in c.tensors:
                 occurrences.setdefault(name, []).append(i)
-    shared: dict[frozenset, frozenset] = {}
-    out: dict[str, frozenset] = {}
+    shared: dict[tuple[frozenset, int], tuple[frozenset, int]] = {}
+    out: dict[str, tuple[frozenset, int]] = {}
     for name, idents in occurrences.items():
         members = avg.method.final_members(idents)
         if members is None:
             return None
-        out[name] = shared.setdefault(members, members)
+        key = (members, len(idents))
+        out[name] = shared.setdefault(key, key)
     return out
 
 

@@ -182,8 +182,11 @@ def _print_table(rep: SweepReport, n_raw: int) -> None:
               "beyond it fold through an fp32 disk store.")
 @click.option("--scratch-dir", type=click.Path(path_type=Path), help="Folder for that disk store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads folding the averages, each taking its share of them (default: all cores but one, "
-                   "which the reader needs).")
+              help="CPU threads for the arithmetic (default: all cores: a sweep's time is its arithmetic, its one "
+                   "read mostly waits on storage).")
+@click.option("--fold-workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Threads folding different averages of a tensor piece at once, each with one arithmetic thread "
+                   "(instead of --threads).")
 @click.option("--state-key", help="Pickles: the entry that holds the state dict.")
 @click.option("--strip-prefix", help="Pickles: a prefix to remove from every tensor name.")
 @click.option("--force", is_flag=True, help="Replace an earlier sweep's results in OUT.")
@@ -191,8 +194,8 @@ def _print_table(rep: SweepReport, n_raw: int) -> None:
 def sweep(inputs: tuple[str, ...], output: Path, grids: tuple[str, ...], last: str, eval_command: str | None,
           eval_python: str | None, eval_hf_perplexity: str | None, config_path: Path | None, metric: str | None,
           mode: str | None, eval_timeout: float | None, no_raw: bool, keep_all: bool, device: str, accum_dtype: str,
-          memory_budget: str | None, scratch_dir: Path | None, threads: int | None, state_key: str | None,
-          strip_prefix: str | None, force: bool, progress: bool | None) -> None:
+          memory_budget: str | None, scratch_dir: Path | None, threads: int | None, fold_workers: int,
+          state_key: str | None, strip_prefix: str | None, force: bool, progress: bool | None) -> None:
     """Which average is best? Fold a grid of averages from one read of each checkpoint, evaluate each (and
     every raw checkpoint as the baseline), and publish the best average to OUT/best.
 
@@ -228,7 +231,7 @@ def sweep(inputs: tuple[str, ...], output: Path, grids: tuple[str, ...], last: s
     evaluation = Evaluation(cfg, output=output, state_path=state)
     started = time.perf_counter()
     try:
-        with Engine(device=device, threads=threads, fold_workers=threads or max(1, available_cpus() - 1)) as engine, \
+        with Engine(device=device, threads=threads or available_cpus(), fold_workers=fold_workers) as engine, \
                 make_progress(sys.stderr.isatty() if progress is None else progress) as bar:
             fold = fold_grid(ckpts, points, folder, engine=engine, accum_dtype=getattr(torch, accum_dtype),
                              memory_budget=budget, scratch_dir=scratch_dir, protected=run_folders, progress=bar)

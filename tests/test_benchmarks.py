@@ -82,8 +82,8 @@ def test_the_sweep_is_measured_against_its_averages_one_by_one(bench: dict) -> N
     """The sweep row: K averages from one read, the same K one by one, the engine's read pass, each read once."""
     rows = _rows(bench["summary"])
     e = rows["sweep"]["extra"]
-    assert e["k_averages"] == len(e["grid"]) == len(e["each"]) >= 9 and e["read_ratio"] == 1.0 and e["fold_workers"] >= 1
-    for key in ("sweep", "sweep-1", "sweep-read", "sweep-each", "sweep-write", "sweep-each-write"):
+    assert e["k_averages"] == len(e["grid"]) == len(e["each"]) >= 9 and e["read_ratio"] == 1.0 and e["threads"] >= 1
+    for key in ("sweep", "sweep-workers", "sweep-read", "sweep-each", "sweep-write", "sweep-each-write"):
         assert rows[key]["warm_seconds"] > 0 and not rows[key]["skipped"], key
     assert rows["sweep-each"]["bytes"] == e["k_averages"] * rows["sweep"]["bytes"]
     targets = {t["target"]: t for t in bench["summary"]["targets"]}

@@ -442,20 +442,65 @@ def test_a_full_disk_is_a_clear_error_not_a_crash(tmp_path, make_run, ckptavg, m
     assert not (tmp_path / "o").exists() and not list((tmp_path / "scratch").iterdir())
 
 
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """``torch.empty`` that returns NaN-filled floating tensors: a buffer read before it is written shows."""
+    empty = torch.empty
+
+    def poisoned(*args, **kw):
+        t = empty(*args, **kw)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
-def test_oneshot_lawa_nan_guard_keeps_the_daemons_bits(tmp_path, make_run, fmt):
-    """One-shot LAWA folds members that will leave the window with NaN/Inf as 0; with finite inputs that
-    changes nothing: bitwise the daemon's fold (no knowledge of the future), for any N mod k."""
-    ckpts = [open_checkpoint(p) for p in make_run(STEPS, fmt=fmt, dtype=torch.float32)]  # 7 inputs, k = 3
-    with Engine() as engine:
-        daemon = build_averages([AverageSpec("lawa", {"window": 3})])
+@pytest.mark.parametrize("window", [1, 2, 3, 4, 7, 9])
+@pytest.mark.parametrize("budget", [None, "100B"], ids=["memory", "disk-store"])
+def test_oneshot_lawa_keeps_the_daemons_bits(tmp_path, make_run, fmt, window, budget, poisoned_empty):
+    """One-shot LAWA knows the future: it folds members that will leave the window with NaN/Inf as 0, and
+    skips the updates that never reach the final state (S before the last promotion, F outside the block
+    promoted last, the zeroing of F), writing a buffer's first live update anew into unzeroed memory. With
+    finite inputs none of it changes a bit: the result is the daemon's fold (no knowledge of the future,
+    every operation run), for N < k, N = k and every N mod k, in pieces (safetensors, tensor-major) and
+    checkpoint-major (pickles), in memory and through the disk store; unzeroed buffers are NaN here
+    (``poisoned_empty``), so one read before it is written would show."""
+    ckpts = [open_checkpoint(p) for p in make_run(STEPS, fmt=fmt, dtype=torch.float32)]  # 7 inputs
+    with Engine(piece_elems=64) as engine:
+        daemon = build_averages([AverageSpec("lawa", {"window": window})])
         _fold(engine, daemon, ckpts, {})
-        oneshot = build_averages([AverageSpec("lawa", {"window": 3})])
-        average_checkpoints(ckpts, oneshot, tmp_path / "o", engine=engine)
+        oneshot = build_averages([AverageSpec("lawa", {"window": window})])
+        average_checkpoints(ckpts, oneshot, tmp_path / "o", engine=engine,
+                            **({} if budget is None else {"memory_budget": 100, "scratch_dir": tmp_path / "s"}))
     got = _load(tmp_path / "o")
+    assert set(got) == set(daemon[0].slots)
     for name in got:
         assert torch.equal(got[name], daemon[0].result(name)), name
-    assert daemon[0].slots["embed.weight"].final is None
+    assert daemon[0].slots["embed.weight"].final is None and daemon[0].slots["embed.weight"].folds is None
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_unzeroed_accumulators_are_written_before_they_are_read(tmp_path, make_run, fmt, poisoned_empty):
+    """Every method's buffers in ``written_first`` are allocated without zeroing (NaN here); the first fold
+    writes them (EMA and power-EMA copy, sums add to 0.0 in one pass): one-shot and daemon agree bit for bit
+    with the disk store's zeroed buffers, and nothing is NaN."""
+    ckpts = [open_checkpoint(p) for p in make_run(STEPS, fmt=fmt, dtype=torch.bfloat16)]
+    specs = [AverageSpec("ema", {"half_life": 150}), AverageSpec("power-ema", {"sigma_rel": 0.1}),
+             AverageSpec("lawa", {"window": 3}), AverageSpec("swa", {"start_step": 300}), AverageSpec("uniform", {})]
+    with Engine(piece_elems=64) as engine:
+        daemon = build_averages(specs)
+        _fold(engine, daemon, ckpts, {})
+        average_checkpoints(ckpts, build_averages(specs), tmp_path / "mem", engine=engine)
+        average_checkpoints(ckpts, build_averages(specs), tmp_path / "disk", engine=engine, memory_budget=100,
+                            scratch_dir=tmp_path / "s")
+    for i, avg in enumerate(daemon):
+        mem, disk = _load(tmp_path / "mem" / avg.name), _load(tmp_path / "disk" / avg.name)
+        assert set(mem) == set(avg.slots), avg.name
+        for name in mem:
+            assert not mem[name].float().isnan().any(), (avg.name, name)
+            assert torch.equal(mem[name], disk[name]) and torch.equal(mem[name], avg.result(name)), (avg.name, name)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from ckptavg.averaging.methods.latest import Latest
 from ckptavg.averaging.placement import Placement
 from ckptavg.averaging.rules import Rule, match_rule
 from ckptavg.averaging.store import DiskStore
-from ckptavg.dtypes import cast_back, is_averageable, short_name
+from ckptavg.dtypes import is_averageable, short_name
 from ckptavg.errors import OptionError, TensorMismatchError
 from ckptavg.reading.formats.refs import TensorRef
 
@@ -71,7 +71,8 @@ class Average:
     store: DiskStore | None = field(default=None, repr=False)  # the accumulators are on disk
     pinned: bool = False  # CPU accumulators in pinned memory (spilled from a GPU)
     # one-shot only: per tensor, the idents of the inputs that end in its final state (Method.final_members)
-    final_members: dict[str, frozenset] | None = field(default=None, repr=False)
+    # and how many inputs fold into it
+    final_members: dict[str, tuple[frozenset, int]] | None = field(default=None, repr=False)
     _rule_methods: dict[float, Method] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -142,9 +143,13 @@ class Average:
                         path or ref.file, ref.name,
                         f"changed from {list(slot.shape)} {short_name(slot.dtype)} to {list(ref.shape)} {short_name(ref.dtype)}",
                         self.name)
-            slot = None
+            slot, restarted = None, True
+        else:
+            restarted = False
         if slot is None:
             slot = self.new_slot(ref.name, ref.shape, ref.dtype, method)
+            if restarted:  # it folds fewer inputs than the tensor's: run every operation
+                slot.folds = None
             self.slots[ref.name] = slot
         else:
             slot.dtype = ref.dtype
@@ -153,20 +158,22 @@ class Average:
         return slot
 
     # -- where the accumulators live --------------------------------------------------------
-    def alloc(self, tensor: str, buf: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """A zeroed flat accumulator for ``tensor``'s buffer ``buf``, where this average keeps them."""
+    def alloc(self, tensor: str, buf: str, numel: int, dtype: torch.dtype, *, zero: bool = True) -> torch.Tensor:
+        """A flat accumulator for ``tensor``'s buffer ``buf``, where this average keeps them: zeroed, unless
+        ``zero`` is off (a buffer the first fold overwrites) and it is in memory."""
         if self.store is not None and buf != "value":  # ``latest`` values (integer buffers) stay in memory
             return self.store.alloc(f"{tensor}/{buf}", numel, dtype)
+        new = torch.zeros if zero else torch.empty
         if self.pinned:
-            return torch.zeros(numel, dtype=dtype, pin_memory=True)
-        return torch.zeros(numel, dtype=dtype, device=self.device)
+            return new(numel, dtype=dtype, pin_memory=True)
+        return new(numel, dtype=dtype, device=self.device)
 
     def new_slot(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, method: Method) -> Slot:
         slot = method.new_slot(shape, dtype, self.accum_dtype, self.device,
-                               alloc=lambda buf, n, dt: self.alloc(name, buf, n, dt))
+                               alloc=lambda buf, n, dt: self.alloc(name, buf, n, dt, zero=buf not in method.written_first))
         slot.store = self.store
         if self.final_members is not None:
-            slot.final = self.final_members.get(name, frozenset())
+            slot.final, slot.folds = self.final_members.get(name, (frozenset(), None))
         return slot
 
     def buffer_dtypes(self, method: Method, dtype: torch.dtype) -> list[tuple[str, torch.dtype]]:
@@ -193,10 +200,17 @@ class Average:
         """The average of tensor ``name``, flat, in the accumulator dtype (``latest``: source dtype).
 
         From a disk store it is a private copy (the tensor's pages are dropped again)."""
+        return self._value(name, None)
+
+    def output(self, name: str) -> torch.Tensor:
+        """The average of tensor ``name``, flat, in its source dtype (a mean divides and casts in one pass)."""
+        return self._value(name, self.slots[name].dtype)
+
+    def _value(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:
         slot = self.slots[name]
         method = self.method_for(name, slot.dtype)
         assert method is not None
-        value = method.value(slot)
+        value = method.value(slot) if dtype is None else method.value_as(slot, dtype)
         if slot.store is not None:
             if slot.store.owns(value):
                 value = value.clone()
@@ -205,8 +219,7 @@ class Average:
 
     def result(self, name: str) -> torch.Tensor:
         """The average of tensor ``name`` in its source dtype and shape."""
-        slot = self.slots[name]
-        return cast_back(self.value(name), slot.dtype).reshape(slot.shape)
+        return self.output(name).reshape(self.slots[name].shape)
 
     def drop(self, name: str) -> None:
         self.slots.pop(name, None)

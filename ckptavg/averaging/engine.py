@@ -50,7 +50,6 @@ import torch
 from ckptavg.averaging.average import Average, FoldRecord
 from ckptavg.averaging.compat import check_against
 from ckptavg.averaging.methods import FoldInfo, Latest, Method, Plan, Slot
-from ckptavg.dtypes import cast_back
 from ckptavg.errors import CkptavgError, NonFiniteError, StepError, TensorMismatchError, UsageError
 from ckptavg.progress import Progress
 from ckptavg.reading.checkpoint import Checkpoint, CheckpointReader
@@ -201,8 +200,13 @@ class _Prefetcher:
         try:
             for req in self._requests:
                 with self._cond:
-                    while self._inflight > 0 and self._inflight + req.nbytes > self._max and not self._stop.is_set():
-                        self._cond.wait(0.5)
+                    if self._inflight > 0 and self._inflight + req.nbytes > self._max:
+                        # full: resume once half the window is free, then read a burst. Waking for every
+                        # piece the consumer frees would hand the interpreter lock back and forth with the
+                        # fold at every piece (each torch call releases it and must take it back)
+                        while (self._inflight > 0 and self._inflight + req.nbytes > self._max // 2
+                               and not self._stop.is_set()):
+                            self._cond.wait(0.5)
                     if self._stop.is_set():
                         return
                     self._inflight += req.nbytes
@@ -223,7 +227,8 @@ class _Prefetcher:
             finally:
                 with self._cond:
                     self._inflight -= req.nbytes
-                    self._cond.notify()
+                    if self._inflight <= self._max // 2:
+                        self._cond.notify()
 
     def close(self) -> None:
         self._stop.set()
@@ -686,11 +691,11 @@ class Engine:
         for avg in averages:
             if name not in avg.slots:
                 continue
-            value = avg.value(name)  # checked before the cast: fp32 is quicker to scan than bf16
+            slot = avg.slots[name]
+            value = avg.output(name)  # what is written: a finite fp32 value may still overflow a bf16 one
             if self.check_finite and value.dtype.is_floating_point and not _all_finite(value):
                 raise self._find_nonfinite(name, ckpts, avg)
-            slot = avg.slots[name]
-            emit(avg, name, cast_back(value, slot.dtype).reshape(slot.shape).cpu())
+            emit(avg, name, value.reshape(slot.shape).cpu())
             avg.drop(name)
 
     def _find_nonfinite(self, name: str, ckpts: Sequence[Checkpoint], avg: Average) -> CkptavgError:

@@ -33,9 +33,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from ckptavg.dtypes import SATURATING, cast_back
 from ckptavg.errors import OptionError
 
-__all__ = ["FoldInfo", "Method", "Option", "Plan", "Slot", "divide", "finite"]
+__all__ = ["FoldInfo", "Method", "Option", "Plan", "Slot", "divide", "fill", "finite"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class Slot:
     bufs: dict[str, torch.Tensor] = field(default_factory=dict)  # flat accumulators
     # one-shot only: the idents of the inputs that end in this tensor's final state (Method.final_members)
     final: frozenset | None = None
+    # one-shot only: how many inputs this slot will fold in all (a method may skip the operations that never
+    # reach the final state, LAWA's; None: unknown, every operation runs)
+    folds: int | None = None
     # where the buffers live when not in plain memory (a DiskStore); told after every fold
     store: Any = field(default=None, repr=False)
 
@@ -158,17 +162,32 @@ class Plan:
     b: float = 1.0  # multiplier of the new value (EMA 1 − β, weighted w)
     old: Hashable | None = None  # an earlier checkpoint whose tensor ``apply`` needs (LAWA: the leaving member)
     clean: bool = False  # one-shot: this input leaves the final state later; fold NaN/Inf as 0
-    skip: bool = False
+    # one-shot: the buffers whose update in this fold never reaches the final state (skipped; the result's
+    # bits are those of running them)
+    dead: tuple[str, ...] = ()
+    # the buffers this fold writes anew (they hold nothing yet, maybe not even zeros): ``0.0 + x`` (:func:`fill`)
+    fresh: tuple[str, ...] = ()
 
 
-def divide(t: torch.Tensor, d: float) -> torch.Tensor:
-    """``t / d``, correctly rounded on every device.
+def divide(t: torch.Tensor, d: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t / d``, correctly rounded on every device; with ``dtype``, stored in that dtype in the same pass
+    (the quotient rounded in ``t``'s dtype, then to ``dtype``: the bits of dividing, then casting).
 
     CUDA divides by a Python scalar as a multiplication by its reciprocal (one
     more rounding); a 0-dim tensor on the same device gets true division, so
     CPU and CUDA agree bit for bit.
     """
-    return t / torch.tensor(d, dtype=t.dtype, device=t.device)
+    div = torch.tensor(d, dtype=t.dtype, device=t.device)
+    if dtype is None or dtype == t.dtype or dtype in SATURATING:
+        return cast_back(t / div, dtype) if dtype not in (None, t.dtype) else t / div
+    return torch.div(t, div, out=torch.empty(t.shape, dtype=dtype, device=t.device))
+
+
+def fill(dst: torch.Tensor, x: torch.Tensor) -> None:
+    """``dst ← 0.0 + x`` in one pass, without reading ``dst``: the bits of adding ``x`` to a zeroed ``dst``
+    (``-0.0`` becomes ``+0.0`` as ``0.0 + -0.0`` does; a copy would keep it), so a method whose first fold
+    adds into zeros needs no zeroed buffer (see :attr:`Method.written_first`)."""
+    torch.add(x, 0.0, out=dst)
 
 
 def finite(t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -183,6 +202,9 @@ class Method:
     summary: ClassVar[str] = ""
     reference: ClassVar[str] = "-"
     buffers: ClassVar[tuple[str, ...]]
+    # buffers whose first fold overwrites them whole (EMA's copy of θ, a sum's first :func:`fill`): allocated
+    # without zeroing
+    written_first: ClassVar[tuple[str, ...]] = ()
     params: ClassVar[tuple[Option, ...]] = ()
     main_option: ClassVar[str | None] = None  # written inline: ``NAME:VALUE``
     one_of: ClassVar[tuple[tuple[str, ...], ...]] = ()  # exactly one option of each group
@@ -284,7 +306,9 @@ class Method:
 
     def final_members(self, idents: Sequence[Hashable]) -> frozenset | None:
         """One-shot: of the inputs holding a tensor (``idents``, in fold order), those in its final state;
-        the others are folded with NaN/Inf as 0 (see :attr:`Plan.clean`). None: all of them."""
+        the others are folded with NaN/Inf as 0 (see :attr:`Plan.clean`), and a method may skip the
+        operations that never reach the final state (:attr:`Plan.dead`, knowing :attr:`Slot.folds`).
+        None: all of them (and every operation runs)."""
         return None
 
     # -- per-tensor state ------------------------------------------------------------------------
@@ -299,12 +323,16 @@ class Method:
 
     def new_slot(self, shape: tuple[int, ...], dtype: torch.dtype, accum_dtype: torch.dtype, device: torch.device,
                  alloc: Callable[[str, int, torch.dtype], torch.Tensor] | None = None) -> Slot:
-        """A slot of zeroed accumulators; ``alloc(buffer, numel, dtype)`` provides them (default: ``device`` memory)."""
+        """A slot of zeroed accumulators (those in :attr:`written_first` maybe not); ``alloc(buffer, numel,
+        dtype)`` provides them (default: ``device`` memory)."""
         slot = Slot(shape=tuple(shape), dtype=dtype, state=self.slot_state())
         n = math.prod(shape)
         for b in self.buffers:
             dt = accum_dtype if b != "value" else dtype
-            slot.bufs[b] = alloc(b, n, dt) if alloc is not None else torch.zeros(n, dtype=dt, device=device)
+            if alloc is not None:
+                slot.bufs[b] = alloc(b, n, dt)
+            else:
+                slot.bufs[b] = (torch.empty if b in self.written_first else torch.zeros)(n, dtype=dt, device=device)
         return slot
 
     # -- the math ------------------------------------------------------------------------------
@@ -328,3 +356,8 @@ class Method:
     def value(self, slot: Slot) -> torch.Tensor:
         """The average, flat, in the accumulator dtype (``latest``: source dtype)."""
         raise NotImplementedError
+
+    def value_as(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
+        """The average, flat, in ``dtype`` (the source dtype): :meth:`value` cast back, or the same bits in
+        fewer passes (a mean divides and casts in one)."""
+        return cast_back(self.value(slot), dtype)

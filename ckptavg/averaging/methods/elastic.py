@@ -25,6 +25,7 @@ class Elastic(Method):
     summary = "the elastic centre of asynchronous EASGD: x̃ ← x̃ + α (x − x̃) per arriving checkpoint"
     reference = "https://arxiv.org/abs/1412.6651 (Zhang, Choromanska, LeCun: Deep learning with Elastic Averaging SGD)"
     buffers = ("centre",)
+    written_first = ("centre",)
     params = (
         Option("alpha", float, "Moving rate of the centre toward each arriving worker checkpoint.", metavar="A",
                low=0, low_open=True, high=1, expect="a number in (0, 1]"),

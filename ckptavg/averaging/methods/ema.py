@@ -23,6 +23,7 @@ class MovingAverage(Method):
     ``prepare``."""
 
     buffers = ("ema",)
+    written_first = ("ema",)
 
     def apply(self, slot: Slot, plan: Plan, x: torch.Tensor, old: torch.Tensor | None, lo: int, hi: int,
               tmp: torch.Tensor) -> None:

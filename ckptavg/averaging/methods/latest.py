@@ -11,6 +11,7 @@ class Latest(Method):
     name = "latest"
     summary = "the newest value, unaveraged"
     buffers = ("value",)
+    written_first = ("value",)
 
     def prepare(self, slot: Slot, info: FoldInfo) -> Plan:
         return Plan(first=slot.count == 0)

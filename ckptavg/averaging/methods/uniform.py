@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ckptavg.averaging.methods.base import FoldInfo, Method, Option, Plan, Slot, divide
+from ckptavg.averaging.methods.base import FoldInfo, Method, Option, Plan, Slot, divide, fill
 from ckptavg.errors import UsageError
 
 
@@ -15,6 +15,7 @@ class Uniform(Method):
     summary = "mean of the checkpoints (weighted with --weights)"
     reference = "https://arxiv.org/abs/2203.05482 (model soups: uniform soup)"
     buffers = ("sum",)
+    written_first = ("sum",)
     params = (Option("weighted", bool, "Weighted mean (one weight per checkpoint).", default=False, cli=False),)
     watch_flag = "--uniform"
 
@@ -32,13 +33,19 @@ class Uniform(Method):
               tmp: torch.Tensor) -> None:
         if self.weighted:
             x = torch.mul(x, plan.b, out=tmp)
-        slot.bufs["sum"][lo:hi].add_(x)
+        if plan.first:
+            fill(slot.bufs["sum"][lo:hi], x)
+        else:
+            slot.bufs["sum"][lo:hi].add_(x)
 
     def bookkeep(self, slot: Slot, plan: Plan, info: FoldInfo) -> None:
         super().bookkeep(slot, plan, info)
         slot.weight_sum += plan.b
 
     def value(self, slot: Slot) -> torch.Tensor:
+        return self.value_as(slot, slot.bufs["sum"].dtype)
+
+    def value_as(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
         if slot.weight_sum == 0:
             raise UsageError("the weights of every checkpoint holding this tensor sum to zero")
-        return divide(slot.bufs["sum"], slot.weight_sum)
+        return divide(slot.bufs["sum"], slot.weight_sum, dtype)

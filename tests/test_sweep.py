@@ -205,6 +205,25 @@ def test_fold_workers_split_the_averages_and_change_no_bit(run, tmp_path, piece_
             assert torch.equal(outs[3][name][k], v), (name, k)
 
 
+
+def test_the_cli_threads_and_fold_workers_change_no_bit(run, tmp_path, ckptavg):
+    """``ckptavg sweep``: every core on the arithmetic (the default), one arithmetic thread, or fold workers
+    sharing the averages: the same averages, bit for bit."""
+    outs = {}
+    for label, flags in {"default": (), "one": ("--threads", "1"), "workers": ("--threads", "1", "--fold-workers", "2")}.items():
+        out = tmp_path / label
+        res = ckptavg("sweep", run, "--last", "5", "--grid", "lawa:2,3", "--grid", "ema:80", "--grid", "uniform:4",
+                      *EVAL, "--no-raw", "--keep-all", *flags, "-o", out)
+        assert res.code == 0, res.err
+        outs[label] = {d.name: load_file(str(d / "model.safetensors")) for d in (out / "averages").iterdir()}
+    assert len(outs["default"]) == 4
+    for label in ("one", "workers"):
+        assert outs[label].keys() == outs["default"].keys()
+        for name, want in outs["default"].items():
+            assert all(torch.equal(outs[label][name][k], v) for k, v in want.items()), (label, name)
+    res = ckptavg("sweep", run, "--grid", "ema:80", *EVAL, "--fold-workers", "0", "-o", tmp_path / "bad")
+    assert res.code == 2 and "--fold-workers" in res.err and "Traceback" not in res.err
+
 def test_averaging_that_does_not_help_is_said_plainly(run, tmp_path, ckptavg, monkeypatch):
     """docs/FAULTS.md row 104: no average beats the best raw checkpoint (a metric the newest checkpoint wins
     outright): one plain sentence, exit 0, the JSON says so, and the best average is still published."""

@@ -203,7 +203,7 @@ class Average:
         return self._value(name, None)
 
     def output(self, name: str) -> torch.Tensor:
-        """The average of tensor ``name``, flat, in its source dtype (a mean divides and casts in one pass)."""
+        """The average of tensor ``name``, flat, in its source dtype (:meth:`Method.value_as`)."""
         return self._value(name, self.slots[name].dtype)
 
     def _value(self, name: str, dtype: torch.dtype | None) -> torch.Tensor:

@@ -110,7 +110,4 @@ class LAWA(Method):
             slot.state["fresh"] = 0
 
     def value(self, slot: Slot) -> torch.Tensor:
-        return self.value_as(slot, slot.bufs["S"].dtype)
-
-    def value_as(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
-        return divide(slot.bufs["S"], len(slot.state["window"]), dtype)
+        return divide(slot.bufs["S"], len(slot.state["window"]))

@@ -43,9 +43,6 @@ class Uniform(Method):
         slot.weight_sum += plan.b
 
     def value(self, slot: Slot) -> torch.Tensor:
-        return self.value_as(slot, slot.bufs["sum"].dtype)
-
-    def value_as(self, slot: Slot, dtype: torch.dtype) -> torch.Tensor:
         if slot.weight_sum == 0:
             raise UsageError("the weights of every checkpoint holding this tensor sum to zero")
-        return divide(slot.bufs["sum"], slot.weight_sum, dtype)
+        return divide(slot.bufs["sum"], slot.weight_sum)

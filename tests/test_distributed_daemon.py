@@ -78,6 +78,19 @@ def assert_same_averages(a: Path, b: Path, names: tuple[str, ...] = tuple(NAMES)
             assert x[k].dtype == y[k].dtype and torch.equal(x[k], y[k]), (name, k)
 
 
+def assert_ranks_equal_the_single_daemon(run, out: Path, single: Path, last_step: int,
+                                         names: tuple[str, ...] = tuple(NAMES)) -> None:
+    """The single-process daemon over ``run`` into ``single``, run until it has folded ``last_step`` and
+    stopped cleanly, published what the ranks published into ``out``, bit for bit."""
+    daemon = start_daemon(run, single)
+    try:
+        assert wait_for(lambda: status(single).get("last_folded_step") == last_step, 60)
+    finally:
+        code, serr = stop(daemon)
+    assert code == 0, serr
+    assert_same_averages(out, single, names)
+
+
 def steps_of(out: Path) -> dict[str, list[int]]:
     return {name: json.loads((out / name / "ckptavg.json").read_text())["steps"] for name in NAMES}
 
@@ -118,14 +131,7 @@ def test_row121_two_ranks_are_bit_identical_to_the_single_process_daemon_and_res
     assert json.loads((out / "ema-150" / "ckptavg.json").read_text())["ranks"] == 2
     assert not any(p.name.startswith(".") for p in run.rglob("*"))  # nothing written into the run
 
-    single = tmp_path / "single"
-    daemon = start_daemon(archive, single)
-    try:
-        assert wait_for(lambda: status(single).get("last_folded_step") == 500, 60)
-    finally:
-        code, serr = stop(daemon)
-    assert code == 0, serr
-    assert_same_averages(out, single)
+    assert_ranks_equal_the_single_daemon(archive, out, tmp_path / "single", 500)
 
 
 @pytest.mark.parametrize("fault, resumed, refolded, extra", [
@@ -266,13 +272,7 @@ def test_row126_a_two_rank_daemon_folds_an_fsdp2_trainer_writing_dcp_as_it_train
     assert done, err
     assert status(out)["state"] == "stopped" and status(out)["skipped"] == [], err
     assert [err.count(f"folded step {s}:") for s in (3, 6, 9, 12)] == [1, 1, 1, 1], err
-    daemon = start_daemon(run, single)
-    try:
-        assert wait_for(lambda: status(single).get("last_folded_step") == 12, 60)
-    finally:
-        code, serr = stop(daemon)
-    assert code == 0, serr
-    assert_same_averages(out, single, ("ema-150", "lawa-3"))
+    assert_ranks_equal_the_single_daemon(run, out, single, 12, ("ema-150", "lawa-3"))
     assert not (out / "swa-400").exists() and not (single / "swa-400").exists()  # its start step was not reached
     x, _ = load_folder(out / "ema-150")
     assert set(x) == {"embed.weight", "block.0.weight", "block.0.bias", "block.2.weight", "block.2.bias",

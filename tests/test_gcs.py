@@ -14,15 +14,14 @@ import pytest
 from test_daemon import start_daemon, status, stop, wait_for, write_trainer_checkpoint
 from test_s3 import (
     assert_each_step_folded_once_as_the_one_shot,
+    assert_remote_oneshot_equals_local,
     assert_same_outputs,
     make_local_run,
-    run_oneshot,
     upload_as_trainer,
 )
 
 from ckptavg.errors import UsageError
 from ckptavg.reading.checkpoint import open_checkpoint
-from ckptavg.reading.remote import ObjectPath
 
 # gcsfs >= 2026.10 first asks the bucket's type over gRPC (zonal / hierarchical buckets), which an emulator does
 # not serve (a 60 s timeout per bucket); plain JSON-API access is what is tested. Read when gcsfs is imported.
@@ -56,17 +55,7 @@ def test_row133_oneshot_over_gcs_is_bit_identical_to_local(gcs, tmp_path, ckptav
     fs.invalidate_cache()
     storage = {"endpoint_url": endpoint, "token": "anon"}
     urls = [f"gs://{BUCKET}/exp1/{p.name}" for p in local]
-    ckpts, remote_result, read = run_oneshot(urls, tmp_path / "gcs-out", storage=storage)
-    run_oneshot(local, tmp_path / "local-out")
-    names = list(remote_result.outputs)
-    assert len(names) == 4
-    assert_same_outputs(tmp_path / "gcs-out", tmp_path / "local-out", names)
-    tensor_bytes: dict = {}
-    for c in ckpts:
-        for ref in c.tensors.values():
-            tensor_bytes[ref.file] = tensor_bytes.get(ref.file, 0) + ref.nbytes
-    assert read == tensor_bytes  # ranged reads of the tensors' bytes, each once
-    assert all(isinstance(c.path, ObjectPath) and str(c.path).startswith("gs://") for c in ckpts)
+    ckpts, _ = assert_remote_oneshot_equals_local(urls, local, tmp_path / "gcs-out", tmp_path / "local-out", storage)
     assert [c.step for c in ckpts] == [100, 200, 300, 400]  # trainer_state.json read from the bucket
     r = ckptavg("average", f"gs://{BUCKET}/exp1", "--last", "3", "--method", "ema:150", "--method", "lawa:2",
                 "--device", "cpu", "-o", str(tmp_path / "cli-gcs"), "--storage-option", f"endpoint_url={endpoint}",

@@ -28,7 +28,6 @@ from test_daemon import (
     NAMES,
     assert_same,
     one_shot,
-    start_daemon,
     status,
     stop,
     wait_for,
@@ -40,6 +39,7 @@ from ckptavg.errors import UnsupportedCheckpointError, UsageError
 from ckptavg.oneshot import AverageSpec, average_checkpoints, build_averages
 from ckptavg.reading.checkpoint import open_checkpoint
 from ckptavg.reading.remote import ObjectPath, parse_storage_options
+from ckptavg.sweep import checkpoint_bytes
 
 s3fs = pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
@@ -100,6 +100,21 @@ def assert_same_outputs(a: Path, b: Path, names) -> None:
             assert torch.equal(x[k], y[k]), (name, k)
 
 
+def assert_remote_oneshot_equals_local(urls, local, remote_out: Path, local_out: Path, storage) -> tuple[list, list[str]]:
+    """The one-shot over the object-store ``urls`` equals the one-shot over the same ``local`` files, bit for bit,
+    for several methods at once, and read the tensors' bytes only, each once (ranged reads; LAWA's leaving
+    member kept from its one read). Returns the remote checkpoints and the averages' names."""
+    ckpts, remote_result, read = run_oneshot(urls, remote_out, storage=storage)
+    run_oneshot(local, local_out)
+    names = list(remote_result.outputs)
+    assert len(names) == 4
+    assert_same_outputs(remote_out, local_out, names)
+    assert read == checkpoint_bytes(ckpts)
+    scheme = urls[0].split("://")[0]
+    assert all(isinstance(c.path, ObjectPath) and str(c.path).startswith(f"{scheme}://") for c in ckpts)
+    return ckpts, names
+
+
 def test_row117_oneshot_over_s3_is_bit_identical_to_local(s3, tmp_path, ckptavg):
     """docs/FAULTS.md row 117: the one-shot over s3:// equals the one-shot over the same local files, bit for bit,
     for several methods at once; only the tensor bytes are read, each once; pickles are refused clearly."""
@@ -108,18 +123,7 @@ def test_row117_oneshot_over_s3_is_bit_identical_to_local(s3, tmp_path, ckptavg)
     upload(fs, tmp_path / "run", "exp1")
     storage = {"endpoint_url": endpoint}
     urls = [f"s3://{BUCKET}/exp1/{p.name}" for p in local]
-    ckpts, remote_result, read = run_oneshot(urls, tmp_path / "s3-out", storage=storage)
-    run_oneshot(local, tmp_path / "local-out")
-    names = list(remote_result.outputs)
-    assert len(names) == 4
-    assert_same_outputs(tmp_path / "s3-out", tmp_path / "local-out", names)
-    # every tensor byte read exactly once per needed read (LAWA's leaving member is kept from its one read)
-    tensor_bytes = {}
-    for c in ckpts:
-        for ref in c.tensors.values():
-            tensor_bytes[ref.file] = tensor_bytes.get(ref.file, 0) + ref.nbytes
-    assert read == tensor_bytes
-    assert all(isinstance(c.path, ObjectPath) and str(c.path).startswith("s3://") for c in ckpts)
+    _, names = assert_remote_oneshot_equals_local(urls, local, tmp_path / "s3-out", tmp_path / "local-out", storage)
     provenance = json.loads((tmp_path / "s3-out" / names[0] / "ckptavg.json").read_text())
     assert [i["path"] for i in provenance["inputs"]] == urls
     assert (tmp_path / "s3-out" / names[0] / "config.json").exists()  # fetched beside the weights
@@ -272,11 +276,7 @@ def test_row119_dropped_connection_mid_read_is_retried_bit_identical(s3, tmp_pat
     stores = {id(r.identity.store): r.identity.store for c in ckpts for r in c.tensors.values()}
     assert sum(s.retried for s in stores.values()) >= 1
     assert any("fetching them again" in rec.getMessage() for rec in caplog.records)
-    per_file = {}
-    for c in ckpts:
-        for ref in c.tensors.values():
-            per_file[ref.file] = per_file.get(ref.file, 0) + ref.nbytes
-    assert read == per_file  # each range counted once, after it arrived whole
+    assert read == checkpoint_bytes(ckpts)  # each range counted once, after it arrived whole
     provenance = json.loads((tmp_path / "s3-out" / "uniform" / "ckptavg.json").read_text())
     assert [i["step"] for i in provenance["inputs"]] == [100, 200, 300]
 
@@ -389,7 +389,7 @@ def test_row134_torchrun_daemon_over_s3_equals_the_single_process_daemon(s3, tmp
     """docs/FAULTS.md row 134: `torchrun --nproc-per-node 2 -m ckptavg watch s3://bucket/run`: rank 0 mirrors the
     bucket beside the state, every rank folds its part from the retained copies while the trainer uploads and
     rotates (keeping 2); the published averages equal the single-process daemon's over the same checkpoints."""
-    from test_distributed_daemon import assert_same_averages, folded_to, start_ranks, stop_ranks
+    from test_distributed_daemon import assert_ranks_equal_the_single_daemon, folded_to, start_ranks, stop_ranks
 
     endpoint, fs = s3
     local_run, archive, out = tmp_path / "trainer", tmp_path / "archive", tmp_path / "avg"
@@ -404,14 +404,7 @@ def test_row134_torchrun_daemon_over_s3_equals_the_single_process_daemon(s3, tmp
         err = stop_ranks(ranks)
     assert "stopped after folding 4 checkpoint(s) on 2 ranks" in err, err[-3000:]
     assert [err.count(f"folded step {s}:") for s in steps] == [1, 1, 1, 1]
-    single = tmp_path / "single"
-    proc = start_daemon(archive, single)
-    try:
-        assert wait_for(lambda: status(single).get("last_folded_step") == 400, 60)
-    finally:
-        code, serr = stop(proc)
-    assert code == 0, serr
-    assert_same_averages(out, single)
+    assert_ranks_equal_the_single_daemon(archive, out, tmp_path / "single", 400)
 
 
 def _assert_same_tensors(a: Path, b: Path) -> None:

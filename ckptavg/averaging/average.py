@@ -138,15 +138,13 @@ class Average:
     def slot_for(self, ref: TensorRef, method: Method, *, path: Any = None) -> Slot:
         """The slot of ``ref``, created (new tensor) or restarted (shape change, policy reset)."""
         slot = self.slots.get(ref.name)
-        if slot is not None and self.check(ref, path=path):
+        restarted = slot is not None and self.check(ref, path=path)
+        if restarted:
             log.warning("%s: tensor %r %s; its %s average restarts here",
                         path or ref.file, ref.name,
                         f"changed from {list(slot.shape)} {short_name(slot.dtype)} to {list(ref.shape)} {short_name(ref.dtype)}",
                         self.name)
-            slot, restarted = None, True
-        else:
-            restarted = False
-        if slot is None:
+        if slot is None or restarted:
             slot = self.new_slot(ref.name, ref.shape, ref.dtype, method)
             if restarted:  # it folds fewer inputs than the tensor's: run every operation
                 slot.folds = None
